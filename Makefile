@@ -1,0 +1,53 @@
+# estat: `make run` starts the collector, `make test` runs the whole suite.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test check lint fmt typecheck imports bench docs clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml uv.lock
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check "uv>=0.5,<1"
+	@$(UV) sync --frozen --extra test --inexact -q
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/estat serve
+
+test: install
+	@bash scripts/test-deps.sh
+	$(PY) -m pytest -q
+
+check: install lint typecheck imports docs-check
+
+lint:
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+fmt: install
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+typecheck:
+	$(VENV)/bin/mypy
+
+imports:
+	$(VENV)/bin/lint-imports
+
+docs: install
+	$(VENV)/bin/estat config --markdown > docs/configuration.md
+
+docs-check:
+	@diff -u docs/configuration.md <($(VENV)/bin/estat config --markdown) \
+	  || (echo "docs/configuration.md is stale: run 'make docs'"; exit 1)
+
+bench: install
+	@bash scripts/bench-deps.sh
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,3 @@
+from estat.cli import main
+
+raise SystemExit(main())

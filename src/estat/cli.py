@@ -1,0 +1,64 @@
+"""Command line: ``estat serve | config | version``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from estat import __version__
+from estat.errors import ConfigError
+from estat.settings import effective_config, load_settings, markdown_table
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="estat", description="User-activity event collector.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the collector until SIGTERM/SIGINT")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: one per available core); 1 runs a single process",
+    )
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    c.add_argument(
+        "--markdown", action="store_true", help="print the configuration reference instead"
+    )
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(__version__)
+        return 0
+    if args.command == "config" and args.markdown:
+        sys.stdout.write(markdown_table())
+        return 0
+    try:
+        settings = load_settings()
+    except ConfigError as e:
+        print(f"estat: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        rows = effective_config(settings)
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k.ljust(width)}  {v}")
+        return 0
+    # serve
+    from estat.supervisor import default_workers
+
+    workers = args.workers if args.workers is not None else default_workers()
+    if workers < 1:
+        print("estat: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if workers == 1:
+        from estat.app import serve
+
+        return serve(settings, reuse_port=args.reuse_port)
+    from estat.supervisor import run_workers
+
+    return run_workers(settings, workers)

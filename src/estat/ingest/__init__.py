@@ -1,0 +1,1 @@
+"""HTTP ingest: the lean HTTP/1.1 listener, routes, enrichment."""

@@ -1,0 +1,138 @@
+"""The ingest listener's routes: ``/collect``, ``/health``, ``/ready``, ``/metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import time
+
+import orjson
+
+from estat.ingest.http import HttpConnection
+from estat.ingest.ip import client_ip
+from estat.ops.metrics import CONTENT_TYPE, Metrics, Tally
+
+_JSON = b"content-type: application/json\r\n"
+_CORS = b"access-control-allow-origin: *\r\n"
+_PREFLIGHT = (
+    b"access-control-allow-origin: *\r\n"
+    b"access-control-allow-methods: GET, POST, OPTIONS\r\n"
+    b"access-control-max-age: 86400\r\n"
+)
+_ALLOW_COLLECT = b"allow: GET, POST, OPTIONS\r\n"
+_APPEND_NL = orjson.OPT_APPEND_NEWLINE
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value else ""
+
+
+class CollectRoute:
+    """``GET /collect`` (the raw query string is the body), ``POST /collect``
+    (the raw body, any content type), ``OPTIONS /collect`` (CORS preflight).
+
+    One accepted request is one lake record:
+    ``{"ts", "ip", "user_agent", "cookie", "body"}``. Bytes that are not UTF-8
+    are replaced with U+FFFD (the record is JSON text).
+    """
+
+    name = "collect"
+    unavailable_body = b""
+    unavailable_headers = _CORS
+
+    def __init__(
+        self,
+        put: Callable[[bytes], None],
+        *,
+        max_body: int,
+        accepted: Tally,
+        clock: Callable[[], float] = time,
+    ) -> None:
+        self._put = put
+        self.max_body = max_body
+        self._accepted = accepted
+        self._time = clock
+
+    def handle(self, c: HttpConnection) -> None:
+        method = c.method
+        if method == b"POST":
+            body = c.body()
+        elif method == b"GET":
+            body = c.query
+            if len(body) > self.max_body:
+                c.too_large()
+                return
+        elif method == b"OPTIONS":
+            allow = c.acr_headers or b"content-type"
+            c.respond(204, b"", _PREFLIGHT + b"access-control-allow-headers: " + allow + b"\r\n")
+            return
+        else:
+            c.respond(405, b"", _ALLOW_COLLECT)
+            return
+        self._put(
+            orjson.dumps(
+                {
+                    "ts": int(self._time()),
+                    "ip": client_ip(c.xff, c.cf_viewer, c.peer),
+                    "user_agent": _text(c.user_agent),
+                    "cookie": _text(c.cookie),
+                    "body": body.decode("utf-8", "replace"),
+                },
+                option=_APPEND_NL,
+            )
+        )
+        self._accepted.n += 1
+        c.respond(200, b"", _CORS)
+
+
+class HealthRoute:
+    """``/health``: the process is alive and its event loop answers."""
+
+    name = "health"
+    max_body = 0
+    unavailable_body = b""
+    unavailable_headers = b""
+
+    def handle(self, c: HttpConnection) -> None:
+        if c.method not in (b"GET", b"HEAD"):
+            c.respond(405, b"", b"allow: GET, HEAD\r\n")
+            return
+        c.respond(200, b'{"status":"ok"}', _JSON)
+
+
+class ReadyRoute:
+    """``/ready``: 200 while the instance should get traffic, 503 otherwise
+    (draining, or the pipeline cannot accept). The body says why."""
+
+    name = "ready"
+    max_body = 0
+    unavailable_body = b""
+    unavailable_headers = b""
+
+    def __init__(self, check: Callable[[], tuple[bool, dict[str, object]]]) -> None:
+        self._check = check
+
+    def handle(self, c: HttpConnection) -> None:
+        if c.method not in (b"GET", b"HEAD"):
+            c.respond(405, b"", b"allow: GET, HEAD\r\n")
+            return
+        ok, detail = self._check()
+        c.respond(200 if ok else 503, orjson.dumps({"ready": ok, **detail}), _JSON)
+
+
+class MetricsRoute:
+    """``/metrics``: Prometheus text format for the whole server."""
+
+    name = "metrics"
+    max_body = 0
+    unavailable_body = b""
+    unavailable_headers = b""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._ctype = b"content-type: " + CONTENT_TYPE.encode() + b"\r\n"
+
+    def handle(self, c: HttpConnection) -> None:
+        if c.method not in (b"GET", b"HEAD"):
+            c.respond(405, b"", b"allow: GET, HEAD\r\n")
+            return
+        c.respond(200, self._metrics.exposition(), self._ctype)

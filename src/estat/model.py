@@ -1,0 +1,44 @@
+"""The values that travel through the pipeline. Imports nothing of estat.
+
+A *record* is one accepted event, already serialised as one JSON Lines line
+(``bytes`` ending in ``\\n``). Serialising at the edge keeps the hot path to a
+single ``orjson.dumps`` per event and lets every later stage count bytes
+exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Batch:
+    """Records cut by the batcher, bound for one lake object.
+
+    ``key`` is chosen once, when the batch is cut, and never changes: every
+    retry (and later every DLQ re-upload) writes the same key, so a retry
+    overwrites identical bytes instead of creating a second object.
+    """
+
+    key: str
+    lines: list[bytes]
+    nbytes: int
+    first_ts: int
+    last_ts: int
+
+    @property
+    def events(self) -> int:
+        return len(self.lines)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """A batch encoded as one gzip JSON Lines object, ready to PUT."""
+
+    key: str
+    data: bytes
+    events: int
+    raw_bytes: int
+    first_ts: int
+    last_ts: int
+    metadata: dict[str, str] = field(default_factory=dict)

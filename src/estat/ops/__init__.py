@@ -1,0 +1,1 @@
+"""Operations plane: metrics, logging, health."""

@@ -1,0 +1,69 @@
+"""Structured logs: one JSON object per line on stdout.
+
+Fields: ``level``, ``time`` (ISO 8601, UTC), ``service``, ``env``, ``msg``,
+plus event fields (``durationMs``, ``batchKey``, ``events`` ...). Request
+bodies and tokens are never logged. ``LOG_PRETTY=true`` renders for humans.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import orjson
+import structlog
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def _dumps(obj: Any, default: Any = None) -> bytes:
+    return orjson.dumps(obj, default=default)
+
+
+def setup_logging(
+    level: str = "info", *, pretty: bool = False, service: str = "estat", env: str = "local"
+) -> None:
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+        structlog.processors.format_exc_info,
+    ]
+    if pretty:
+        processors.append(structlog.dev.ConsoleRenderer())
+        factory: Any = structlog.PrintLoggerFactory(sys.stdout)
+    else:
+        processors.append(structlog.processors.EventRenamer("msg"))
+        processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
+        factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, 20)),
+        logger_factory=factory,
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(service=service, env=env)
+    # Libraries that log through the standard library go to stderr at WARNING.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)
+
+
+class Sampler:
+    """Lets 1 of every ``n`` calls through; for per-request warnings."""
+
+    __slots__ = ("_i", "n")
+
+    def __init__(self, n: int) -> None:
+        self.n = max(1, n)
+        self._i = 0
+
+    def __call__(self) -> bool:
+        self._i += 1
+        if self._i >= self.n:
+            self._i = 0
+            return True
+        return False

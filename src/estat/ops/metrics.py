@@ -1,0 +1,242 @@
+"""Every metric estat exports, declared in one place with its meaning.
+
+Names are the runbook's contract: tests assert them. Label values are low
+cardinality (routes, status codes, error classes), never ids, IPs or raw
+error text.
+
+Hot paths do not call ``prometheus_client`` per request. They bump plain
+integers (``Tally``, ``FastHistogram``) that ``Metrics.flush()`` folds into
+the real metric objects; ``flush()`` runs every half second, before every
+``/metrics`` answer and at exit. A ``/metrics`` answer therefore shows this
+process's values exactly and other workers' values at most half a second
+old.
+
+With several workers (``estat serve --workers N``) the parent sets
+``PROMETHEUS_MULTIPROC_DIR`` for its children; ``prometheus_client`` then
+keeps every worker's values in shared files and any worker's ``/metrics``
+reports the sum over all workers, including those that exited (counters
+never go backwards when a worker is restarted).
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+UPLOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Tally:
+    """A counter for hot paths: ``tally.n += 1`` costs one attribute add."""
+
+    __slots__ = ("_flushed", "_target", "n")
+
+    def __init__(self, target: Counter) -> None:
+        self.n = 0
+        self._flushed = 0
+        self._target = target
+
+    def flush(self) -> None:
+        delta = self.n - self._flushed
+        if delta:
+            self._target.inc(delta)
+            self._flushed += delta
+
+
+class FastHistogram:
+    """A histogram for hot paths, folded into a ``prometheus_client`` Histogram.
+
+    ``observe`` is a bisect and two adds. ``flush`` adds the bucket counts to
+    the target's per-bucket values (non-cumulative, as the library stores
+    them) and its sum.
+    """
+
+    __slots__ = ("_bounds", "_counts", "_sum", "_target")
+
+    def __init__(self, target: Histogram, bounds: Sequence[float]) -> None:
+        self._target = target
+        self._bounds = list(bounds)
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        # prometheus_client keeps one value object per bucket (upper bounds
+        # ending in +Inf) and one for the sum; both have ``inc``.
+        buckets = self._target._buckets
+        for i, c in enumerate(self._counts):
+            if c:
+                buckets[i].inc(c)
+                self._counts[i] = 0
+        if self._sum:
+            self._target._sum.inc(self._sum)
+            self._sum = 0.0
+
+
+class Metrics:
+    """The metric objects, on an injectable registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        r = self.registry
+
+        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(name.removesuffix("_total"), doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode="livesum")
+
+        # -- seed 001/000 collector metrics (exact names) --------------------
+        self.http_requests = counter(
+            "http_requests_total", "HTTP requests received by the ingest listener, every route."
+        )
+        self.http_accepted = counter(
+            "http_requests_accepted_total",
+            "Ingest requests whose events were enqueued (answered 2xx).",
+        )
+        self.http_too_large = counter(
+            "http_requests_rejected_body_too_large_total",
+            "Requests refused with 413 because the body exceeded its limit.",
+        )
+        self.http_queue_full = counter(
+            "http_requests_rejected_queue_full_total",
+            "Requests refused with 503 because the event queue was full (backpressure).",
+        )
+        self.s3_events_stored = counter(
+            "s3_events_stored_total", "Events stored in the lake (S3 or local directory)."
+        )
+        self.s3_put_errors = counter(
+            "s3_put_errors_total", "Failed lake upload attempts (each retry counts)."
+        )
+        self.dlq_events_enqueued = counter(
+            "dlq_events_enqueued_total", "Events written to the local DLQ after upload failure."
+        )
+        self.dlq_events_reuploaded = counter(
+            "dlq_events_reuploaded_total", "Events replayed from the local DLQ into the lake."
+        )
+        self.dlq_events_dropped = counter(
+            "dlq_events_dropped_total",
+            "Events lost because the DLQ could not hold them (must stay 0).",
+        )
+        self.dlq_files_expired = counter(
+            "dlq_files_expired_total", "DLQ files deleted by DLQ_MAX_AGE."
+        )
+        self.dlq_files_current = gauge("dlq_files_current", "Files currently in the local DLQ.")
+        self.dlq_size_bytes = gauge("dlq_size_bytes", "Bytes currently in the local DLQ.")
+
+        # -- estat's own ----------------------------------------------------
+        self.http_responses = counter(
+            "http_responses_total",
+            "HTTP responses by route and status code.",
+            ("route", "status"),
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from the start of a request to its response being written.",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_connections = gauge(
+            "http_connections_current", "Open connections on the ingest listener."
+        )
+        self.event_queue_events = gauge(
+            "event_queue_events", "Events waiting in the event queue (CHANNEL_SIZE bounds it)."
+        )
+        self.event_queue_bytes = gauge(
+            "event_queue_bytes", "Bytes of records waiting in the event queue."
+        )
+        self.upload_queue_batches = gauge(
+            "upload_queue_batches", "Batches waiting for upload (UPLOAD_QUEUE bounds it)."
+        )
+        self.uploads_in_flight = gauge("uploads_in_flight", "Lake uploads in progress.")
+        self.batches_cut = counter(
+            "batches_cut_total",
+            "Batches cut by the batcher, by reason (size, bytes, age, drain).",
+            ("reason",),
+        )
+        self.s3_objects_stored = counter("s3_objects_stored_total", "Objects stored in the lake.")
+        self.s3_bytes_stored = counter(
+            "s3_bytes_stored_total", "Compressed bytes stored in the lake."
+        )
+        self.s3_put_errors_by_class = counter(
+            "s3_put_errors_by_class_total",
+            "Failed lake upload attempts by error class.",
+            ("error_class",),
+        )
+        self.s3_put_duration = Histogram(
+            "s3_put_duration_seconds",
+            "Duration of one lake upload attempt.",
+            ("result",),
+            buckets=UPLOAD_BUCKETS,
+            registry=r,
+        )
+        self.events_unsaved = counter(
+            "shutdown_events_unsaved_total",
+            "Accepted events that could not be stored before the drain deadline (lost).",
+        )
+
+        self._flushers: list[Callable[[], None]] = []
+
+    def add_flusher(self, fn: Callable[[], None]) -> None:
+        """Register a callable that folds hot-path tallies into the metrics."""
+        self._flushers.append(fn)
+
+    def tally(self, counter: Counter) -> Tally:
+        t = Tally(counter)
+        self._flushers.append(t.flush)
+        return t
+
+    def fast_histogram(self, histogram: Histogram) -> FastHistogram:
+        """A hot-path view of ``histogram`` (a labelled child is fine)."""
+        h = FastHistogram(histogram, LATENCY_BUCKETS)
+        self._flushers.append(h.flush)
+        return h
+
+    def flush(self) -> None:
+        for fn in self._flushers:
+            fn()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of the whole server (all workers)."""
+        self.flush()
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -1,0 +1,1 @@
+"""The pipeline: event queue → batcher → upload queue → encoder → sink."""

@@ -1,0 +1,117 @@
+"""One dataset's pipeline: event queue → batcher → upload queue → uploader → sink."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import Executor
+
+from estat.clock import Clock
+from estat.lake.keys import KeyMaker
+from estat.model import Batch
+from estat.ops.logging import get_logger
+from estat.ops.metrics import Metrics
+from estat.pipeline.batcher import BatchBuilder, run_batcher
+from estat.pipeline.queue import EventQueue
+from estat.pipeline.uploader import RetryPolicy, Sink, Spill, Uploader
+
+log = get_logger("estat.pipeline")
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        sink: Sink,
+        keys: KeyMaker,
+        clock: Clock,
+        metrics: Metrics,
+        instance: str,
+        channel_size: int,
+        channel_max_bytes: int,
+        batch_size: int,
+        batch_max_bytes: int,
+        flush_interval: float,
+        upload_queue: int,
+        upload_concurrency: int,
+        policy: RetryPolicy,
+        executor: Executor | None,
+        spill: Spill | None = None,
+    ) -> None:
+        self.queue = EventQueue(channel_size, channel_max_bytes)
+        self.inbox: asyncio.Queue[Batch] = asyncio.Queue(maxsize=upload_queue)
+        self.builder = BatchBuilder(
+            max_events=batch_size,
+            max_bytes=batch_max_bytes,
+            max_age=flush_interval,
+            clock=clock,
+            make_key=keys.make,
+        )
+        self.uploader = Uploader(
+            self.inbox,
+            sink,
+            policy=policy,
+            concurrency=upload_concurrency,
+            executor=executor,
+            clock=clock,
+            metrics=metrics,
+            instance=instance,
+            spill=spill,
+        )
+        self._clock = clock
+        self._m = metrics
+        self._batcher_task: asyncio.Task[None] | None = None
+        self._uploader_task: asyncio.Task[None] | None = None
+        metrics.add_flusher(self._publish_depths)
+
+    def _publish_depths(self) -> None:
+        self._m.event_queue_events.set(len(self.queue))
+        self._m.event_queue_bytes.set(self.queue.nbytes)
+        self._m.upload_queue_batches.set(self.inbox.qsize())
+
+    def _on_cut(self, reason: str) -> None:
+        self._m.batches_cut.labels(reason).inc()
+
+    def start(self) -> None:
+        self._batcher_task = asyncio.create_task(
+            run_batcher(self.queue, self.builder, self.inbox, self._on_cut), name="batcher"
+        )
+        self._uploader_task = asyncio.create_task(self.uploader.run(), name="uploader")
+
+    def pending_events(self) -> int:
+        """Accepted events not yet stored: queued, batching, waiting or uploading."""
+        waiting = sum(b.events for b in list(self.inbox._queue) if b is not None)  # type: ignore[attr-defined]
+        return len(self.queue) + self.builder.events + waiting + self.uploader.in_flight_events
+
+    async def drain(self, deadline: float) -> int:
+        """Flush everything accepted; by ``deadline`` (monotonic) give up.
+
+        Returns the number of accepted events that could not be stored (also
+        counted in ``shutdown_events_unsaved_total``).
+        """
+        assert self._batcher_task is not None and self._uploader_task is not None
+        self.queue.close()
+        self.uploader.start_drain(deadline)
+        margin = 2.0
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(self._batcher_task), max(0.0, deadline - self._clock.monotonic())
+            )
+            await asyncio.wait_for(
+                self.uploader.stop(), max(0.0, deadline - self._clock.monotonic()) + margin
+            )
+            await asyncio.wait_for(
+                asyncio.shield(self._uploader_task),
+                max(0.0, deadline - self._clock.monotonic()) + margin,
+            )
+            return self.uploader.unsaved_events
+        except TimeoutError:
+            lost = self.pending_events()
+            for task in (self._batcher_task, self._uploader_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if lost:
+                self._m.events_unsaved.inc(lost)
+                log.error("shutdown deadline reached: events not stored", events=lost)
+            return lost + self.uploader.unsaved_events
