@@ -83,11 +83,7 @@ class App:
         m = self.metrics
         self.http = HttpServer(
             {
-                b"/collect": CollectRoute(
-                    self.pipeline.queue.put,
-                    max_body=settings.max_body_size,
-                    accepted=m.tally(m.http_accepted),
-                ),
+                b"/collect": CollectRoute(self.pipeline.queue.put, max_body=settings.max_body_size),
                 b"/health": HealthRoute(),
                 b"/ready": ReadyRoute(self._ready),
                 b"/metrics": MetricsRoute(m),
@@ -144,7 +140,9 @@ class App:
         deadline = t0 + self.settings.shutdown_timeout
         self.draining = True
         pending = self.pipeline.pending_events()
-        log.info("shutdown: draining", pendingEvents=pending, timeoutS=self.settings.shutdown_timeout)
+        log.info(
+            "shutdown: draining", pendingEvents=pending, timeoutS=self.settings.shutdown_timeout
+        )
         await self.http.drain(grace=min(HTTP_DRAIN_GRACE, self.settings.shutdown_timeout / 4))
         unsaved = await self.pipeline.drain(deadline)
         await self.sink.close()

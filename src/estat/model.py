@@ -1,9 +1,8 @@
 """The values that travel through the pipeline. Imports nothing of estat.
 
-A *record* is one accepted event, already serialised as one JSON Lines line
-(``bytes`` ending in ``\\n``). Serialising at the edge keeps the hot path to a
-single ``orjson.dumps`` per event and lets every later stage count bytes
-exactly.
+A *record* is one accepted event. It is serialised once, at the edge, into
+a buffer of JSON Lines; a batch is such a buffer plus its event count, so
+later stages move bytes, never per-event objects, and count bytes exactly.
 """
 
 from __future__ import annotations
@@ -21,14 +20,14 @@ class Batch:
     """
 
     key: str
-    lines: list[bytes]
-    nbytes: int
+    data: bytes | bytearray  # JSON Lines, every line ending in "\n"
+    events: int
     first_ts: int
     last_ts: int
 
     @property
-    def events(self) -> int:
-        return len(self.lines)
+    def nbytes(self) -> int:
+        return len(self.data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,7 +153,10 @@ class Settings(BaseSettings):
         json_schema_extra=_accepts("a positive integer"),
     )
     batch_size: int = Field(
-        5000, gt=0, description="Events per object.", json_schema_extra=_accepts("a positive integer")
+        5000,
+        gt=0,
+        description="Events per object.",
+        json_schema_extra=_accepts("a positive integer"),
     )
     batch_max_bytes: int = Field(
         32 * 1024 * 1024,
@@ -198,7 +201,10 @@ class Settings(BaseSettings):
         json_schema_extra=_accepts("a directory path"),
     )
     dlq_max_age: Duration = Field(
-        86400.0, gt=0, description="DLQ file time to live.", json_schema_extra=_accepts("a duration")
+        86400.0,
+        gt=0,
+        description="DLQ file time to live.",
+        json_schema_extra=_accepts("a duration"),
     )
     dlq_max_size_bytes: int = Field(
         19327352832,
@@ -225,7 +231,9 @@ class Settings(BaseSettings):
         json_schema_extra=_accepts("any short name, e.g. prod"),
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Lowest level logged.", json_schema_extra=_accepts("debug, info, warning, error")
+        "info",
+        description="Lowest level logged.",
+        json_schema_extra=_accepts("debug, info, warning, error"),
     )
     log_pretty: bool = Field(
         False,
@@ -320,7 +328,11 @@ def load_settings(**overrides: Any) -> Settings:
         err = e.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
         name = env_name(field) if field in Settings.model_fields else field.upper()
-        extra = Settings.model_fields[field].json_schema_extra if field in Settings.model_fields else None
+        extra = (
+            Settings.model_fields[field].json_schema_extra
+            if field in Settings.model_fields
+            else None
+        )
         accepts = extra.get("accepts") if isinstance(extra, dict) else None
         raw = os.environ.get(name, err.get("input"))
         msg = str(err["msg"]).removeprefix("Value error, ")

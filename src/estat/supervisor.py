@@ -92,7 +92,7 @@ def run_workers(settings: Settings, n: int) -> int:
                 rc = w.proc.poll()
                 if rc is None or stopping:
                     continue
-                multiprocess.mark_process_dead(w.proc.pid, mpdir)
+                multiprocess.mark_process_dead(w.proc.pid, mpdir)  # type: ignore[no-untyped-call]
                 if rc == 2:
                     log.error("worker could not start; stopping", worker=w.index, exitCode=rc)
                     stopping = True

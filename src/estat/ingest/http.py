@@ -23,7 +23,7 @@ Handlers run on the event loop and must not block; each calls
 from __future__ import annotations
 
 import asyncio
-import socket
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ import httptools
 
 from estat.errors import Overloaded
 from estat.ops.logging import get_logger
-from estat.ops.metrics import FastHistogram, Metrics, Tally
+from estat.ops.metrics import FastHistogram, Metrics
 
 log = get_logger("estat.http")
 
@@ -60,30 +60,49 @@ _CONN_KEEP = b"connection: keep-alive\r\n"
 _CONN_CLOSE = b"connection: close\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-# headers the routes read; everything else is only counted against the limit
-_WANTED = {
-    b"content-length": "content_length",
-    b"user-agent": "user_agent",
-    b"cookie": "cookie",
-    b"x-forwarded-for": "xff",
-    b"cloudfront-viewer-address": "cf_viewer",
-    b"expect": "expect",
-    b"content-type": "content_type",
-    b"content-encoding": "content_encoding",
-    b"origin": "origin",
-    b"access-control-request-headers": "acr_headers",
-    b"authorization": "authorization",
-    b"x-anonymous-id": "anonymous_id",
-}
+# Headers the routes read, by lower-case name; every other header is only
+# counted against the size limit. ``_names`` maps each spelling seen on the
+# wire to its lower-case name (or "" for headers nobody reads), so the hot
+# path does one dict lookup per header instead of lower-casing it.
+WANTED_HEADERS = frozenset(
+    {
+        "content-length",
+        "user-agent",
+        "cookie",
+        "x-forwarded-for",
+        "cloudfront-viewer-address",
+        "expect",
+        "content-type",
+        "content-encoding",
+        "origin",
+        "access-control-request-headers",
+        "authorization",
+        "x-anonymous-id",
+    }
+)
+_NAMES_MAX = 4096
+_names: dict[bytes, str] = {}
+
+
+def _learn(name: bytes) -> str:
+    low = name.decode("latin-1").lower()
+    key = low if low in WANTED_HEADERS else ""
+    if len(_names) >= _NAMES_MAX:
+        _names.clear()
+    _names[name] = key
+    return key
 
 
 class Route(Protocol):
     """One path. ``handle`` reads the request from the connection and calls
     ``respond`` exactly once; it may raise ``Overloaded`` (answered 503 with
-    ``Retry-After`` and ``unavailable_body``)."""
+    ``Retry-After`` and ``unavailable_body``). On an ``ingest`` route a 200
+    means the request's events were enqueued (``http_requests_accepted_total``).
+    """
 
     name: str
     max_body: int
+    ingest: bool
     unavailable_body: bytes
     unavailable_headers: bytes
 
@@ -98,31 +117,21 @@ class HttpLimits:
     keepalive_timeout: float = 75.0
 
 
-class _Stats:
-    """Hot-path tallies of the listener (see ``estat.ops.metrics``)."""
+class _Mount:
+    """A route plus its hot-path statistics (answers by status, latency)."""
 
-    def __init__(self, m: Metrics) -> None:
-        self.m = m
-        self.requests: Tally = m.tally(m.http_requests)
-        self.too_large: Tally = m.tally(m.http_too_large)
-        self.queue_full: Tally = m.tally(m.http_queue_full)
-        self.responses: dict[tuple[str, int], int] = {}
-        self._flushed: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, FastHistogram] = {}
-        m.add_flusher(self.flush)
+    __slots__ = ("counts", "flushed", "latency", "route")
 
-    def hist(self, route: str) -> FastHistogram:
-        h = self.latency.get(route)
-        if h is None:
-            h = self.latency[route] = self.m.fast_histogram(self.m.http_duration.labels(route))
-        return h
+    def __init__(self, route: Route | None, metrics: Metrics) -> None:
+        self.route = route
+        self.counts: dict[int, int] = {}
+        self.flushed: dict[int, int] = {}
+        name = route.name if route is not None else "other"
+        self.latency: FastHistogram = metrics.fast_histogram(metrics.http_duration.labels(name))
 
-    def flush(self) -> None:
-        for key, n in self.responses.items():
-            delta = n - self._flushed.get(key, 0)
-            if delta:
-                self.m.http_responses.labels(key[0], str(key[1])).inc(delta)
-                self._flushed[key] = n
+
+class _Abort(Exception):
+    """Raised from a parser callback after the answer is written: stops parsing."""
 
 
 class HttpServer:
@@ -134,19 +143,61 @@ class HttpServer:
         metrics: Metrics,
         log_sample: Callable[[], bool] = lambda: True,
     ) -> None:
-        self.routes = dict(routes)
+        self.mounts = {path: _Mount(r, metrics) for path, r in routes.items()}
+        self.unknown = _Mount(None, metrics)
         self.limits = limits
-        self.stats = _Stats(metrics)
         self.metrics = metrics
         self.log_sample = log_sample
         self.connections: set[HttpConnection] = set()
         self.draining = False
         self.now = time.monotonic()
         self.date_line = b""
+        self.empty_answers: dict[tuple[int, bytes, bool], bytes] = {}
         self._server: asyncio.base_events.Server | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
         self._update_date()
-        metrics.add_flusher(lambda: metrics.http_connections.set(len(self.connections)))
+        metrics.add_flusher(self._flush)
+
+    def forget(self, c: HttpConnection) -> None:
+        self.connections.discard(c)
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
+
+    def _flush(self) -> None:
+        """Fold the per-route answer counts into the metrics.
+
+        ``http_requests_total`` is every answer; accepted, too-large and
+        queue-full counts are the 200s of ingest routes, the 413s and the
+        503s: one count per request on the hot path, every seed metric
+        derived from it, so they cannot disagree.
+        """
+        m = self.metrics
+        requests = accepted = too_large = queue_full = 0
+        for mount in (*self.mounts.values(), self.unknown):
+            name = mount.route.name if mount.route is not None else "other"
+            for status, n in list(mount.counts.items()):
+                delta = n - mount.flushed.get(status, 0)
+                if not delta:
+                    continue
+                mount.flushed[status] = n
+                m.http_responses.labels(name, str(status)).inc(delta)
+                requests += delta
+                if status == 200 and mount.route is not None and mount.route.ingest:
+                    accepted += delta
+                elif status == 413:
+                    too_large += delta
+                elif status == 503:
+                    queue_full += delta
+        for counter, delta in (
+            (m.http_requests, requests),
+            (m.http_accepted, accepted),
+            (m.http_too_large, too_large),
+            (m.http_queue_full, queue_full),
+        ):
+            if delta:
+                counter.inc(delta)
+        m.http_connections.set(len(self.connections))
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
@@ -165,13 +216,36 @@ class HttpServer:
 
     def _update_date(self) -> None:
         self.date_line = b"date: " + formatdate(usegmt=True).encode() + b"\r\nserver: estat\r\n"
+        # answers without a body, fully rendered for the current second
+        self.empty_answers = {}
 
     def _tick(self) -> None:
+        """Once a second: refresh the Date header and enforce the deadlines.
+
+        The hot path only moves each connection's phase (head, body, idle)
+        and its answer count; a connection whose phase has not moved for the
+        phase's timeout gets 408 (head or body) or a quiet close (idle).
+        """
         loop = asyncio.get_running_loop()
-        self.now = loop.time()
+        now = self.now = loop.time()
         self._update_date()
-        now = self.now
-        for c in [c for c in self.connections if c.deadline <= now]:
+        lim = self.limits
+        expired = []
+        for c in self.connections:
+            state = (c.answered, c.in_head, c.in_request)
+            if state != c.seen_state:
+                c.seen_state = state
+                c.seen_at = now
+                continue
+            if c.in_head:
+                limit = lim.header_timeout
+            elif c.in_request:
+                limit = lim.body_timeout
+            else:
+                limit = lim.keepalive_timeout
+            if now - c.seen_at >= limit:
+                expired.append(c)
+        for c in expired:
             c.on_deadline()
         self._tick_handle = loop.call_at(now + 1.0, self._tick)
 
@@ -187,13 +261,17 @@ class HttpServer:
         for c in list(self.connections):
             if not c.in_request:
                 c.close()
-        deadline = time.monotonic() + grace
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        if self.connections:
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), grace)
         for c in list(self.connections):
             c.abort()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+
+
+_JSON_HDR = b"content-type: application/json\r\n"
 
 
 class HttpConnection(asyncio.Protocol):
@@ -201,32 +279,27 @@ class HttpConnection(asyncio.Protocol):
         "_body",
         "_body_size",
         "_head_size",
+        "_max_body",
+        "_max_head",
         "_started",
-        "acr_headers",
-        "authorization",
-        "anonymous_id",
-        "cf_viewer",
+        "answered",
         "closing",
-        "content_encoding",
-        "content_length",
-        "content_type",
-        "cookie",
-        "deadline",
-        "expect",
+        "headers",
+        "in_head",
         "in_request",
         "keep_alive",
         "method",
-        "origin",
+        "mount",
         "parser",
         "path",
         "peer",
         "query",
         "route",
+        "seen_at",
+        "seen_state",
         "server",
         "transport",
         "url",
-        "user_agent",
-        "xff",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -236,26 +309,19 @@ class HttpConnection(asyncio.Protocol):
         self.peer = ""
         self.closing = False
         self.in_request = False
-        self.deadline = server.now + server.limits.keepalive_timeout
-        self._reset()
-
-    def _reset(self) -> None:
+        self.in_head = False
+        self.answered = 0
+        self.seen_state: tuple[int, bool, bool] = (0, False, False)
+        self.seen_at = server.now
+        self._max_head = server.limits.max_head
+        self._max_body = 0
+        self._started = 0.0
+        self.headers: dict[str, bytes] = {}
         self.url = b""
         self._head_size = 0
         self._body: list[bytes] = []
         self._body_size = 0
-        self.content_length: bytes | None = None
-        self.user_agent: bytes | None = None
-        self.cookie: bytes | None = None
-        self.xff: bytes | None = None
-        self.cf_viewer: bytes | None = None
-        self.expect: bytes | None = None
-        self.content_type: bytes | None = None
-        self.content_encoding: bytes | None = None
-        self.origin: bytes | None = None
-        self.acr_headers: bytes | None = None
-        self.authorization: bytes | None = None
-        self.anonymous_id: bytes | None = None
+        self.mount: _Mount = server.unknown
         self.route: Route | None = None
         self.method = b""
         self.path = b""
@@ -266,9 +332,6 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
         if self.peer.startswith("::ffff:"):
@@ -279,24 +342,32 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.discard(self)
+        self.server.forget(self)
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.in_head:
+            # Bytes read while a request head is incomplete, counted per read
+            # (the read that starts a request is checked when the head ends):
+            # a client trickling an endless head is cut off at the limit.
+            self._head_size += len(data)
+            if self._head_size > self._max_head:
+                self._error(431, "HEADERS_TOO_LARGE", "request head too large")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # No protocol upgrades here; the request itself was answered.
-            if not self.closing:
-                self.close()
+            self.close()
         except httptools.HttpParserError:
+            # includes the callback error raised by _Abort after an answer
             if not self.closing:
-                self.respond(400, b'{"code":"BAD_REQUEST","message":"malformed HTTP request"}',
-                             b"content-type: application/json\r\n", close=True)
+                self._error(400, "BAD_REQUEST", "malformed HTTP request")
 
     def pause_writing(self) -> None:
+        # a client that does not read its answers is not read either
         if self.transport is not None:
             self.transport.pause_reading()
 
@@ -306,77 +377,72 @@ class HttpConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------
     def on_message_begin(self) -> None:
-        self._reset()
-        self.in_request = True
-        self.deadline = self.server.now + self.server.limits.header_timeout
+        self.headers = {}
+        self.url = b""
+        self._head_size = 0
+        self._body = []
+        self._body_size = 0
+        self.in_head = self.in_request = True
         self._started = time.perf_counter()
 
     def on_url(self, url: bytes) -> None:
-        if self.closing:
-            return
         self.url += url
-        self._head_size += len(url)
-        if self._head_size > self.server.limits.max_head:
-            self._abort_request(414, "URI_TOO_LONG", "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.closing:
-            return
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self.server.limits.max_head:
-            self._abort_request(431, "HEADERS_TOO_LARGE", "request headers too large")
-            return
-        attr = _WANTED.get(name.lower())
-        if attr is not None:
-            setattr(self, attr, value)
+        self._head_size += len(name) + len(value)
+        key = _names.get(name)
+        if key is None:
+            key = _learn(name)
+        if key:
+            self.headers[key] = value
 
     def on_headers_complete(self) -> None:
-        if self.closing:
-            return
+        self.in_head = False
+        url = self.url
+        if self._head_size + len(url) > self._max_head:
+            if len(url) > self._max_head:
+                self._error(414, "URI_TOO_LONG", "request target too long")
+            else:
+                self._error(431, "HEADERS_TOO_LARGE", "request head too large")
+            raise _Abort
         parser = self.parser
         self.method = parser.get_method()
         self.keep_alive = parser.should_keep_alive()
-        path, _, self.query = self.url.partition(b"?")
-        self.path = path
-        route = self.route = self.server.routes.get(path)
-        limit = route.max_body if route is not None else 0
-        if self.content_length is not None:
-            try:
-                length = int(self.content_length)
-            except ValueError:
-                length = -1
-            if length > limit and route is not None:
-                self.too_large()
-                return
-        if self.expect is not None and self.expect.lower() == b"100-continue" and self.transport:
+        self.path, _, self.query = url.partition(b"?")
+        mount = self.server.mounts.get(self.path)
+        if mount is None:
+            self.mount = self.server.unknown
+            self.route = None
+            self._error(404, "NOT_FOUND", "no such route", close=True)
+            raise _Abort
+        self.mount = mount
+        route = self.route = mount.route
+        assert route is not None
+        self._max_body = route.max_body
+        headers = self.headers
+        length = headers.get("content-length")
+        # llhttp has already rejected a malformed or conflicting length
+        if length is not None and int(length) > self._max_body:
+            self.too_large()
+            raise _Abort
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() == b"100-continue" and self.transport:
             self.transport.write(_CONTINUE)
-        self.deadline = self.server.now + self.server.limits.body_timeout
 
     def on_body(self, body: bytes) -> None:
-        if self.closing:
-            return
         self._body_size += len(body)
-        route = self.route
-        if route is None:
-            return  # discarded; answered 404 at the end
-        if self._body_size > route.max_body:
+        if self._body_size > self._max_body:
             self.too_large()
-            return
+            raise _Abort
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.closing:
-            return
         route = self.route
-        if route is None:
-            self.respond(404, b'{"code":"NOT_FOUND","message":"no such route"}',
-                         b"content-type: application/json\r\n")
-            return
+        assert route is not None
         try:
             route.handle(self)
         except Overloaded as e:
             # the one place backpressure becomes 503 + Retry-After
-            self.server.stats.queue_full.n += 1
             if self.server.log_sample():
                 log.warning("queue full (drop)", route=route.name, reason=e.reason)
             self.respond(
@@ -386,8 +452,7 @@ class HttpConnection(asyncio.Protocol):
             )
         except Exception:
             log.exception("handler failed", route=route.name)
-            self.respond(500, b'{"code":"INTERNAL","message":"internal error"}',
-                         b"content-type: application/json\r\n", close=True)
+            self._error(500, "INTERNAL", "internal error", close=True)
 
     # -- request accessors -----------------------------------------------------
     def body(self) -> bytes:
@@ -404,52 +469,60 @@ class HttpConnection(asyncio.Protocol):
         if t is None or self.closing:
             return
         server = self.server
-        stats = server.stats
-        stats.requests.n += 1
-        route = self.route
-        name = route.name if route is not None else "other"
-        key = (name, status)
-        stats.responses[key] = stats.responses.get(key, 0) + 1
-        stats.hist(name).observe(time.perf_counter() - self._started)
+        mount = self.mount
+        counts = mount.counts
+        counts[status] = counts.get(status, 0) + 1
+        mount.latency.observe(time.perf_counter() - self._started)
         keep = self.keep_alive and not close and not server.draining
-        t.write(
-            b"".join(
-                (
-                    _STATUS_LINES[status],
-                    server.date_line,
-                    _CONN_KEEP if keep else _CONN_CLOSE,
-                    headers,
-                    b"content-length: %d\r\n\r\n" % len(body),
-                    b"" if self.method == b"HEAD" else body,
+        if not body:
+            ckey = (status, headers, keep)
+            data = server.empty_answers.get(ckey)
+            if data is None:
+                data = b"".join(
+                    (
+                        _STATUS_LINES[status],
+                        server.date_line,
+                        _CONN_KEEP if keep else _CONN_CLOSE,
+                        headers,
+                        b"content-length: 0\r\n\r\n",
+                    )
+                )
+                if len(server.empty_answers) < 64:  # headers may vary (Retry-After ...)
+                    server.empty_answers[ckey] = data
+            t.write(data)
+        else:
+            t.write(
+                b"".join(
+                    (
+                        _STATUS_LINES[status],
+                        server.date_line,
+                        _CONN_KEEP if keep else _CONN_CLOSE,
+                        headers,
+                        b"content-length: %d\r\n\r\n" % len(body),
+                        b"" if self.method == b"HEAD" else body,
+                    )
                 )
             )
-        )
         self.in_request = False
-        if keep:
-            self.deadline = server.now + server.limits.keepalive_timeout
-        else:
+        self.answered += 1
+        if not keep:
             self.close()
 
     def too_large(self) -> None:
-        self.server.stats.too_large.n += 1
-        self.respond(
-            413,
-            b'{"code":"BODY_TOO_LARGE","message":"request body too large"}',
-            b"content-type: application/json\r\n",
-            close=True,
-        )
+        self._error(413, "BODY_TOO_LARGE", "request body too large", close=True)
 
-    def _abort_request(self, status: int, code: str, message: str) -> None:
+    def _error(self, status: int, code: str, message: str, *, close: bool = True) -> None:
+        self.in_head = False
         self.respond(
             status,
             b'{"code":"%s","message":"%s"}' % (code.encode(), message.encode()),
-            b"content-type: application/json\r\n",
-            close=True,
+            _JSON_HDR,
+            close=close,
         )
 
     def on_deadline(self) -> None:
         if self.in_request and not self.closing:
-            self._abort_request(408, "REQUEST_TIMEOUT", "request not received in time")
+            self._error(408, "REQUEST_TIMEOUT", "request not received in time")
         else:
             self.close()
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import time
+from typing import Any
 
+import msgspec
 import orjson
 
 from estat.ingest.http import HttpConnection
 from estat.ingest.ip import client_ip
-from estat.ops.metrics import CONTENT_TYPE, Metrics, Tally
+from estat.ops.metrics import CONTENT_TYPE, Metrics
 
 _JSON = b"content-type: application/json\r\n"
 _CORS = b"access-control-allow-origin: *\r\n"
@@ -19,11 +21,16 @@ _PREFLIGHT = (
     b"access-control-max-age: 86400\r\n"
 )
 _ALLOW_COLLECT = b"allow: GET, POST, OPTIONS\r\n"
-_APPEND_NL = orjson.OPT_APPEND_NEWLINE
 
 
-def _text(value: bytes | None) -> str:
-    return value.decode("utf-8", "replace") if value else ""
+class CollectRecord(msgspec.Struct, gc=False):
+    """One /collect lake record (field order is the line's key order)."""
+
+    ts: int
+    ip: str
+    user_agent: str
+    cookie: str
+    body: str
 
 
 class CollectRoute:
@@ -36,20 +43,19 @@ class CollectRoute:
     """
 
     name = "collect"
+    ingest = True
     unavailable_body = b""
     unavailable_headers = _CORS
 
     def __init__(
         self,
-        put: Callable[[bytes], None],
+        put: Callable[[Any], None],
         *,
         max_body: int,
-        accepted: Tally,
         clock: Callable[[], float] = time,
     ) -> None:
         self._put = put
         self.max_body = max_body
-        self._accepted = accepted
         self._time = clock
 
     def handle(self, c: HttpConnection) -> None:
@@ -62,25 +68,24 @@ class CollectRoute:
                 c.too_large()
                 return
         elif method == b"OPTIONS":
-            allow = c.acr_headers or b"content-type"
+            allow = c.headers.get("access-control-request-headers") or b"content-type"
             c.respond(204, b"", _PREFLIGHT + b"access-control-allow-headers: " + allow + b"\r\n")
             return
         else:
             c.respond(405, b"", _ALLOW_COLLECT)
             return
+        h = c.headers
+        ua = h.get("user-agent")
+        cookie = h.get("cookie")
         self._put(
-            orjson.dumps(
-                {
-                    "ts": int(self._time()),
-                    "ip": client_ip(c.xff, c.cf_viewer, c.peer),
-                    "user_agent": _text(c.user_agent),
-                    "cookie": _text(c.cookie),
-                    "body": body.decode("utf-8", "replace"),
-                },
-                option=_APPEND_NL,
+            CollectRecord(
+                int(self._time()),
+                client_ip(h.get("x-forwarded-for"), h.get("cloudfront-viewer-address"), c.peer),
+                ua.decode("utf-8", "replace") if ua else "",
+                cookie.decode("utf-8", "replace") if cookie else "",
+                body.decode("utf-8", "replace"),
             )
         )
-        self._accepted.n += 1
         c.respond(200, b"", _CORS)
 
 
@@ -88,6 +93,7 @@ class HealthRoute:
     """``/health``: the process is alive and its event loop answers."""
 
     name = "health"
+    ingest = False
     max_body = 0
     unavailable_body = b""
     unavailable_headers = b""
@@ -104,6 +110,7 @@ class ReadyRoute:
     (draining, or the pipeline cannot accept). The body says why."""
 
     name = "ready"
+    ingest = False
     max_body = 0
     unavailable_body = b""
     unavailable_headers = b""
@@ -123,6 +130,7 @@ class MetricsRoute:
     """``/metrics``: Prometheus text format for the whole server."""
 
     name = "metrics"
+    ingest = False
     max_body = 0
     unavailable_body = b""
     unavailable_headers = b""

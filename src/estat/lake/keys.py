@@ -23,14 +23,10 @@ class KeyMaker:
         self._seq = itertools.count(start_seq)
 
     def make(self, epoch_seconds: float) -> str:
-        return object_key(
-            self._prefix, epoch_seconds, self._tz, self._instance, next(self._seq)
-        )
+        return object_key(self._prefix, epoch_seconds, self._tz, self._instance, next(self._seq))
 
 
 def object_key(prefix: str, epoch_seconds: float, tz: ZoneInfo, instance: str, seq: int) -> str:
     unix = int(epoch_seconds)
     local = datetime.fromtimestamp(unix, tz)
-    return (
-        f"{prefix}/dt={local:%Y-%m-%d}/hr={local:%H}/{unix}_{instance}_{seq:06d}.jsonl.gz"
-    )
+    return f"{prefix}/dt={local:%Y-%m-%d}/hr={local:%H}/{unix}_{instance}_{seq:06d}.jsonl.gz"

@@ -49,9 +49,7 @@ class ObjectStoreSink:
             attrs = {"Content-Type": CONTENT_TYPE, "Content-Encoding": CONTENT_ENCODING}
             attrs.update(metadata)
         try:
-            await obstore.put_async(
-                self._store, key, data, attributes=attrs, use_multipart=False
-            )
+            await obstore.put_async(self._store, key, data, attributes=attrs, use_multipart=False)
         except Exception as e:
             raise classify(e) from e
 

@@ -32,54 +32,60 @@ class BatchBuilder:
         self.max_age = max_age
         self._clock = clock
         self._make_key = make_key
-        self.lines: list[bytes] = []
+        self._parts: list[bytes | bytearray] = []
+        self.events = 0
         self.nbytes = 0
         self._opened_mono = 0.0
         self._first_ts = 0
 
-    @property
-    def events(self) -> int:
-        return len(self.lines)
-
     def fill(self, queue: EventQueue) -> str | None:
-        """Move records from the queue; return the cut reason if the batch is full."""
-        if not len(queue):
+        """Move records from the queue; return the cut reason if the batch is due."""
+        if not queue.events:
             return self.due()
-        if not self.lines:
+        if not self.events:
             self._opened_mono = self._clock.monotonic()
             self._first_ts = int(self._clock.time())
-        room = self.max_events - len(self.lines)
-        if self.lines and self.nbytes + queue.peek_size() > self.max_bytes:
+        elif self.nbytes + queue.next_line_size() > self.max_bytes:
             return "bytes"
-        self.nbytes += queue.take(room, self.max_bytes - self.nbytes, self.lines)
-        if len(self.lines) >= self.max_events:
+        chunk, n = queue.take(self.max_events - self.events, self.max_bytes - self.nbytes)
+        self._parts.append(chunk)
+        self.events += n
+        self.nbytes += len(chunk)
+        if self.events >= self.max_events:
             return "size"
-        if len(queue) and self.nbytes + queue.peek_size() > self.max_bytes:
+        if queue.events and self.nbytes + queue.next_line_size() > self.max_bytes:
             return "bytes"
         return self.due()
 
     def due(self) -> str | None:
-        if self.lines and self._clock.monotonic() - self._opened_mono >= self.max_age:
+        if self.events and self._clock.monotonic() - self._opened_mono >= self.max_age:
             return "age"
         return None
 
     def time_left(self) -> float | None:
-        if not self.lines:
+        if not self.events:
             return None
         return max(0.0, self._opened_mono + self.max_age - self._clock.monotonic())
 
     def cut(self) -> Batch:
         now = self._clock.time()
+        parts = self._parts
         batch = Batch(
             key=self._make_key(now),
-            lines=self.lines,
-            nbytes=self.nbytes,
+            data=parts[0] if len(parts) == 1 else b"".join(parts),
+            events=self.events,
             first_ts=self._first_ts,
             last_ts=int(now),
         )
-        self.lines = []
+        self._parts = []
+        self.events = 0
         self.nbytes = 0
         return batch
+
+
+#: how often the batcher looks at the queue when fewer than ``wake_at``
+#: records wait: the most a record waits before it joins a batch
+POLL_SECONDS = 0.05
 
 
 async def run_batcher(
@@ -90,7 +96,8 @@ async def run_batcher(
 ) -> None:
     """Cut batches until the queue is closed and empty; the last one is cut as ``drain``."""
     while True:
-        await queue.wait(builder.time_left())
+        left = builder.time_left()
+        await queue.wait(POLL_SECONDS if left is None else min(left, POLL_SECONDS))
         reason = builder.fill(queue)
         while reason is not None:
             on_cut(reason)

@@ -89,7 +89,8 @@ class Pipeline:
         Returns the number of accepted events that could not be stored (also
         counted in ``shutdown_events_unsaved_total``).
         """
-        assert self._batcher_task is not None and self._uploader_task is not None
+        assert self._batcher_task is not None
+        assert self._uploader_task is not None
         self.queue.close()
         self.uploader.start_drain(deadline)
         margin = 2.0

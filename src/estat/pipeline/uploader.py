@@ -71,12 +71,12 @@ class RetryPolicy:
 
     def delay(self, attempt: int, cap: float | None = None) -> float:
         """Backoff before retry ``attempt`` (1-based): exponential, equal jitter."""
-        d = min(cap if cap is not None else self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return d / 2 + random.uniform(0, d / 2)
+        d = min(cap if cap is not None else self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
+        return float(d / 2 + random.uniform(0, d / 2))
 
 
 def encode_batch(batch: Batch, instance: str) -> EncodedBatch:
-    data = encode(batch.lines)
+    data = encode(batch.data)
     return EncodedBatch(
         key=batch.key,
         data=data,
@@ -170,7 +170,9 @@ class Uploader:
         except DeliveryError as e:
             err: DeliveryError | None = e
         except TimeoutError:
-            err = RetryableDeliveryError(f"attempt timed out after {timeout:g}s", error_class="timeout")
+            err = RetryableDeliveryError(
+                f"attempt timed out after {timeout:g}s", error_class="timeout"
+            )
         else:
             err = None
         elapsed = time.perf_counter() - t0
@@ -211,9 +213,12 @@ class Uploader:
                 error=str(err).splitlines()[0][:300],
                 willRetry=not exhausted or self._spill is None,
             )
-            if exhausted and self._spill is not None:
-                if await self._spill.spill(enc, err, attempts):
-                    return
+            if (
+                exhausted
+                and self._spill is not None
+                and await self._spill.spill(enc, err, attempts)
+            ):
+                return
             # retry: fast backoff within the retry budget, slow and capped beyond it
             cap = policy.held_max_delay if exhausted else policy.max_delay
             delay = policy.delay(attempts, cap)
