@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import uvloop
 
 from estat.clock import Clock, SystemClock
+from estat.codec import encode
 from estat.ingest.http import HttpLimits, HttpServer
 from estat.ingest.routes import CollectRoute, HealthRoute, MetricsRoute, ReadyRoute
 from estat.lake.keys import KeyMaker
@@ -25,7 +26,7 @@ from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
 from estat.ops.logging import Sampler, get_logger, setup_logging
 from estat.ops.metrics import Metrics
 from estat.pipeline.pipeline import Pipeline
-from estat.pipeline.uploader import RetryPolicy
+from estat.pipeline.uploader import RetryPolicy, Sink
 from estat.settings import Settings
 
 log = get_logger("estat.app")
@@ -53,18 +54,22 @@ class App:
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        sink: Sink | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
-        self.sink = build_sink(settings)
+        self.sink: Sink = sink if sink is not None else build_sink(settings)
         self._executor = ThreadPoolExecutor(
             max_workers=settings.upload_concurrency, thread_name_prefix="estat-encode"
         )
         self.pipeline = Pipeline(
             sink=self.sink,
-            keys=KeyMaker(settings.raw_prefix, settings.instance_id, settings.partition_tz),
+            make_key=KeyMaker(
+                settings.raw_prefix, settings.instance_id, settings.partition_tz
+            ).make,
+            encode=encode,
             clock=self.clock,
             metrics=self.metrics,
             instance=settings.instance_id,

@@ -327,6 +327,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
+        field = _ALIASES.get(field.upper(), field)
         name = env_name(field) if field in Settings.model_fields else field.upper()
         extra = (
             Settings.model_fields[field].json_schema_extra
@@ -339,6 +340,13 @@ def load_settings(**overrides: Any) -> Settings:
         hint = f" (accepts {accepts})" if accepts else ""
         raise ConfigError(f"invalid configuration: {name}={raw!r}: {msg}{hint}") from None
 
+
+_ALIASES = {
+    str(choice).upper(): name
+    for name, info in Settings.model_fields.items()
+    if isinstance(info.validation_alias, AliasChoices)
+    for choice in info.validation_alias.choices
+}
 
 _SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from estat.clock import Clock
-from estat.lake.keys import KeyMaker
 from estat.model import Batch
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
@@ -23,7 +23,8 @@ class Pipeline:
         self,
         *,
         sink: Sink,
-        keys: KeyMaker,
+        make_key: Callable[[float], str],
+        encode: Callable[[bytes | bytearray], bytes],
         clock: Clock,
         metrics: Metrics,
         instance: str,
@@ -45,7 +46,7 @@ class Pipeline:
             max_bytes=batch_max_bytes,
             max_age=flush_interval,
             clock=clock,
-            make_key=keys.make,
+            make_key=make_key,
         )
         self.uploader = Uploader(
             self.inbox,
@@ -56,6 +57,7 @@ class Pipeline:
             clock=clock,
             metrics=metrics,
             instance=instance,
+            encode=encode,
             spill=spill,
         )
         self._clock = clock

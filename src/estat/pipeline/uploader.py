@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
 from estat.clock import Clock
-from estat.codec import encode
 from estat.errors import DeliveryError, RetryableDeliveryError
 from estat.model import Batch, EncodedBatch
 from estat.ops.logging import get_logger
@@ -75,7 +74,9 @@ class RetryPolicy:
         return float(d / 2 + random.uniform(0, d / 2))
 
 
-def encode_batch(batch: Batch, instance: str) -> EncodedBatch:
+def encode_batch(
+    batch: Batch, instance: str, encode: Callable[[bytes | bytearray], bytes]
+) -> EncodedBatch:
     data = encode(batch.data)
     return EncodedBatch(
         key=batch.key,
@@ -105,8 +106,10 @@ class Uploader:
         clock: Clock,
         metrics: Metrics,
         instance: str,
+        encode: Callable[[bytes | bytearray], bytes],
         spill: Spill | None = None,
     ) -> None:
+        self._encode = encode
         self._inbox = inbox
         self._sink = sink
         self._policy = policy
@@ -151,7 +154,7 @@ class Uploader:
             self._m.uploads_in_flight.inc()
             try:
                 encoded = await loop.run_in_executor(
-                    self._executor, encode_batch, batch, self._instance
+                    self._executor, encode_batch, batch, self._instance, self._encode
                 )
                 await self._deliver(encoded)
             finally:

@@ -1,0 +1,187 @@
+"""Shared fixtures: real servers on free loopback ports, estat as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+            last = e
+        except OSError as e:
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not reachable: {last}")
+
+
+class MotoServer:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+        if exe is None:
+            raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
+        self.proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(self.endpoint + "/moto-api/")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def client(self):  # type: ignore[no-untyped-def]
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",  # noqa: S106
+        )
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto: MotoServer) -> str:
+    name = f"estat-{uuid.uuid4().hex[:12]}"
+    moto.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
+class EstatProcess:
+    """``estat serve`` as a real subprocess."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], workers: int = 1) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.env = {
+            **os.environ,
+            "HTTP_ADDR": f"127.0.0.1:{self.port}",
+            "DATA_DIR": str(workdir / "data"),
+            "LOG_LEVEL": "info",
+            **env,
+        }
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"estat-{uuid.uuid4().hex[:6]}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._logf = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "estat", "serve", "--workers", str(self.workers)],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            wait_http(self.url + "/health", timeout=60)
+            if self.workers > 1:
+                # every worker must be listening before load is spread
+                self.wait_log("estat started", count=self.workers)
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log.read_text(errors="replace").count(text) >= count:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"log never said {text!r} {count} times:\n{self.log.read_text()}")
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return parse_metrics(text)
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(15)
+        rc = self.proc.wait(timeout)
+        self._logf.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if hasattr(self, "_logf"):
+            self._logf.close()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        out[name] = float(value)
+    return out
+
+
+@pytest.fixture
+def estat_factory(tmp_path: Path) -> Iterator[object]:
+    procs: list[EstatProcess] = []
+
+    def make(env: dict[str, str] | None = None, workers: int = 1) -> EstatProcess:
+        p = EstatProcess(tmp_path, env or {}, workers)
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.kill()

@@ -1,0 +1,44 @@
+"""Fakes for tests: sinks that fail on command, a spill that records."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from estat.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+
+
+class MemorySink:
+    """An in-memory lake. ``fail_next`` queues errors to raise before storing."""
+
+    description = "memory://"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.metadata: dict[str, Mapping[str, str]] = {}
+        self.attempts: list[str] = []
+        self.fail_next: list[DeliveryError] = []
+        self.always_fail: DeliveryError | None = None
+        self.delay = 0.0
+
+    def fail(self, n: int, *, permanent: bool = False) -> None:
+        for _ in range(n):
+            self.fail_next.append(
+                PermanentDeliveryError("denied", error_class="access_denied")
+                if permanent
+                else RetryableDeliveryError("boom", error_class="connection")
+            )
+
+    async def put(self, key: str, data: bytes, metadata: Mapping[str, str]) -> None:
+        self.attempts.append(key)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.always_fail is not None:
+            raise self.always_fail
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+        self.objects[key] = bytes(data)
+        self.metadata[key] = dict(metadata)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import asyncio
+from itertools import count
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from estat.clock import FakeClock
+from estat.model import Batch
+from estat.pipeline.batcher import BatchBuilder, run_batcher
+from estat.pipeline.queue import EventQueue
+
+
+def builder(
+    clock: FakeClock, *, events: int = 5, nbytes: int = 10_000, age: float = 60
+) -> BatchBuilder:
+    seq = count()
+    return BatchBuilder(
+        max_events=events,
+        max_bytes=nbytes,
+        max_age=age,
+        clock=clock,
+        make_key=lambda t: f"k{next(seq)}@{int(t)}",
+    )
+
+
+def ids(batch: Batch) -> list[int]:
+    return [msgspec.json.decode(x)["i"] for x in bytes(batch.data).splitlines()]
+
+
+def test_cut_by_size() -> None:
+    clock = FakeClock()
+    b = builder(clock, events=3)
+    q = EventQueue(100, 100_000)
+    for i in range(7):
+        q.put({"i": i})
+    assert b.fill(q) == "size"
+    first = b.cut()
+    assert ids(first) == [0, 1, 2]
+    assert first.events == 3
+    assert b.fill(q) == "size"
+    assert ids(b.cut()) == [3, 4, 5]
+    assert b.fill(q) is None
+    assert b.events == 1
+
+
+def test_cut_by_bytes_never_splits_a_record() -> None:
+    clock = FakeClock()
+    line = len(msgspec.json.encode({"i": 0, "p": "x" * 20})) + 1
+    b = builder(clock, events=100, nbytes=line * 2 + 5)
+    q = EventQueue(100, 100_000)
+    for i in range(5):
+        q.put({"i": i, "p": "x" * 20})
+    assert b.fill(q) == "bytes"
+    batch = b.cut()
+    assert ids(batch) == [0, 1]
+    assert batch.nbytes <= line * 2 + 5
+
+
+def test_oversized_record_goes_alone() -> None:
+    clock = FakeClock()
+    b = builder(clock, events=100, nbytes=50)
+    q = EventQueue(100, 100_000)
+    q.put({"i": 0, "p": "x" * 200})
+    q.put({"i": 1})
+    reason = b.fill(q)
+    assert reason == "bytes"
+    assert ids(b.cut()) == [0]
+
+
+def test_cut_by_age_with_fake_clock() -> None:
+    clock = FakeClock()
+    b = builder(clock, events=100, age=120)
+    q = EventQueue(100, 100_000)
+    q.put({"i": 0})
+    assert b.fill(q) is None
+    clock.advance(119)
+    assert b.due() is None
+    assert b.time_left() == 1
+    clock.advance(1)
+    assert b.due() == "age"
+    batch = b.cut()
+    assert ids(batch) == [0]
+    assert batch.first_ts == int(clock.time()) - 120
+    assert batch.last_ts == int(clock.time())
+    assert b.due() is None
+    assert b.time_left() is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=40),
+    st.integers(1, 12),
+    st.integers(20, 400),
+)
+def test_every_record_lands_in_exactly_one_batch(
+    pads: list[int], max_events: int, max_bytes: int
+) -> None:
+    clock = FakeClock()
+    b = builder(clock, events=max_events, nbytes=max_bytes)
+    q = EventQueue(10_000, 10_000_000)
+    batches: list[Batch] = []
+    for i, pad in enumerate(pads):
+        q.put({"i": i, "p": "x" * pad})
+        while (reason := b.fill(q)) is not None:
+            assert reason in ("size", "bytes")
+            batches.append(b.cut())
+    if b.events:
+        batches.append(b.cut())
+    seen = [i for batch in batches for i in ids(batch)]
+    assert seen == list(range(len(pads)))
+    for batch in batches:
+        assert 1 <= batch.events <= max_events
+        assert batch.events == 1 or batch.nbytes <= max_bytes
+    assert len({batch.key for batch in batches}) == len(batches)
+
+
+async def test_run_batcher_drains_on_close() -> None:
+    clock = FakeClock()
+    q = EventQueue(1000, 1_000_000)
+    out: asyncio.Queue[Batch] = asyncio.Queue()
+    reasons: list[str] = []
+    b = builder(clock, events=4)
+    task = asyncio.create_task(run_batcher(q, b, out, reasons.append))
+    for i in range(10):
+        q.put({"i": i})
+    q.close()
+    await asyncio.wait_for(task, 5)
+    got = []
+    while not out.empty():
+        got.extend(ids(out.get_nowait()))
+    assert got == list(range(10))
+    assert reasons == ["size", "size", "drain"]

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from estat.errors import ConfigError
+from estat.settings import effective_config, load_settings, markdown_table, parse_duration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in ("HTTP_ADDR", "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "FLUSH_INTERVAL", "DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_are_the_seed_contract() -> None:
+    s = load_settings()
+    assert s.raw_prefix == "raw"
+    assert s.dlq_prefix == "raw_dlq"
+    assert s.listen == ("0.0.0.0", 8080)
+    assert s.max_body_size == 16384
+    assert s.channel_size == 4000
+    assert s.upload_queue == 4
+    assert s.batch_size == 5000
+    assert s.flush_interval == 120
+    assert s.s3_timeout == 3
+    assert s.s3_app_retries == 2
+    assert s.dlq_max_age == 24 * 3600
+    assert s.dlq_max_size_bytes == 19327352832
+    assert s.shutdown_timeout == 25
+    assert s.partition_tz == "UTC"
+    assert s.lake_path == Path("data/lake")
+    assert s.dlq_path == Path("data/dlq")
+    assert s.raw_bucket is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("3s", 3), ("2m", 120), ("24h", 86400), ("250ms", 0.25), ("1d", 86400), ("7", 7)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_environment_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("BATCH_SIZE=77\nFLUSH_INTERVAL=2m\n")
+    monkeypatch.setenv("FLUSH_INTERVAL", "5s")  # the environment wins over .env
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    s = load_settings()
+    assert s.batch_size == 77
+    assert s.flush_interval == 5
+    assert s.s3_endpoint_url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FLUSH_INTERVAL", "soon"),
+        ("BATCH_SIZE", "0"),
+        ("HTTP_ADDR", "8080"),
+        ("PARTITION_TZ", "Mars/Olympus"),
+        ("S3_ENDPOINT_URL", "ftp://x"),
+        ("LOG_LEVEL", "loud"),
+        ("INSTANCE_ID", "has space"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"invalid configuration: {name}=")
+    assert "accepts" in msg
+
+
+def test_effective_config_masks_secrets() -> None:
+    rows = dict(effective_config(load_settings()))
+    assert rows["FLUSH_INTERVAL"] == "2m"
+    assert rows["LAKE_DIR"] == "data/lake"
+
+
+def test_configuration_doc_is_current() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert doc == markdown_table(), "docs/configuration.md is stale: run `make docs`"
