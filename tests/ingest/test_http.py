@@ -180,10 +180,11 @@ async def test_head_limits(app: App) -> None:
 
 async def test_trickled_head_is_cut_off(app: App) -> None:
     assert app.address is not None
+    addr = app.address
     loop = asyncio.get_running_loop()
 
     def trickle() -> bytes:
-        with socket.create_connection(app.address, timeout=5) as s:
+        with socket.create_connection(addr, timeout=5) as s:
             s.sendall(b"GET /collect HTTP/1.1\r\nHost: x\r\n")
             with contextlib.suppress(OSError):
                 for _ in range(30):

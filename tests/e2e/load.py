@@ -1,0 +1,47 @@
+"""A small keep-alive HTTP/1.1 load client for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadResult:
+    acked: set[str] = field(default_factory=set)
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+async def _conn(host: str, port: int, cid: int, n: int, result: LoadResult) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        for i in range(n):
+            ident = f"c{cid}-{i}"
+            body = b'{"id":"%s","pad":"%s"}' % (ident.encode(), b"x" * 200)
+            writer.write(
+                b"POST /collect HTTP/1.1\r\nHost: t\r\nUser-Agent: load/1\r\n"
+                b"X-Forwarded-For: 81.2.69.160\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+            status_line = await reader.readline()
+            status = int(status_line.split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            if length:
+                await reader.readexactly(length)
+            result.statuses[status] = result.statuses.get(status, 0) + 1
+            if status == 200:
+                result.acked.add(ident)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def run_load(host: str, port: int, *, connections: int, per_connection: int) -> LoadResult:
+    result = LoadResult()
+    await asyncio.gather(
+        *(_conn(host, port, c, per_connection, result) for c in range(connections))
+    )
+    return result
