@@ -272,17 +272,18 @@ class HttpServer:
 
 
 _JSON_HDR = b"content-type: application/json\r\n"
+_perf = time.perf_counter
 
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
-        "_body",
         "_body_size",
         "_head_size",
         "_max_body",
         "_max_head",
         "_started",
         "answered",
+        "body_parts",
         "closing",
         "headers",
         "in_head",
@@ -319,7 +320,7 @@ class HttpConnection(asyncio.Protocol):
         self.headers: dict[str, bytes] = {}
         self.url = b""
         self._head_size = 0
-        self._body: list[bytes] = []
+        self.body_parts: list[bytes] = []
         self._body_size = 0
         self.mount: _Mount = server.unknown
         self.route: Route | None = None
@@ -380,10 +381,10 @@ class HttpConnection(asyncio.Protocol):
         self.headers = {}
         self.url = b""
         self._head_size = 0
-        self._body = []
+        self.body_parts = []
         self._body_size = 0
         self.in_head = self.in_request = True
-        self._started = time.perf_counter()
+        self._started = _perf()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -434,7 +435,7 @@ class HttpConnection(asyncio.Protocol):
         if self._body_size > self._max_body:
             self.too_large()
             raise _Abort
-        self._body.append(body)
+        self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
         route = self.route
@@ -456,7 +457,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- request accessors -----------------------------------------------------
     def body(self) -> bytes:
-        parts = self._body
+        parts = self.body_parts
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
@@ -472,7 +473,7 @@ class HttpConnection(asyncio.Protocol):
         mount = self.mount
         counts = mount.counts
         counts[status] = counts.get(status, 0) + 1
-        mount.latency.observe(time.perf_counter() - self._started)
+        mount.latency.observe(_perf() - self._started)
         keep = self.keep_alive and not close and not server.draining
         if not body:
             ckey = (status, headers, keep)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 
 _CACHE_MAX = 8192
-_cache: dict[bytes, str | None] = {}
+forwarded_cache: dict[bytes, str | None] = {}
 
 
 def _public(text: str) -> str | None:
@@ -36,7 +36,7 @@ def _public(text: str) -> str | None:
 
 def first_public_forwarded(value: bytes) -> str | None:
     """First public address of an X-Forwarded-For value, or None."""
-    hit = _cache.get(value, False)
+    hit = forwarded_cache.get(value, False)
     if hit is not False:
         return hit  # type: ignore[return-value]
     result = None
@@ -44,9 +44,9 @@ def first_public_forwarded(value: bytes) -> str | None:
         result = _public(part)
         if result is not None:
             break
-    if len(_cache) >= _CACHE_MAX:
-        _cache.clear()
-    _cache[value] = result
+    if len(forwarded_cache) >= _CACHE_MAX:
+        forwarded_cache.clear()
+    forwarded_cache[value] = result
     return result
 
 

@@ -11,6 +11,7 @@ import orjson
 
 from estat.ingest.http import HttpConnection
 from estat.ingest.ip import client_ip
+from estat.ingest.ip import forwarded_cache as _xff_cache
 from estat.ops.metrics import CONTENT_TYPE, Metrics
 
 _JSON = b"content-type: application/json\r\n"
@@ -61,7 +62,8 @@ class CollectRoute:
     def handle(self, c: HttpConnection) -> None:
         method = c.method
         if method == b"POST":
-            body = c.body()
+            parts = c.body_parts
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
         elif method == b"GET":
             body = c.query
             if len(body) > self.max_body:
@@ -77,10 +79,14 @@ class CollectRoute:
         h = c.headers
         ua = h.get("user-agent")
         cookie = h.get("cookie")
+        xff = h.get("x-forwarded-for")
+        ip = _xff_cache.get(xff) if xff else None  # fast path for a repeated header
+        if ip is None:
+            ip = client_ip(xff, h.get("cloudfront-viewer-address"), c.peer)
         self._put(
             CollectRecord(
                 int(self._time()),
-                client_ip(h.get("x-forwarded-for"), h.get("cloudfront-viewer-address"), c.peer),
+                ip,
                 ua.decode("utf-8", "replace") if ua else "",
                 cookie.decode("utf-8", "replace") if cookie else "",
                 body.decode("utf-8", "replace"),
