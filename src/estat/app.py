@@ -19,6 +19,9 @@ import uvloop
 
 from estat.clock import Clock, SystemClock
 from estat.codec import encode
+from estat.dlq.queue import DeadLetterQueue
+from estat.dlq.replayer import Replayer
+from estat.dlq.store import DiskStore
 from estat.ingest.http import HttpLimits, HttpServer
 from estat.ingest.routes import CollectRoute, HealthRoute, MetricsRoute, ReadyRoute
 from estat.lake.keys import KeyMaker
@@ -64,6 +67,20 @@ class App:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.upload_concurrency, thread_name_prefix="estat-encode"
         )
+        self._dlq_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-dlq")
+        self.dlq = DeadLetterQueue(
+            DiskStore(settings.dlq_path),
+            max_bytes=settings.dlq_max_size_bytes,
+            max_age=settings.dlq_max_age,
+            clock=self.clock,
+            metrics=self.metrics,
+            executor=self._dlq_executor,
+            quarantine_prefix=settings.dlq_prefix,
+            attempt_timeout=settings.s3_timeout,
+        )
+        self.replayer = Replayer(
+            self.dlq, self.sink, live_busy=lambda: self.pipeline.inbox.qsize() > 0
+        )
         self.pipeline = Pipeline(
             sink=self.sink,
             make_key=KeyMaker(
@@ -84,6 +101,8 @@ class App:
                 retries=settings.s3_app_retries, attempt_timeout=settings.s3_timeout
             ),
             executor=self._executor,
+            spill=self.dlq,
+            on_upload_success=self.replayer.notify_healthy,
         )
         m = self.metrics
         self.http = HttpServer(
@@ -120,7 +139,9 @@ class App:
             self.metrics.flush()
 
     async def start(self) -> tuple[str, int]:
+        await self.dlq.start()
         self.pipeline.start()
+        self.replayer.start()
         host, port = self.settings.listen
         self.address = await self.http.start(host, port, reuse_port=self.reuse_port)
         self._flush_task = asyncio.create_task(self._flush_loop(), name="metrics-flush")
@@ -148,7 +169,8 @@ class App:
         log.info(
             "shutdown: draining", pendingEvents=pending, timeoutS=self.settings.shutdown_timeout
         )
-        await self.http.drain(grace=min(HTTP_DRAIN_GRACE, self.settings.shutdown_timeout / 4))
+        grace = min(HTTP_DRAIN_GRACE, self.settings.shutdown_timeout / 4)
+        await asyncio.gather(self.http.drain(grace=grace), self.replayer.stop(grace=grace))
         unsaved = await self.pipeline.drain(deadline)
         await self.sink.close()
         if self._flush_task is not None:
@@ -157,6 +179,7 @@ class App:
                 await self._flush_task
         self.metrics.flush()
         self._executor.shutdown(wait=False)
+        self._dlq_executor.shutdown(wait=True)
         log.info(
             "shutdown complete",
             unsavedEvents=unsaved,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from estat.codec import decode
-from tests.conftest import EstatProcess, MotoServer
+from tests.conftest import EstatProcess, MotoServer, free_port
 from tests.e2e.load import run_load
 
 pytestmark = pytest.mark.e2e
@@ -115,28 +115,83 @@ def test_workers_act_as_one_server(estat_factory: Any, tmp_path: Path) -> None:
     assert {i.rsplit("-", 1)[-1] for i in instances} == {"w0", "w1"}
 
 
-def test_drain_with_lake_down_exits_in_time_and_counts_the_loss(
-    estat_factory: Any,
-) -> None:
-    from tests.conftest import free_port
+def dlq_files(root: Path) -> list[Path]:
+    return sorted(root.glob("*.gz"))
 
-    p: EstatProcess = estat_factory(
-        {
-            "RAW_BUCKET": "estat-down",
-            "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-            "SHUTDOWN_TIMEOUT": "2s",
-            "BATCH_SIZE": "50",
-        }
-    )
+
+def test_drain_with_lake_down_spills_then_restart_delivers(
+    estat_factory: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        "RAW_BUCKET": "estat-outage",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "SHUTDOWN_TIMEOUT": "4s",
+        "S3_TIMEOUT": "1s",
+        "BATCH_SIZE": "50",
+    }
+    p: EstatProcess = estat_factory(env)
     p.start()
     res = load(p, connections=4, per=50)
     assert len(res.acked) == 200
     t0 = time.monotonic()
     assert p.stop() == 0
-    assert time.monotonic() - t0 < 2 + 3
+    assert time.monotonic() - t0 < 4 + 3
     log = p.log.read_text()
-    assert "not stored" in log
-    assert '"unsavedEvents":200' in log
+    assert "not stored" not in log
+    assert '"unsavedEvents":0' in log
+    assert dlq_files(tmp_path / "data" / "dlq")
+
+    moto = MotoServer(port)
+    moto.start()
+    try:
+        moto.client().create_bucket(Bucket="estat-outage")
+        again: EstatProcess = estat_factory(env)
+        again.start()
+        wait_metric(again, "dlq_files_current", 0, timeout=30)
+        assert again.stop() == 0
+        objects = s3_objects(moto, "estat-outage")
+    finally:
+        moto.stop()
+    seen = ids_in(objects)
+    assert set(seen) == res.acked
+    assert max(seen.values()) == 1
+    assert dlq_files(tmp_path / "data" / "dlq") == []
+
+
+def test_s3_outage_spills_then_replays_when_the_endpoint_appears(
+    estat_factory: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    p: EstatProcess = estat_factory(
+        {
+            "RAW_BUCKET": "estat-late",
+            "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "S3_TIMEOUT": "1s",
+            "BATCH_SIZE": "100",
+            "FLUSH_INTERVAL": "1s",
+        }
+    )
+    p.start()
+    res = load(p, connections=8, per=100)
+    assert len(res.acked) == 800
+    m = wait_metric(p, "dlq_events_enqueued_total", 800, timeout=30)
+    assert m["dlq_files_current"] >= 8
+    moto = MotoServer(port)
+    moto.start()
+    try:
+        moto.client().create_bucket(Bucket="estat-late")
+        m = wait_metric(p, "dlq_files_current", 0, timeout=40)
+        assert m["dlq_events_reuploaded_total"] == 800
+        assert m["dlq_events_dropped_total"] == 0
+        assert p.stop() == 0
+        objects = s3_objects(moto, "estat-late")
+    finally:
+        moto.stop()
+    seen = ids_in(objects)
+    assert set(seen) == res.acked
+    assert max(seen.values()) == 1  # no batch stored as two different objects
+    assert "DLQ → RAW success" in p.log.read_text()
 
 
 def test_bad_configuration_fails_fast_with_one_line(estat_factory: Any) -> None:

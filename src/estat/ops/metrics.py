@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -115,8 +116,15 @@ class Metrics:
         def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
             return Counter(name.removesuffix("_total"), doc, labels, registry=r)
 
-        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
-            return Gauge(name, doc, labels, registry=r, multiprocess_mode="livesum")
+        def gauge(
+            name: str,
+            doc: str,
+            labels: Sequence[str] = (),
+            mode: Literal["livesum", "livemostrecent"] = "livesum",
+        ) -> Gauge:
+            # livesum: each worker's own share (queues); livemostrecent: a
+            # shared resource every worker measures (the DLQ directory)
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode=mode)
 
         # -- seed 001/000 collector metrics (exact names) --------------------
         self.http_requests = counter(
@@ -153,8 +161,29 @@ class Metrics:
         self.dlq_files_expired = counter(
             "dlq_files_expired_total", "DLQ files deleted by DLQ_MAX_AGE."
         )
-        self.dlq_files_current = gauge("dlq_files_current", "Files currently in the local DLQ.")
-        self.dlq_size_bytes = gauge("dlq_size_bytes", "Bytes currently in the local DLQ.")
+        self.dlq_files_current = gauge(
+            "dlq_files_current", "Files currently in the local DLQ.", mode="livemostrecent"
+        )
+        self.dlq_size_bytes = gauge(
+            "dlq_size_bytes", "Bytes currently in the local DLQ.", mode="livemostrecent"
+        )
+        self.dlq_write_errors = counter(
+            "dlq_write_errors_total",
+            "Failed DLQ writes (disk full, I/O error, read-only): the batch stays in memory.",
+        )
+        self.dlq_events_expired = counter(
+            "dlq_events_expired_total", "Events in DLQ files deleted by DLQ_MAX_AGE (lost)."
+        )
+        self.dlq_files_quarantined = counter(
+            "dlq_files_quarantined_total",
+            "Invalid DLQ files (torn, corrupt, bad JSON) uploaded under DLQ_PREFIX.",
+        )
+        self.dlq_events_quarantined = counter(
+            "dlq_events_quarantined_total", "Events in DLQ files that were quarantined."
+        )
+        self.dlq_replay_failures = counter(
+            "dlq_replay_failures_total", "DLQ replay uploads that failed (the file is kept)."
+        )
 
         # -- estat's own ----------------------------------------------------
         self.http_responses = counter(

@@ -17,6 +17,9 @@ from estat.pipeline.uploader import RetryPolicy, Sink, Spill, Uploader
 
 log = get_logger("estat.pipeline")
 
+#: time past the drain deadline allowed for the last spills and bookkeeping
+DRAIN_MARGIN = 2.0
+
 
 class Pipeline:
     def __init__(
@@ -38,7 +41,9 @@ class Pipeline:
         policy: RetryPolicy,
         executor: Executor | None,
         spill: Spill | None = None,
+        on_upload_success: Callable[[], None] | None = None,
     ) -> None:
+        self._has_spill = spill is not None
         self.queue = EventQueue(channel_size, channel_max_bytes)
         self.inbox: asyncio.Queue[Batch] = asyncio.Queue(maxsize=upload_queue)
         self.builder = BatchBuilder(
@@ -59,6 +64,7 @@ class Pipeline:
             instance=instance,
             encode=encode,
             spill=spill,
+            on_success=on_upload_success,
         )
         self._clock = clock
         self._m = metrics
@@ -88,25 +94,25 @@ class Pipeline:
     async def drain(self, deadline: float) -> int:
         """Flush everything accepted; by ``deadline`` (monotonic) give up.
 
-        Returns the number of accepted events that could not be stored (also
-        counted in ``shutdown_events_unsaved_total``).
+        Uploads stop a little before the deadline when a spill (the DLQ) is
+        configured, so that what is left can be written to it in time.
+        Returns the number of accepted events that could not be stored or
+        spilled (also counted in ``shutdown_events_unsaved_total``).
         """
         assert self._batcher_task is not None
         assert self._uploader_task is not None
+        total = max(0.0, deadline - self._clock.monotonic())
+        reserve = min(2.0, 0.2 * total) if self._has_spill else 0.0
+        self.uploader.start_drain(deadline - reserve)
         self.queue.close()
-        self.uploader.start_drain(deadline)
-        margin = 2.0
+        end = deadline + DRAIN_MARGIN
         try:
-            await asyncio.wait_for(
-                asyncio.shield(self._batcher_task), max(0.0, deadline - self._clock.monotonic())
-            )
-            await asyncio.wait_for(
-                self.uploader.stop(), max(0.0, deadline - self._clock.monotonic()) + margin
-            )
-            await asyncio.wait_for(
+            for step in (
+                asyncio.shield(self._batcher_task),
+                self.uploader.stop(),
                 asyncio.shield(self._uploader_task),
-                max(0.0, deadline - self._clock.monotonic()) + margin,
-            )
+            ):
+                await asyncio.wait_for(step, max(0.0, end - self._clock.monotonic()))
             return self.uploader.unsaved_events
         except TimeoutError:
             lost = self.pending_events()

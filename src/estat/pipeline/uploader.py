@@ -108,8 +108,10 @@ class Uploader:
         instance: str,
         encode: Callable[[bytes | bytearray], bytes],
         spill: Spill | None = None,
+        on_success: Callable[[], None] | None = None,
     ) -> None:
         self._encode = encode
+        self._on_success = on_success
         self._inbox = inbox
         self._sink = sink
         self._policy = policy
@@ -125,6 +127,7 @@ class Uploader:
         self.in_flight_events = 0
         self.consecutive_failures = 0
         self.unsaved_events = 0  # given up at the drain deadline
+        self._spill_grace = 1.0 if spill is not None else 0.0
 
     def start_drain(self, deadline: float) -> None:
         """From now on, give up on whatever is not stored by ``deadline`` (monotonic)."""
@@ -182,6 +185,8 @@ class Uploader:
         self._m.s3_put_duration.labels("ok" if err is None else "error").observe(elapsed)
         if err is None:
             self.consecutive_failures = 0
+            if self._on_success is not None:
+                self._on_success()
             self._m.s3_events_stored.inc(enc.events)
             self._m.s3_objects_stored.inc()
             self._m.s3_bytes_stored.inc(len(enc.data))
@@ -201,11 +206,20 @@ class Uploader:
     async def _deliver(self, enc: EncodedBatch) -> None:
         policy = self._policy
         attempts = 0
+        last_err: DeliveryError = RetryableDeliveryError("drain deadline", error_class="deadline")
         while True:
+            left = self._time_left()
+            if left is not None and left <= 0 and attempts:
+                # past the drain deadline: save it without another attempt
+                if await self._give_up(enc, last_err, attempts):
+                    return
+                await asyncio.sleep(0.1)
+                continue
             attempts += 1
             err = await self._attempt(enc)
             if err is None:
                 return
+            last_err = err
             exhausted = (not err.retryable) or attempts > policy.retries
             log.warning(
                 "lake upload failed",
@@ -227,10 +241,7 @@ class Uploader:
             delay = policy.delay(attempts, cap)
             left = self._time_left()
             if left is not None and left <= delay:
-                if left > 0:
-                    await asyncio.sleep(left)
-                if await self._give_up(enc, err, attempts):
-                    return
+                await asyncio.sleep(max(0.0, left))
                 continue
             await asyncio.sleep(delay)
 
@@ -238,6 +249,8 @@ class Uploader:
         """At the drain deadline: spill if possible, else count the loss."""
         if self._spill is not None and await self._spill.spill(enc, err, attempts):
             return True
+        if self._time_left() is not None and (self._time_left() or 0) > -self._spill_grace:
+            return False  # the DLQ may recover (it is retried until the grace runs out)
         self.unsaved_events += enc.events
         self._m.events_unsaved.inc(enc.events)
         log.error(
