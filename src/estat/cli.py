@@ -26,6 +26,17 @@ def _parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="print the configuration reference instead"
     )
     sub.add_parser("version", help="print the version")
+    d = sub.add_parser("dlq", help="inspect and operate the local DLQ (safe while serving)")
+    dsub = d.add_subparsers(dest="dlq_command", required=True)
+    dsub.add_parser("stats", help="files, events, bytes and oldest age")
+    ls = dsub.add_parser("ls", help="list DLQ files, oldest first")
+    ls.add_argument("--limit", type=int, default=100)
+    rp = dsub.add_parser("replay", help="upload DLQ files to the lake now")
+    rp.add_argument("--limit", type=int, default=None, help="at most N files")
+    rp.add_argument("--dry-run", action="store_true", help="only say what would be replayed")
+    pg = dsub.add_parser("purge", help="delete DLQ files older than a duration (data loss)")
+    pg.add_argument("--older-than", required=True, help="a duration such as 24h")
+    pg.add_argument("--yes", action="store_true", help="confirm the deletion")
     return p
 
 
@@ -42,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"estat: {e}", file=sys.stderr)
         return 2
+    if args.command == "dlq":
+        from estat.dlqctl import run_dlq_command
+
+        return run_dlq_command(settings, args)
     if args.command == "config":
         rows = effective_config(settings)
         width = max(len(k) for k, _ in rows)

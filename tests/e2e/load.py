@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 
 
@@ -12,11 +13,11 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
 
 
-async def _conn(host: str, port: int, cid: int, n: int, result: LoadResult) -> None:
+async def _conn(host: str, port: int, cid: str, n: int, result: LoadResult) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         for i in range(n):
-            ident = f"c{cid}-{i}"
+            ident = f"{cid}-{i}"
             body = b'{"id":"%s","pad":"%s"}' % (ident.encode(), b"x" * 200)
             writer.write(
                 b"POST /collect HTTP/1.1\r\nHost: t\r\nUser-Agent: load/1\r\n"
@@ -41,7 +42,8 @@ async def _conn(host: str, port: int, cid: int, n: int, result: LoadResult) -> N
 
 async def run_load(host: str, port: int, *, connections: int, per_connection: int) -> LoadResult:
     result = LoadResult()
+    tag = uuid.uuid4().hex[:8]  # ids unique across runs
     await asyncio.gather(
-        *(_conn(host, port, c, per_connection, result) for c in range(connections))
+        *(_conn(host, port, f"{tag}c{c}", per_connection, result) for c in range(connections))
     )
     return result
