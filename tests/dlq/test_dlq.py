@@ -59,7 +59,7 @@ def val(m: Metrics, name: str) -> float:
 
 
 async def drain(dlq: DeadLetterQueue, sink: MemorySink) -> list[str]:
-    results = []
+    results: list[str] = []
     while (r := await dlq.replay_one(sink)) != "empty":
         results.append(r)
         assert len(results) < 1000
