@@ -48,6 +48,7 @@ docs-check:
 bench: install
 	@bash scripts/bench-deps.sh
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/dlq_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
