@@ -30,7 +30,11 @@ def fill(tmp_path: Path, n: int) -> None:
     async def go() -> None:
         dlq, _ = make(tmp_path / "data" / "dlq", SystemClock())  # type: ignore[arg-type]
         for i in range(n):
-            await dlq.spill(batch(f"raw/dt=2026-01-01/hr=00/{i}_x_000000.jsonl.gz", range(i * 10, i * 10 + 10)), ERR, 3)
+            await dlq.spill(
+                batch(f"raw/dt=2026-01-01/hr=00/{i}_x_000000.jsonl.gz", range(i * 10, i * 10 + 10)),
+                ERR,
+                3,
+            )
 
     asyncio.run(go())
 
