@@ -39,6 +39,24 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+DEFAULT_ALLOWLIST = (
+    "ui.page.viewed",
+    "ui.page.dwelled",
+    "ui.restaurant.clicked",
+    "ui.restaurant.viewed",
+    "ui.review.write_started",
+    "ui.review.submitted",
+    "ui.search.executed",
+    "ui.group.clicked",
+    "ui.group.viewed",
+    "ui.favorite.sheet_opened",
+    "ui.favorite.updated",
+    "ui.event.clicked",
+    "ui.tab.changed",
+    "ui.restaurant.shared",
+)
+
+
 def _accepts(text: str) -> Any:
     return {"accepts": text}
 
@@ -184,6 +202,85 @@ class Settings(BaseSettings):
         json_schema_extra=_accepts("an integer from 1 to 64"),
     )
 
+    # --- client event API ------------------------------------------------------
+    events_prefix: str = Field(
+        "events",
+        description="Key prefix of the client events dataset (POST /api/v1/analytics/events).",
+        json_schema_extra=_accepts("a key prefix"),
+    )
+    analytics_max_batch_size: int = Field(
+        50,
+        gt=0,
+        le=10000,
+        description="Most events in one request; more gets 400 ANALYTICS_INGEST_BATCH_LIMIT_EXCEEDED.",
+        json_schema_extra=_accepts("an integer from 1 to 10000"),
+    )
+    analytics_allowlist: str = Field(
+        ",".join(DEFAULT_ALLOWLIST),
+        description="Comma-separated event names accepted; `*` accepts every name.",
+        json_schema_extra=_accepts("event names separated by commas, or *"),
+    )
+    analytics_max_body_size: int = Field(
+        1024 * 1024,
+        gt=0,
+        description="Largest request body on the wire (compressed or not); larger gets 413.",
+        json_schema_extra=_accepts("a positive integer"),
+    )
+    analytics_max_decompressed_size: int = Field(
+        4 * 1024 * 1024,
+        gt=0,
+        description="Largest body after Content-Encoding: gzip is undone; larger gets 413.",
+        json_schema_extra=_accepts("a positive integer"),
+    )
+    analytics_max_compression_ratio: int = Field(
+        100,
+        gt=1,
+        description="Largest decompressed/compressed ratio of a gzip body (bomb guard); larger gets 413.",
+        json_schema_extra=_accepts("an integer > 1"),
+    )
+    analytics_max_event_size: int = Field(
+        32 * 1024,
+        gt=0,
+        description="Largest serialised properties of one event in bytes; larger gets 400.",
+        json_schema_extra=_accepts("a positive integer"),
+    )
+    analytics_max_properties_depth: int = Field(
+        8,
+        gt=0,
+        le=64,
+        description="Deepest nesting of objects and arrays inside properties; deeper gets 400.",
+        json_schema_extra=_accepts("an integer from 1 to 64"),
+    )
+    analytics_rate_limit_max_requests: int = Field(
+        120,
+        gt=0,
+        description="Requests allowed per identity (member or anonymous id) per window.",
+        json_schema_extra=_accepts("a positive integer"),
+    )
+    analytics_rate_limit_window: Duration = Field(
+        60.0, gt=0, description="Rate-limit window.", json_schema_extra=_accepts("a duration")
+    )
+    rate_limit_redis_url: str | None = Field(
+        None,
+        description="Redis shared by every replica and worker for rate limits. Unset: in-process limits.",
+        json_schema_extra=_accepts("redis://host:port/db"),
+    )
+    auth_jwt_secret: str | None = Field(
+        None,
+        description="HS256 secret verifying `Authorization: Bearer` tokens (claim sub is the member id).",
+        json_schema_extra=_accepts("a secret string"),
+    )
+    auth_jwt_public_key: str | None = Field(
+        None,
+        description="PEM public key verifying RS256/ES256 bearer tokens (instead of AUTH_JWT_SECRET).",
+        json_schema_extra=_accepts("a PEM public key"),
+    )
+    cors_allow_origins: str = Field(
+        "*",
+        description="Origins allowed to send events from browsers (comma-separated, or *); no credentials.",
+        json_schema_extra=_accepts("* or origins separated by commas"),
+    )
+
     # --- local storage -----------------------------------------------------
     data_dir: Path = Field(
         Path("./data"),
@@ -281,7 +378,14 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return v
 
-    @field_validator("raw_prefix", "dlq_prefix")
+    @field_validator("rate_limit_redis_url")
+    @classmethod
+    def _redis(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @field_validator("raw_prefix", "dlq_prefix", "events_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
         v = v.strip("/")
@@ -301,6 +405,18 @@ class Settings(BaseSettings):
     @property
     def listen(self) -> tuple[str, int]:
         return parse_addr(self.http_addr)
+
+    @property
+    def allowlist(self) -> frozenset[str] | None:
+        """The accepted event names, or None when every name is accepted."""
+        names = {n.strip() for n in self.analytics_allowlist.split(",") if n.strip()}
+        return None if "*" in names else frozenset(names)
+
+    @property
+    def cors_origins(self) -> frozenset[str] | None:
+        """The allowed origins, or None for any origin."""
+        names = {n.strip() for n in self.cors_allow_origins.split(",") if n.strip()}
+        return None if "*" in names else frozenset(names)
 
 
 def parse_addr(value: str) -> tuple[str, int]:
@@ -348,7 +464,7 @@ _ALIASES = {
     for choice in info.validation_alias.choices
 }
 
-_SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
+_SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "PUBLIC_KEY", "REDIS_URL")
 
 
 def effective_config(settings: Settings) -> list[tuple[str, str]]:

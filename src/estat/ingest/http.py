@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Protocol, cast
@@ -156,8 +157,38 @@ class HttpServer:
         self._server: asyncio.base_events.Server | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
         self._update_date()
         metrics.add_flusher(self._flush)
+
+    def render(self, status: int, body: bytes, headers: bytes, keep: bool, method: bytes) -> bytes:
+        """One answer's bytes. Answers without a body are cached for the current second."""
+        if not body:
+            ckey = (status, headers, keep)
+            data = self.empty_answers.get(ckey)
+            if data is None:
+                data = b"".join(
+                    (
+                        _STATUS_LINES[status],
+                        self.date_line,
+                        _CONN_KEEP if keep else _CONN_CLOSE,
+                        headers,
+                        b"content-length: 0\r\n\r\n",
+                    )
+                )
+                if len(self.empty_answers) < 64:  # headers may vary (Retry-After ...)
+                    self.empty_answers[ckey] = data
+            return data
+        return b"".join(
+            (
+                _STATUS_LINES[status],
+                self.date_line,
+                _CONN_KEEP if keep else _CONN_CLOSE,
+                headers,
+                b"content-length: %d\r\n\r\n" % len(body),
+                b"" if method == b"HEAD" else body,
+            )
+        )
 
     def forget(self, c: HttpConnection) -> None:
         self.connections.discard(c)
@@ -275,12 +306,45 @@ _JSON_HDR = b"content-type: application/json\r\n"
 _perf = time.perf_counter
 
 
+_MAX_PENDING = 32  # answers waiting on async work before the connection stops being read
+
+
+class Deferred:
+    """An answer computed later; captures the request's answer context."""
+
+    __slots__ = ("conn", "data", "keep", "keep_alive", "method", "mount", "started")
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.mount = conn.mount
+        self.keep_alive = conn.keep_alive
+        self.method = conn.method
+        self.started = conn._started
+        self.data: bytes | None = None
+        self.keep = True
+
+    def respond(
+        self, status: int, body: bytes = b"", headers: bytes = b"", *, close: bool = False
+    ) -> None:
+        if self.data is not None:
+            return
+        c = self.conn
+        counts = self.mount.counts
+        counts[status] = counts.get(status, 0) + 1
+        self.mount.latency.observe(_perf() - self.started)
+        self.keep = self.keep_alive and not close and not c.server.draining
+        self.data = c.server.render(status, body, headers, self.keep, self.method)
+        c._flush()
+
+
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_body_size",
         "_head_size",
         "_max_body",
         "_max_head",
+        "_pending",
+        "_reading_paused",
         "_started",
         "answered",
         "body_parts",
@@ -328,6 +392,8 @@ class HttpConnection(asyncio.Protocol):
         self.path = b""
         self.query = b""
         self.keep_alive = True
+        self._pending: deque[Deferred] | None = None
+        self._reading_paused = False
 
     # -- asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -475,39 +541,71 @@ class HttpConnection(asyncio.Protocol):
         counts[status] = counts.get(status, 0) + 1
         mount.latency.observe(_perf() - self._started)
         keep = self.keep_alive and not close and not server.draining
-        if not body:
-            ckey = (status, headers, keep)
-            data = server.empty_answers.get(ckey)
-            if data is None:
-                data = b"".join(
-                    (
-                        _STATUS_LINES[status],
-                        server.date_line,
-                        _CONN_KEEP if keep else _CONN_CLOSE,
-                        headers,
-                        b"content-length: 0\r\n\r\n",
-                    )
-                )
-                if len(server.empty_answers) < 64:  # headers may vary (Retry-After ...)
-                    server.empty_answers[ckey] = data
-            t.write(data)
-        else:
-            t.write(
-                b"".join(
-                    (
-                        _STATUS_LINES[status],
-                        server.date_line,
-                        _CONN_KEEP if keep else _CONN_CLOSE,
-                        headers,
-                        b"content-length: %d\r\n\r\n" % len(body),
-                        b"" if self.method == b"HEAD" else body,
-                    )
-                )
-            )
+        data = server.render(status, body, headers, keep, self.method)
         self.in_request = False
+        if self._pending:  # an earlier request's answer is still being worked on
+            d = Deferred(self)
+            d.data, d.keep = data, keep
+            self._pending.append(d)
+            self._flush()
+            return
+        t.write(data)
         self.answered += 1
         if not keep:
             self.close()
+
+    # -- answers computed asynchronously ---------------------------------------------
+    def run_deferred(self, work: Callable[[Deferred], Awaitable[None]]) -> None:
+        """Answer this request from ``work`` (a coroutine function given a
+        ``Deferred``). Answers still leave in request order: later pipelined
+        requests wait for this one."""
+        d = Deferred(self)
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.append(d)
+        self.in_request = False
+        if len(self._pending) >= _MAX_PENDING and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._guard(work, d))
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
+
+    async def _guard(self, work: Callable[[Deferred], Awaitable[None]], d: Deferred) -> None:
+        route = d.mount.route
+        name = route.name if route is not None else "other"
+        try:
+            await work(d)
+        except Overloaded as e:
+            assert route is not None
+            d.respond(
+                503,
+                route.unavailable_body,
+                b"retry-after: %d\r\n" % e.retry_after + route.unavailable_headers,
+            )
+        except Exception:
+            log.exception("handler failed", route=name)
+            d.respond(500, b'{"code":"INTERNAL","message":"internal error"}', _JSON_HDR, close=True)
+        if d.data is None:
+            d.respond(500, b'{"code":"INTERNAL","message":"no answer"}', _JSON_HDR, close=True)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        t = self.transport
+        while pending and (data := pending[0].data) is not None:
+            d = pending.popleft()
+            if t is None or self.closing:
+                continue
+            t.write(data)
+            self.answered += 1
+            if not d.keep:
+                self.close()
+        if not pending:
+            self._pending = None
+        if self._reading_paused and (not pending or len(pending) < _MAX_PENDING // 2):
+            self._reading_paused = False
+            if t is not None and not self.closing:
+                t.resume_reading()
 
     def too_large(self) -> None:
         self._error(413, "BODY_TOO_LARGE", "request body too large", close=True)
