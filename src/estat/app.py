@@ -22,13 +22,17 @@ from estat.codec import encode
 from estat.dlq.queue import DeadLetterQueue
 from estat.dlq.replayer import Replayer
 from estat.dlq.store import DiskStore
+from estat.ingest.events import Cors, EventRecord, EventsRoute, Limits
 from estat.ingest.http import HttpLimits, HttpServer
+from estat.ingest.identity import TokenVerifier
+from estat.ingest.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from estat.ingest.routes import CollectRoute, HealthRoute, MetricsRoute, ReadyRoute
 from estat.lake.keys import KeyMaker
 from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
 from estat.ops.logging import Sampler, get_logger, setup_logging
 from estat.ops.metrics import Metrics
 from estat.pipeline.pipeline import Pipeline
+from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import RetryPolicy, Sink
 from estat.settings import Settings
 
@@ -47,6 +51,16 @@ def build_sink(settings: Settings) -> ObjectStoreSink:
             timeout=settings.s3_timeout,
         )
     return local_sink(settings.lake_path)
+
+
+class QueuePublisher:
+    """The client events' hand-off: the events pipeline's queue, all or nothing."""
+
+    def __init__(self, queue: EventQueue) -> None:
+        self._queue = queue
+
+    def publish(self, records: list[EventRecord]) -> None:
+        self._queue.put_many(records)
 
 
 class App:
@@ -79,35 +93,49 @@ class App:
             attempt_timeout=settings.s3_timeout,
         )
         self.replayer = Replayer(
-            self.dlq, self.sink, live_busy=lambda: self.pipeline.inbox.qsize() > 0
+            self.dlq, self.sink, live_busy=lambda: any(p.inbox.qsize() for p in self.pipelines)
         )
-        self.pipeline = Pipeline(
-            sink=self.sink,
-            make_key=KeyMaker(
-                settings.raw_prefix, settings.instance_id, settings.partition_tz
-            ).make,
-            encode=encode,
-            clock=self.clock,
-            metrics=self.metrics,
-            instance=settings.instance_id,
-            channel_size=settings.channel_size,
-            channel_max_bytes=settings.channel_max_bytes,
-            batch_size=settings.batch_size,
-            batch_max_bytes=settings.batch_max_bytes,
-            flush_interval=settings.flush_interval,
-            upload_queue=settings.upload_queue,
-            upload_concurrency=settings.upload_concurrency,
-            policy=RetryPolicy(
-                retries=settings.s3_app_retries, attempt_timeout=settings.s3_timeout
-            ),
-            executor=self._executor,
-            spill=self.dlq,
-            on_upload_success=self.replayer.notify_healthy,
-        )
+        self.pipeline = self._pipeline(settings.raw_prefix)
+        self.events_pipeline = self._pipeline(settings.events_prefix)
+        self.pipelines = (self.pipeline, self.events_pipeline)
         m = self.metrics
+        self.limiter: RateLimiter = (
+            RedisRateLimiter(
+                settings.rate_limit_redis_url,
+                settings.analytics_rate_limit_max_requests,
+                settings.analytics_rate_limit_window,
+                m,
+            )
+            if settings.rate_limit_redis_url
+            else MemoryRateLimiter(
+                settings.analytics_rate_limit_max_requests,
+                settings.analytics_rate_limit_window,
+                self.clock,
+            )
+        )
         self.http = HttpServer(
             {
-                b"/collect": CollectRoute(self.pipeline.queue.put, max_body=settings.max_body_size),
+                b"/collect": CollectRoute(
+                    self.pipeline.queue.put,
+                    max_body=settings.max_body_size,
+                    cors=Cors(settings.cors_origins, b"GET, POST, OPTIONS"),
+                ),
+                b"/api/v1/analytics/events": EventsRoute(
+                    QueuePublisher(self.events_pipeline.queue),
+                    limits=Limits(
+                        max_batch=settings.analytics_max_batch_size,
+                        max_body=settings.analytics_max_body_size,
+                        max_decompressed=settings.analytics_max_decompressed_size,
+                        max_ratio=settings.analytics_max_compression_ratio,
+                        max_event_size=settings.analytics_max_event_size,
+                        max_depth=settings.analytics_max_properties_depth,
+                    ),
+                    allowlist=settings.allowlist,
+                    limiter=self.limiter,
+                    verifier=TokenVerifier(settings.auth_jwt_secret, settings.auth_jwt_public_key),
+                    cors=Cors(settings.cors_origins, b"POST, OPTIONS"),
+                    metrics=m,
+                ),
                 b"/health": HealthRoute(),
                 b"/ready": ReadyRoute(self._ready),
                 b"/metrics": MetricsRoute(m),
@@ -126,6 +154,28 @@ class App:
         self._flush_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
+    def _pipeline(self, prefix: str) -> Pipeline:
+        s = self.settings
+        return Pipeline(
+            sink=self.sink,
+            make_key=KeyMaker(prefix, s.instance_id, s.partition_tz).make,
+            encode=encode,
+            clock=self.clock,
+            metrics=self.metrics,
+            instance=s.instance_id,
+            channel_size=s.channel_size,
+            channel_max_bytes=s.channel_max_bytes,
+            batch_size=s.batch_size,
+            batch_max_bytes=s.batch_max_bytes,
+            flush_interval=s.flush_interval,
+            upload_queue=s.upload_queue,
+            upload_concurrency=s.upload_concurrency,
+            policy=RetryPolicy(retries=s.s3_app_retries, attempt_timeout=s.s3_timeout),
+            executor=self._executor,
+            spill=self.dlq,
+            on_upload_success=self.replayer.notify_healthy,
+        )
+
     def _ready(self) -> tuple[bool, dict[str, object]]:
         q = self.pipeline.queue
         room = len(q) < q.max_events and q.nbytes < q.max_bytes
@@ -140,7 +190,8 @@ class App:
 
     async def start(self) -> tuple[str, int]:
         await self.dlq.start()
-        self.pipeline.start()
+        for p in self.pipelines:
+            p.start()
         self.replayer.start()
         host, port = self.settings.listen
         self.address = await self.http.start(host, port, reuse_port=self.reuse_port)
@@ -165,13 +216,16 @@ class App:
         t0 = self.clock.monotonic()
         deadline = t0 + self.settings.shutdown_timeout
         self.draining = True
-        pending = self.pipeline.pending_events()
+        pending = sum(p.pending_events() for p in self.pipelines)
         log.info(
             "shutdown: draining", pendingEvents=pending, timeoutS=self.settings.shutdown_timeout
         )
         grace = min(HTTP_DRAIN_GRACE, self.settings.shutdown_timeout / 4)
         await asyncio.gather(self.http.drain(grace=grace), self.replayer.stop(grace=grace))
-        unsaved = await self.pipeline.drain(deadline)
+        if self.http.tasks:  # answers still being worked on (rate-limit lookups)
+            await asyncio.wait(set(self.http.tasks), timeout=grace)
+        unsaved = sum(await asyncio.gather(*(p.drain(deadline) for p in self.pipelines)))
+        await self.limiter.close()
         await self.sink.close()
         if self._flush_task is not None:
             self._flush_task.cancel()

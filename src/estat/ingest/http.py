@@ -608,6 +608,11 @@ class HttpConnection(asyncio.Protocol):
                 t.resume_reading()
 
     def too_large(self) -> None:
+        body = getattr(self.route, "too_large_body", None)
+        if body is not None:
+            self.in_head = False
+            self.respond(413, body, _JSON_HDR, close=True)
+            return
         self._error(413, "BODY_TOO_LARGE", "request body too large", close=True)
 
     def _error(self, status: int, code: str, message: str, *, close: bool = True) -> None:

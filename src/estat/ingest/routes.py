@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from estat.ingest.events import Cors
 from estat.ingest.http import HttpConnection
 from estat.ingest.ip import client_ip
 from estat.ingest.ip import forwarded_cache as _xff_cache
@@ -16,11 +17,6 @@ from estat.ops.metrics import CONTENT_TYPE, Metrics
 
 _JSON = b"content-type: application/json\r\n"
 _CORS = b"access-control-allow-origin: *\r\n"
-_PREFLIGHT = (
-    b"access-control-allow-origin: *\r\n"
-    b"access-control-allow-methods: GET, POST, OPTIONS\r\n"
-    b"access-control-max-age: 86400\r\n"
-)
 _ALLOW_COLLECT = b"allow: GET, POST, OPTIONS\r\n"
 
 
@@ -53,11 +49,14 @@ class CollectRoute:
         put: Callable[[Any], None],
         *,
         max_body: int,
+        cors: Cors | None = None,
         clock: Callable[[], float] = time,
     ) -> None:
         self._put = put
         self.max_body = max_body
         self._time = clock
+        self._cors = cors or Cors(None, b"GET, POST, OPTIONS")
+        self._any_origin = self._cors.origins is None
 
     def handle(self, c: HttpConnection) -> None:
         method = c.method
@@ -70,8 +69,7 @@ class CollectRoute:
                 c.too_large()
                 return
         elif method == b"OPTIONS":
-            allow = c.headers.get("access-control-request-headers") or b"content-type"
-            c.respond(204, b"", _PREFLIGHT + b"access-control-allow-headers: " + allow + b"\r\n")
+            self._cors.preflight(c)
             return
         else:
             c.respond(405, b"", _ALLOW_COLLECT)
@@ -92,7 +90,7 @@ class CollectRoute:
                 body.decode("utf-8", "replace"),
             )
         )
-        c.respond(200, b"", _CORS)
+        c.respond(200, b"", _CORS if self._any_origin else self._cors.headers(h.get("origin")))
 
 
 class HealthRoute:

@@ -232,6 +232,23 @@ class Metrics:
             buckets=UPLOAD_BUCKETS,
             registry=r,
         )
+        self.analytics_events = counter(
+            "analytics_ingest_events_total",
+            "Client events by result (accepted, rejected) and reason code.",
+            ("result", "reason"),
+        )
+        self.analytics_rate_limited = counter(
+            "analytics_ingest_rate_limited_total", "Client event requests answered 429."
+        )
+        self.analytics_not_allowed = counter(
+            "analytics_ingest_event_not_allowed_total",
+            "Client event requests refused because an event name is not in the allowlist.",
+        )
+        self.rate_limiter_errors = counter(
+            "analytics_rate_limiter_errors_total",
+            "Rate-limiter backend failures (the request was allowed: fail open).",
+            ("backend",),
+        )
         self.events_unsaved = counter(
             "shutdown_events_unsaved_total",
             "Accepted events that could not be stored before the drain deadline (lost).",

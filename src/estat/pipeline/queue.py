@@ -77,15 +77,18 @@ class EventQueue:
         if self._waiter is not None and self.events >= self.wake_at:
             self._wake()
 
-    def put_line(self, line: bytes) -> None:
-        """Enqueue an already serialised record (one JSON object, no newline)."""
+    def put_many(self, records: list[Any]) -> None:
+        """Enqueue all of ``records`` or none of them (raises ``Overloaded``)."""
         if self._closed:
             raise Overloaded("draining", retry_after=5)
-        if self.events >= self.max_events or len(self._buf) >= self.max_bytes:
+        if self.events + len(records) > self.max_events or len(self._buf) >= self.max_bytes:
             raise Overloaded("event queue full", retry_after=1)
-        self._buf += line
-        self._buf += _NL
-        self.events += 1
+        buf = self._buf
+        enc = self._encode_into
+        for r in records:
+            enc(r, buf, -1)
+            buf += _NL
+        self.events += len(records)
         if self._waiter is not None and self.events >= self.wake_at:
             self._wake()
 

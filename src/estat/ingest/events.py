@@ -1,0 +1,426 @@
+"""``POST /api/v1/analytics/events``: named client events with identity,
+allowlist and rate limits, into the ``events`` dataset.
+
+Body (JSON, ``Content-Type: application/json`` or ``text/plain`` for
+``navigator.sendBeacon``; optionally ``Content-Encoding: gzip``)::
+
+    {"anonymousId"?: str, "events": [{"eventId": str, "eventName": str,
+      "eventVersion"?: str, "occurredAt"?: ISO-8601, "properties"?: object}]}
+
+Checks, in order, each answered with ``{"code", "message"}``: the body's
+transport (413/415/400), JSON and types (400), then empty batch, batch
+limit, identity, rate limit (429), allowlist, and pipeline capacity (503).
+A request is accepted whole or not at all.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+from time import time
+from typing import Annotated, Any, Protocol
+
+import msgspec
+
+from estat.errors import Overloaded
+from estat.ingest.http import Deferred, HttpConnection
+from estat.ingest.identity import InvalidToken, TokenVerifier
+from estat.ingest.ip import client_ip
+from estat.ingest.ratelimit import Decision, RateLimiter
+from estat.ops.logging import get_logger
+from estat.ops.metrics import Metrics
+
+log = get_logger("estat.events")
+
+_JSON = b"content-type: application/json\r\n"
+
+
+class ClientEvent(msgspec.Struct, forbid_unknown_fields=False):
+    eventId: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    eventName: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    eventVersion: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
+    occurredAt: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    properties: dict[str, Any] | None = None
+
+
+class ClientBatch(msgspec.Struct, forbid_unknown_fields=False):
+    events: list[ClientEvent] = []
+    anonymousId: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+class EventRecord(msgspec.Struct, gc=False):
+    """One accepted event as stored in the ``events`` dataset."""
+
+    event_id: str
+    event_name: str
+    event_version: str
+    occurred_at: str
+    received_at: str
+    member_id: str | None
+    anonymous_id: str | None
+    properties: msgspec.Raw
+    source: str
+    ip: str
+    user_agent: str
+
+
+class Publisher(Protocol):
+    """Where accepted events go (the events pipeline; later also the bus).
+
+    ``publish`` takes a whole request's records or none: it raises
+    ``Overloaded`` when they do not fit. It never blocks.
+    """
+
+    def publish(self, records: list[EventRecord]) -> None: ...
+
+
+class Rejected(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: bytes = b"") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+class Limits(msgspec.Struct, frozen=True):
+    max_batch: int = 50
+    max_body: int = 1024 * 1024
+    max_decompressed: int = 4 * 1024 * 1024
+    max_ratio: int = 100
+    max_event_size: int = 32 * 1024
+    max_depth: int = 8
+
+
+class Cors:
+    """CORS answers for ingest routes (never credentials)."""
+
+    def __init__(self, origins: frozenset[str] | None, methods: bytes) -> None:
+        self.origins = origins
+        self.methods = methods
+
+    def headers(self, origin: bytes | None) -> bytes:
+        if self.origins is None:
+            return b"access-control-allow-origin: *\r\n"
+        if origin is not None and origin.decode("latin-1") in self.origins:
+            return b"access-control-allow-origin: " + origin + b"\r\nvary: Origin\r\n"
+        return b"vary: Origin\r\n"
+
+    def preflight(self, c: HttpConnection) -> None:
+        h = c.headers
+        allow = h.get("access-control-request-headers") or b"content-type"
+        c.respond(
+            204,
+            b"",
+            self.headers(h.get("origin"))
+            + b"access-control-allow-methods: "
+            + self.methods
+            + b"\r\naccess-control-allow-headers: "
+            + allow
+            + b"\r\naccess-control-max-age: 86400\r\n",
+        )
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _depth_ok(value: Any, max_depth: int) -> bool:
+    """True if objects and arrays nest at most ``max_depth`` levels."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            if d > max_depth:
+                return False
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            if d > max_depth:
+                return False
+            stack.extend((x, d + 1) for x in v)
+    return True
+
+
+class EventsRoute:
+    name = "events"
+    ingest = True
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        *,
+        limits: Limits,
+        allowlist: frozenset[str] | None,
+        limiter: RateLimiter,
+        verifier: TokenVerifier,
+        cors: Cors,
+        metrics: Metrics,
+        clock: Callable[[], float] = time,
+    ) -> None:
+        self._publisher = publisher
+        self.limits = limits
+        self.max_body = limits.max_body
+        self._allowlist = allowlist
+        self._limiter = limiter
+        self._verifier = verifier
+        self._cors = cors
+        self._m = metrics
+        self._time = clock
+        self._decoder = msgspec.json.Decoder(ClientBatch)
+        self._encoder = msgspec.json.Encoder()
+        self.unavailable_body = b'{"code":"ANALYTICS_INGEST_UNAVAILABLE","message":"the pipeline cannot accept events now; retry later"}'
+        self.unavailable_headers = _JSON + cors.headers(None)
+        self.too_large_body = (
+            b'{"code":"ANALYTICS_INGEST_BODY_TOO_LARGE","message":"request body too large"}'
+        )
+
+    # -- entry -------------------------------------------------------------------
+    def handle(self, c: HttpConnection) -> None:
+        method = c.method
+        if method == b"OPTIONS":
+            self._cors.preflight(c)
+            return
+        cors = self._cors.headers(c.headers.get("origin"))
+        if method != b"POST":
+            self._reject(
+                c,
+                cors,
+                Rejected(
+                    405,
+                    "ANALYTICS_INGEST_METHOD_NOT_ALLOWED",
+                    "use POST",
+                    b"allow: POST, OPTIONS\r\n",
+                ),
+            )
+            return
+        try:
+            batch, member = self._parse(c)
+            key = f"member:{member}" if member is not None else f"anonymous:{batch.anonymousId}"
+        except Rejected as r:
+            self._reject(c, cors, r)
+            return
+        if self._limiter.is_async:
+            ip, ua = self._client(c)
+
+            async def finish(d: Deferred) -> None:
+                decision = await self._limiter.hit_async(key)
+                self._finish(d.respond, cors, batch, member, decision, ip, ua)
+
+            c.run_deferred(finish)
+            return
+        ip, ua = self._client(c)
+        self._finish(c.respond, cors, batch, member, self._limiter.hit(key), ip, ua)
+
+    @staticmethod
+    def _client(c: HttpConnection) -> tuple[str, str]:
+        h = c.headers
+        ua = h.get("user-agent")
+        return (
+            client_ip(h.get("x-forwarded-for"), h.get("cloudfront-viewer-address"), c.peer),
+            ua.decode("utf-8", "replace") if ua else "",
+        )
+
+    def _reject(self, c: HttpConnection, cors: bytes, r: Rejected) -> None:
+        self._m.analytics_events.labels("rejected", r.code).inc()
+        c.respond(r.status, _error_body(r.code, r.message), _JSON + cors + r.headers)
+
+    # -- synchronous part: transport, JSON, types, batch, identity -----------------
+    def _parse(self, c: HttpConnection) -> tuple[ClientBatch, str | None]:
+        h = c.headers
+        ctype = h.get("content-type")
+        if ctype is not None:
+            media = ctype.split(b";", 1)[0].strip().lower()
+            if media not in (b"application/json", b"text/plain", b""):
+                raise Rejected(
+                    415,
+                    "ANALYTICS_INGEST_UNSUPPORTED_MEDIA_TYPE",
+                    "send application/json or text/plain",
+                )
+        parts = c.body_parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        encoding = h.get("content-encoding")
+        if encoding is not None:
+            enc = encoding.strip().lower()
+            if enc == b"gzip":
+                body = self._gunzip(body)
+            elif enc not in (b"identity", b""):
+                raise Rejected(
+                    415,
+                    "ANALYTICS_INGEST_UNSUPPORTED_ENCODING",
+                    "Content-Encoding must be gzip or identity",
+                )
+        try:
+            batch = self._decoder.decode(body)
+        except UnicodeDecodeError:
+            raise Rejected(
+                400, "ANALYTICS_INGEST_INVALID_ENCODING", "the body is not valid UTF-8"
+            ) from None
+        except msgspec.ValidationError as e:
+            raise Rejected(400, "ANALYTICS_INGEST_INVALID_EVENT", str(e)[:200]) from None
+        except (msgspec.DecodeError, RecursionError, ValueError):
+            raise Rejected(
+                400, "ANALYTICS_INGEST_MALFORMED_JSON", "the body is not valid JSON"
+            ) from None
+        n = len(batch.events)
+        if n == 0:
+            raise Rejected(400, "ANALYTICS_INGEST_EMPTY_BATCH", "events is empty")
+        if n > self.limits.max_batch:
+            raise Rejected(
+                400,
+                "ANALYTICS_INGEST_BATCH_LIMIT_EXCEEDED",
+                f"at most {self.limits.max_batch} events per request",
+            )
+        member = None
+        auth = h.get("authorization")
+        if auth is not None:
+            try:
+                member = self._verifier.member_id(auth)
+            except InvalidToken as e:
+                raise Rejected(
+                    401, "ANALYTICS_INGEST_INVALID_TOKEN", f"invalid bearer token: {e}"
+                ) from None
+        if not batch.anonymousId:
+            header = h.get("x-anonymous-id")
+            batch.anonymousId = header.decode("utf-8", "replace")[:128] if header else None
+        if member is None and not batch.anonymousId:
+            raise Rejected(
+                400,
+                "ANALYTICS_INGEST_ANONYMOUS_ID_REQUIRED",
+                "send anonymousId or X-Anonymous-Id, or a member token",
+            )
+        return batch, member
+
+    def _gunzip(self, body: bytes) -> bytes:
+        lim = self.limits
+        cap = min(lim.max_decompressed, max(1, len(body)) * lim.max_ratio)
+        d = zlib.decompressobj(wbits=31)
+        try:
+            out = d.decompress(body, cap + 1)
+        except zlib.error:
+            raise Rejected(
+                400, "ANALYTICS_INGEST_INVALID_ENCODING", "the gzip body is corrupt"
+            ) from None
+        if len(out) > cap:
+            raise Rejected(
+                413, "ANALYTICS_INGEST_BODY_TOO_LARGE", "the decompressed body is too large"
+            )
+        if not d.eof:
+            raise Rejected(400, "ANALYTICS_INGEST_INVALID_ENCODING", "the gzip body is truncated")
+        if d.unused_data:
+            raise Rejected(
+                415,
+                "ANALYTICS_INGEST_UNSUPPORTED_ENCODING",
+                "one gzip member expected (stacked encodings are not supported)",
+            )
+        return out
+
+    # -- after the rate limit: allowlist, records, hand-off -------------------------------
+    def _finish(
+        self,
+        respond: Callable[..., None],
+        cors: bytes,
+        batch: ClientBatch,
+        member: str | None,
+        decision: Decision,
+        ip: str,
+        ua: str,
+    ) -> None:
+        try:
+            if not decision.allowed:
+                self._m.analytics_rate_limited.inc()
+                raise Rejected(
+                    429,
+                    "ANALYTICS_INGEST_RATE_LIMIT_EXCEEDED",
+                    "too many requests",
+                    b"retry-after: %d\r\n" % decision.retry_after,
+                )
+            records = self._records(batch, member, ip, ua)
+            self._publisher.publish(records)
+        except Rejected as r:
+            self._m.analytics_events.labels("rejected", r.code).inc(len(batch.events))
+            respond(r.status, _error_body(r.code, r.message), _JSON + cors + r.headers)
+            return
+        except Overloaded as e:
+            self._m.analytics_events.labels("rejected", "ANALYTICS_INGEST_UNAVAILABLE").inc(
+                len(batch.events)
+            )
+            respond(
+                503, self.unavailable_body, _JSON + cors + b"retry-after: %d\r\n" % e.retry_after
+            )
+            return
+        self._m.analytics_events.labels("accepted", "").inc(len(records))
+        respond(200, b'{"acceptedCount":%d}' % len(records), _JSON + cors)
+
+    def _records(
+        self, batch: ClientBatch, member: str | None, ip: str, ua: str
+    ) -> list[EventRecord]:
+        allow = self._allowlist
+        if allow is not None:
+            bad = [e.eventName for e in batch.events if e.eventName not in allow]
+            if bad:
+                self._m.analytics_not_allowed.inc()
+                raise Rejected(
+                    400, "ANALYTICS_INGEST_EVENT_NOT_ALLOWED", f"event not allowed: {bad[0][:100]}"
+                )
+        now = datetime.fromtimestamp(self._time(), UTC)
+        received = _iso(now)
+        lim = self.limits
+        out = []
+        encode = self._encoder.encode
+        for e in batch.events:
+            if e.occurredAt:
+                try:
+                    when = datetime.fromisoformat(e.occurredAt)
+                except ValueError:
+                    raise Rejected(
+                        400,
+                        "ANALYTICS_INGEST_INVALID_EVENT",
+                        f"occurredAt is not ISO-8601: {e.eventId}",
+                    ) from None
+                occurred = _iso(when if when.tzinfo else when.replace(tzinfo=UTC))
+            else:
+                occurred = received
+            props = e.properties or {}
+            if not _depth_ok(props, lim.max_depth):
+                raise Rejected(
+                    400,
+                    "ANALYTICS_INGEST_INVALID_EVENT",
+                    f"properties nest deeper than {lim.max_depth}: {e.eventId}",
+                )
+            clean = {k: v for k, v in props.items() if k.strip() and v is not None}
+            clean["source"] = "CLIENT"
+            try:
+                raw = encode(clean)
+            except (UnicodeEncodeError, OverflowError, TypeError):
+                raise Rejected(
+                    400,
+                    "ANALYTICS_INGEST_INVALID_EVENT",
+                    f"properties cannot be stored: {e.eventId}",
+                ) from None
+            if len(raw) > lim.max_event_size:
+                raise Rejected(
+                    400,
+                    "ANALYTICS_INGEST_INVALID_EVENT",
+                    f"properties larger than {lim.max_event_size} bytes: {e.eventId}",
+                )
+            out.append(
+                EventRecord(
+                    event_id=e.eventId,
+                    event_name=e.eventName,
+                    event_version=e.eventVersion or "v1",
+                    occurred_at=occurred,
+                    received_at=received,
+                    member_id=member,
+                    anonymous_id=batch.anonymousId,
+                    properties=msgspec.Raw(raw),
+                    source="CLIENT",
+                    ip=ip,
+                    user_agent=ua,
+                )
+            )
+        return out
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return msgspec.json.encode({"code": code, "message": message})

@@ -1,0 +1,142 @@
+"""Per-identity rate limits: a fixed window of ``max_requests`` per ``window``.
+
+Two backends behind one seam. ``MemoryRateLimiter`` keeps counters in the
+process (bounded: expired windows are swept, and past ``max_keys`` the
+oldest are evicted). ``RedisRateLimiter`` keeps them in Redis with one
+atomic script per request, so every replica and worker shares the limit;
+when Redis cannot be reached the request is allowed (fail open), counted in
+``analytics_rate_limiter_errors_total`` and logged: ingest does not stop
+because the limiter is down.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+from estat.clock import Clock
+from estat.ops.logging import Sampler, get_logger
+from estat.ops.metrics import Metrics
+
+log = get_logger("estat.ratelimit")
+
+
+class Decision:
+    __slots__ = ("allowed", "retry_after")
+
+    def __init__(self, allowed: bool, retry_after: int = 0) -> None:
+        self.allowed = allowed
+        self.retry_after = retry_after
+
+
+ALLOW = Decision(True)
+
+
+class RateLimiter(Protocol):
+    """``hit(key)`` counts one request for ``key`` and says whether it is allowed.
+
+    ``is_async`` tells the caller to use ``hit_async`` (a network backend).
+    Neither raises: a backend failure allows the request.
+    """
+
+    is_async: bool
+
+    def hit(self, key: str) -> Decision: ...
+
+    async def hit_async(self, key: str) -> Decision: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryRateLimiter:
+    is_async = False
+
+    def __init__(
+        self, max_requests: int, window: float, clock: Clock, max_keys: int = 100_000
+    ) -> None:
+        self.max_requests = max_requests
+        self.window = window
+        self._clock = clock
+        self.max_keys = max_keys
+        self._windows: dict[str, list[float]] = {}  # key -> [window start, count]
+
+    def hit(self, key: str) -> Decision:
+        now = self._clock.monotonic()
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= self.window:
+            if w is None and len(self._windows) >= self.max_keys:
+                self._sweep(now)
+            self._windows[key] = [now, 1]
+            return ALLOW
+        w[1] += 1
+        if w[1] <= self.max_requests:
+            return ALLOW
+        return Decision(False, max(1, math.ceil(w[0] + self.window - now)))
+
+    def _sweep(self, now: float) -> None:
+        for k in [k for k, w in self._windows.items() if now - w[0] >= self.window]:
+            del self._windows[k]
+        while len(self._windows) >= self.max_keys:  # oldest windows first
+            del self._windows[next(iter(self._windows))]
+
+    async def hit_async(self, key: str) -> Decision:
+        return self.hit(key)
+
+    async def close(self) -> None:
+        return None
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+
+_SCRIPT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
+return {n, ttl}
+"""
+
+
+class RedisRateLimiter:
+    is_async = True
+
+    def __init__(
+        self,
+        url: str,
+        max_requests: int,
+        window: float,
+        metrics: Metrics,
+        *,
+        timeout: float = 0.25,
+        prefix: str = "estat:rl:",
+    ) -> None:
+        import redis.asyncio as aioredis
+
+        self.max_requests = max_requests
+        self.window_ms = int(window * 1000)
+        self._m = metrics
+        self._prefix = prefix
+        self._client: Any = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._script: Any = self._client.register_script(_SCRIPT)
+        self._log_sample = Sampler(100)
+
+    def hit(self, key: str) -> Decision:
+        raise TypeError("RedisRateLimiter is asynchronous: use hit_async")
+
+    async def hit_async(self, key: str) -> Decision:
+        try:
+            n, ttl = await self._script(keys=[self._prefix + key], args=[self.window_ms])
+        except Exception as e:
+            self._m.rate_limiter_errors.labels("redis").inc()
+            if self._log_sample():
+                log.warning("rate limiter unavailable: allowing", error=type(e).__name__)
+            return ALLOW
+        if int(n) <= self.max_requests:
+            return ALLOW
+        return Decision(False, max(1, math.ceil(int(ttl) / 1000)))
+
+    async def close(self) -> None:
+        await self._client.aclose()
