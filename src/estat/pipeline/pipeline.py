@@ -107,12 +107,13 @@ class Pipeline:
         self.queue.close()
         end = deadline + DRAIN_MARGIN
         try:
+            batcher, uploader = self._batcher_task, self._uploader_task
             for step in (
-                asyncio.shield(self._batcher_task),
-                self.uploader.stop(),
-                asyncio.shield(self._uploader_task),
+                lambda: asyncio.shield(batcher),
+                self.uploader.stop,
+                lambda: asyncio.shield(uploader),
             ):
-                await asyncio.wait_for(step, max(0.0, end - self._clock.monotonic()))
+                await asyncio.wait_for(step(), max(0.0, end - self._clock.monotonic()))
             return self.uploader.unsaved_events
         except TimeoutError:
             lost = self.pending_events()
