@@ -40,6 +40,7 @@ imports:
 
 docs: install
 	$(VENV)/bin/estat config --markdown > docs/configuration.md
+	$(PY) -c "import sys; from estat.ingest.openapi import render; sys.stdout.buffer.write(render())" > docs/openapi.json
 
 docs-check:
 	@diff -u docs/configuration.md <($(VENV)/bin/estat config --markdown) \

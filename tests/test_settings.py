@@ -89,3 +89,9 @@ def test_effective_config_masks_secrets() -> None:
 def test_configuration_doc_is_current() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert doc == markdown_table(), "docs/configuration.md is stale: run `make docs`"
+
+
+def test_openapi_doc_is_current() -> None:
+    from estat.ingest.openapi import render
+
+    assert (ROOT / "docs" / "openapi.json").read_bytes() == render(), "run `make docs`"

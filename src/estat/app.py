@@ -26,7 +26,13 @@ from estat.ingest.events import Cors, EventRecord, EventsRoute, Limits
 from estat.ingest.http import HttpLimits, HttpServer
 from estat.ingest.identity import TokenVerifier
 from estat.ingest.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from estat.ingest.routes import CollectRoute, HealthRoute, MetricsRoute, ReadyRoute
+from estat.ingest.routes import (
+    CollectRoute,
+    HealthRoute,
+    MetricsRoute,
+    OpenAPIRoute,
+    ReadyRoute,
+)
 from estat.lake.keys import KeyMaker
 from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
 from estat.ops.logging import Sampler, get_logger, setup_logging
@@ -139,6 +145,7 @@ class App:
                 b"/health": HealthRoute(),
                 b"/ready": ReadyRoute(self._ready),
                 b"/metrics": MetricsRoute(m),
+                b"/openapi.json": OpenAPIRoute(),
             },
             limits=HttpLimits(
                 max_head=settings.http_max_header_size,

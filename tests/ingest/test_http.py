@@ -302,3 +302,17 @@ async def test_queue_full_is_503_with_retry_after_and_counted(tmp_path: Path) ->
     assert i > 0
     await close_all()
     await app.shutdown()
+
+
+async def test_openapi_document_is_served(app: App) -> None:
+    import json
+
+    r, w = await connect(app)
+    w.write(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    await w.drain()
+    resp = await read_response(r)
+    doc = json.loads(resp.body)
+    assert doc["openapi"].startswith("3.")
+    post = doc["paths"]["/api/v1/analytics/events"]["post"]
+    assert "ANALYTICS_INGEST_RATE_LIMIT_EXCEEDED" in json.dumps(post["responses"]["429"])
+    assert doc["components"]["schemas"]["ClientEvent"]["properties"]["eventId"]["maxLength"] == 64

@@ -148,3 +148,24 @@ class MetricsRoute:
             c.respond(405, b"", b"allow: GET, HEAD\r\n")
             return
         c.respond(200, self._metrics.exposition(), self._ctype)
+
+
+class OpenAPIRoute:
+    """``/openapi.json``: the OpenAPI document of this listener."""
+
+    name = "openapi"
+    ingest = False
+    max_body = 0
+    unavailable_body = b""
+    unavailable_headers = b""
+
+    def __init__(self) -> None:
+        from estat.ingest.openapi import render
+
+        self._doc = render()
+
+    def handle(self, c: HttpConnection) -> None:
+        if c.method not in (b"GET", b"HEAD"):
+            c.respond(405, b"", b"allow: GET, HEAD\r\n")
+            return
+        c.respond(200, self._doc, _JSON)

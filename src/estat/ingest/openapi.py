@@ -1,0 +1,201 @@
+"""The OpenAPI document of the ingest listener, generated from the same
+msgspec types that decode requests (served at ``GET /openapi.json``;
+``docs/openapi.json`` is this document, kept current by a test)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from estat import __version__
+from estat.ingest.events import ClientBatch, ClientEvent
+
+ERROR_CODES = {
+    "ANALYTICS_INGEST_EMPTY_BATCH": (400, "events is empty or missing"),
+    "ANALYTICS_INGEST_BATCH_LIMIT_EXCEEDED": (400, "more than ANALYTICS_MAX_BATCH_SIZE events"),
+    "ANALYTICS_INGEST_ANONYMOUS_ID_REQUIRED": (
+        400,
+        "no member token and no anonymousId / X-Anonymous-Id",
+    ),
+    "ANALYTICS_INGEST_EVENT_NOT_ALLOWED": (400, "an event name is not in ANALYTICS_ALLOWLIST"),
+    "ANALYTICS_INGEST_INVALID_EVENT": (
+        400,
+        "wrong types or lengths, bad occurredAt, properties too deep or too large",
+    ),
+    "ANALYTICS_INGEST_MALFORMED_JSON": (
+        400,
+        "the body is not JSON (NaN and Infinity are not JSON)",
+    ),
+    "ANALYTICS_INGEST_INVALID_ENCODING": (
+        400,
+        "the body is not UTF-8, or the gzip body is corrupt or truncated",
+    ),
+    "ANALYTICS_INGEST_INVALID_TOKEN": (
+        401,
+        "the bearer token is malformed, expired, forged or has no sub",
+    ),
+    "ANALYTICS_INGEST_METHOD_NOT_ALLOWED": (405, "use POST (or OPTIONS for CORS)"),
+    "ANALYTICS_INGEST_BODY_TOO_LARGE": (
+        413,
+        "over ANALYTICS_MAX_BODY_SIZE, or the decompressed size or ratio caps",
+    ),
+    "ANALYTICS_INGEST_UNSUPPORTED_MEDIA_TYPE": (
+        415,
+        "Content-Type is not application/json or text/plain",
+    ),
+    "ANALYTICS_INGEST_UNSUPPORTED_ENCODING": (
+        415,
+        "Content-Encoding is not gzip or identity, or is stacked",
+    ),
+    "ANALYTICS_INGEST_RATE_LIMIT_EXCEEDED": (
+        429,
+        "over the rate limit for this identity; see Retry-After",
+    ),
+    "ANALYTICS_INGEST_UNAVAILABLE": (503, "the pipeline cannot accept events now; see Retry-After"),
+}
+
+
+def _error(description: str, codes: list[str]) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {
+                        "code": {"type": "string", "enum": codes},
+                        "message": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(
+        [ClientBatch, ClientEvent], ref_template="#/components/schemas/{name}"
+    )
+    by_status: dict[int, list[str]] = {}
+    for code, (status, _) in ERROR_CODES.items():
+        by_status.setdefault(status, []).append(code)
+    errors = {
+        str(status): _error("; ".join(f"{c}: {ERROR_CODES[c][1]}" for c in codes), codes)
+        for status, codes in sorted(by_status.items())
+    }
+    retry_after = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    errors["429"]["headers"] = retry_after
+    errors["503"]["headers"] = retry_after
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "estat ingest API", "version": __version__},
+        "paths": {
+            "/api/v1/analytics/events": {
+                "post": {
+                    "summary": "Send client events (JSON; text/plain for sendBeacon; optional gzip)",
+                    "parameters": [
+                        {
+                            "name": "X-Anonymous-Id",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "Authorization",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "Bearer <JWT>; claim sub is the member id",
+                        },
+                        {
+                            "name": "Content-Encoding",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["gzip", "identity"]},
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ClientBatch"}
+                            },
+                            "text/plain": {"schema": {"$ref": "#/components/schemas/ClientBatch"}},
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "all events accepted",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["acceptedCount"],
+                                        "properties": {"acceptedCount": {"type": "integer"}},
+                                    }
+                                }
+                            },
+                        },
+                        **errors,
+                    },
+                },
+                "options": {
+                    "summary": "CORS preflight",
+                    "responses": {"204": {"description": "preflight answer"}},
+                },
+            },
+            "/collect": {
+                "post": {
+                    "summary": "Send one raw event (any body, at most MAX_BODY_SIZE)",
+                    "requestBody": {"content": {"*/*": {"schema": {"type": "string"}}}},
+                    "responses": {
+                        "200": {"description": "enqueued"},
+                        "413": {"description": "body too large"},
+                        "503": {"description": "queue full; see Retry-After"},
+                    },
+                },
+                "get": {
+                    "summary": "Send one raw event as the query string",
+                    "responses": {
+                        "200": {"description": "enqueued"},
+                        "503": {"description": "queue full"},
+                    },
+                },
+                "options": {
+                    "summary": "CORS preflight",
+                    "responses": {"204": {"description": "preflight answer"}},
+                },
+            },
+            "/health": {
+                "get": {"summary": "liveness", "responses": {"200": {"description": "alive"}}}
+            },
+            "/ready": {
+                "get": {
+                    "summary": "readiness",
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "draining or full"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "text format"}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "this document",
+                    "responses": {"200": {"description": "OpenAPI 3.1"}},
+                }
+            },
+        },
+        "components": {"schemas": components},
+    }
+
+
+def render() -> bytes:
+    return msgspec.json.format(msgspec.json.encode(document()), indent=2) + b"\n"
