@@ -132,8 +132,8 @@ async def main() -> None:
                     break
                 except Exception:
                     time.sleep(0.1)
-            os.environ.setdefault("AWS_ACCESS_KEY_ID", "b")
-            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "b")
+            os.environ["AWS_ACCESS_KEY_ID"] = "b"
+            os.environ["AWS_SECRET_ACCESS_KEY"] = "b"
             files = 100
             await fill(work / "dlq-s3", files)
             sink = s3_sink("bench", region="us-east-1", endpoint=endpoint, timeout=10)

@@ -3,7 +3,7 @@ side by side in one run, each server pinned to core 0 and wrk to core 1.
 
 Prints requests/s and p50/p99 latency per round and the median ratio
 estat / ceiling, lake throughput, and peak RSS (with the lake healthy and
-with the lake down so every queue is full). Figures, not assertions.
+with the lake hanging so every queue is full). Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+EVENTS_BODY = (HERE / "events.lua").read_text().split("[==[")[1].split("]==]")[0]
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 CONNECTIONS = 64
@@ -49,7 +50,7 @@ def pinned(cpu: int, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") else cmd
 
 
-def wrk(url: str, seconds: int = SECONDS) -> dict[str, float]:
+def wrk(url: str, seconds: int = SECONDS, script: str = "collect.lua") -> dict[str, float]:
     out = subprocess.run(
         pinned(
             1,
@@ -60,7 +61,7 @@ def wrk(url: str, seconds: int = SECONDS) -> dict[str, float]:
                 f"-d{seconds}s",
                 "--latency",
                 "-s",
-                str(HERE / "collect.lua"),
+                str(HERE / script),
                 url,
             ],
         ),
@@ -109,6 +110,10 @@ def start_estat(workdir: Path, port: int, extra: dict[str, str]) -> subprocess.P
         "HTTP_ADDR": f"127.0.0.1:{port}",
         "DATA_DIR": str(workdir / "data"),
         "LOG_LEVEL": "warning",
+        # static credentials: the S3 client must never look for instance credentials here
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_REGION": "us-east-1",
         **extra,
     }
     proc = subprocess.Popen(
@@ -138,7 +143,9 @@ def main() -> int:
     rows: list[tuple[str, dict[str, float]]] = []
     try:
         wait_port(noop_port)
-        estat = start_estat(work / "healthy", estat_port, {})
+        estat = start_estat(
+            work / "healthy", estat_port, {"ANALYTICS_RATE_LIMIT_MAX_REQUESTS": "1000000000"}
+        )
         # warm-up (allocator, caches, first batches), not reported
         wrk(f"http://127.0.0.1:{noop_port}/collect", seconds=2)
         wrk(f"http://127.0.0.1:{estat_port}/collect", seconds=2)
@@ -156,6 +163,9 @@ def main() -> int:
             )
         time.sleep(1.0)
         after = metrics(estat_port)
+        events_url = f"http://127.0.0.1:{estat_port}/api/v1/analytics/events"
+        wrk(events_url, seconds=2, script="events.lua")
+        event_rounds = [wrk(events_url, script="events.lua") for _ in range(ROUNDS)]
         healthy_rss = rss_peak_mb(estat.pid)
         _ = t0
         stop(estat)
@@ -163,13 +173,18 @@ def main() -> int:
         noop.terminate()
         noop.wait(10)
 
-    # full queues: the lake is down, every queue fills, then 503s
+    # full queues: the lake hangs (accepts connections, never answers), so
+    # uploads stall, every queue fills, and ingest answers 503
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(1024)
     down = start_estat(
         work / "down",
         down_port,
         {
             "RAW_BUCKET": "bench",
-            "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+            "S3_ENDPOINT_URL": f"http://127.0.0.1:{hole.getsockname()[1]}",
+            "S3_TIMEOUT": "120s",
             "SHUTDOWN_TIMEOUT": "2s",
         },
     )
@@ -178,6 +193,7 @@ def main() -> int:
         full_rss = rss_peak_mb(down.pid)
     finally:
         stop(down)
+        hole.close()
 
     noop_rps = [m["rps"] for name, m in rows if name == "noop"]
     estat_rps = [m["rps"] for name, m in rows if name == "estat"]
@@ -212,9 +228,17 @@ def main() -> int:
         f"lake: {stored / estat_time:,.0f} events/s stored during the estat rounds, "
         f"{gz / estat_time / 1e6:.2f} MB/s gzip written"
     )
+    ev = [m["rps"] * 50 for m in event_rounds]
+    print(
+        f"POST /api/v1/analytics/events, 50-event batches ({len(EVENTS_BODY):,} bytes): "
+        f"median {statistics.median(ev):,.0f} events/s "
+        f"(per round: {', '.join(f'{v:,.0f}' for v in ev)}; "
+        f"non-2xx: {sum(m['non2xx'] for m in event_rounds):,.0f}), "
+        f"p99 {statistics.median(m['p99_ms'] for m in event_rounds):.2f} ms"
+    )
     print(
         f"peak RSS: {healthy_rss:.0f} MB (healthy lake), {full_rss:.0f} MB "
-        f"(lake down, queues full; {full['non2xx']:,.0f} requests answered 503)"
+        f"(lake hanging, queues full; {full['non2xx']:,.0f} requests answered 503)"
     )
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -101,8 +101,8 @@ class App:
         self.replayer = Replayer(
             self.dlq, self.sink, live_busy=lambda: any(p.inbox.qsize() for p in self.pipelines)
         )
-        self.pipeline = self._pipeline(settings.raw_prefix)
-        self.events_pipeline = self._pipeline(settings.events_prefix)
+        self.pipeline = self._pipeline(settings.raw_prefix, settings.channel_size)
+        self.events_pipeline = self._pipeline(settings.events_prefix, settings.events_channel_size)
         self.pipelines = (self.pipeline, self.events_pipeline)
         m = self.metrics
         self.limiter: RateLimiter = (
@@ -161,7 +161,7 @@ class App:
         self._flush_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
-    def _pipeline(self, prefix: str) -> Pipeline:
+    def _pipeline(self, prefix: str, channel_size: int) -> Pipeline:
         s = self.settings
         return Pipeline(
             sink=self.sink,
@@ -170,7 +170,7 @@ class App:
             clock=self.clock,
             metrics=self.metrics,
             instance=s.instance_id,
-            channel_size=s.channel_size,
+            channel_size=channel_size,
             channel_max_bytes=s.channel_max_bytes,
             batch_size=s.batch_size,
             batch_max_bytes=s.batch_max_bytes,

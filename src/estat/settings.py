@@ -195,7 +195,7 @@ class Settings(BaseSettings):
         json_schema_extra=_accepts("a positive integer"),
     )
     upload_concurrency: int = Field(
-        2,
+        4,
         gt=0,
         le=64,
         description="Uploads in flight at once per process.",
@@ -207,6 +207,12 @@ class Settings(BaseSettings):
         "events",
         description="Key prefix of the client events dataset (POST /api/v1/analytics/events).",
         json_schema_extra=_accepts("a key prefix"),
+    )
+    events_channel_size: int = Field(
+        50_000,
+        gt=0,
+        description="Event queue capacity of the client events dataset, in events (requests carry up to ANALYTICS_MAX_BATCH_SIZE each).",
+        json_schema_extra=_accepts("a positive integer"),
     )
     analytics_max_batch_size: int = Field(
         50,

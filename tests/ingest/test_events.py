@@ -306,7 +306,7 @@ async def test_pipeline_full_is_503_unavailable(tmp_path: Path) -> None:
     app = await start_app(
         tmp_path,
         sink=sink,
-        channel_size=3,
+        events_channel_size=3,
         batch_size=1,
         upload_queue=1,
         upload_concurrency=1,

@@ -36,7 +36,21 @@ log = get_logger("estat.events")
 _JSON = b"content-type: application/json\r\n"
 
 
-class ClientEvent(msgspec.Struct, forbid_unknown_fields=False):
+Scalar = None | bool | int | float | str
+
+
+def nested(depth: int) -> Any:
+    """JSON values nesting at most ``depth`` objects/arrays: the decoder
+    enforces the properties depth cap while it parses."""
+    t: Any = Scalar
+    for _ in range(depth - 1):
+        t = Scalar | list[t] | dict[str, t]
+    return t
+
+
+class ClientEvent(msgspec.Struct):
+    """One client event (the documented shape; see ``batch_type``)."""
+
     eventId: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     eventName: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
     eventVersion: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
@@ -44,9 +58,38 @@ class ClientEvent(msgspec.Struct, forbid_unknown_fields=False):
     properties: dict[str, Any] | None = None
 
 
-class ClientBatch(msgspec.Struct, forbid_unknown_fields=False):
+class ClientBatch(msgspec.Struct):
     events: list[ClientEvent] = []
     anonymousId: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+EventName = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+EventVersion = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+OccurredAt = Annotated[str, msgspec.Meta(max_length=64)]
+AnonymousId = Annotated[str, msgspec.Meta(max_length=128)]
+
+
+def batch_type(max_depth: int) -> Any:
+    """The request type, with properties nesting at most ``max_depth`` levels
+    (``ClientBatch`` with the depth cap, enforced by the decoder)."""
+    event = msgspec.defstruct(
+        "ClientEvent",
+        [
+            ("eventId", EventId),
+            ("eventName", EventName),
+            ("eventVersion", EventVersion | None, None),
+            ("occurredAt", OccurredAt | None, None),
+            ("properties", dict[str, nested(max_depth)] | None, None),  # type: ignore[misc]
+        ],
+    )
+    return msgspec.defstruct(
+        "ClientBatch",
+        [
+            ("events", list[event], msgspec.field(default_factory=list)),  # type: ignore[valid-type]
+            ("anonymousId", AnonymousId | None, None),
+        ],
+    )
 
 
 class EventRecord(msgspec.Struct, gc=False):
@@ -126,20 +169,7 @@ def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _depth_ok(value: Any, max_depth: int) -> bool:
-    """True if objects and arrays nest at most ``max_depth`` levels."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, dict):
-            if d > max_depth:
-                return False
-            stack.extend((x, d + 1) for x in v.values())
-        elif isinstance(v, list):
-            if d > max_depth:
-                return False
-            stack.extend((x, d + 1) for x in v)
-    return True
+_fromiso = datetime.fromisoformat
 
 
 class EventsRoute:
@@ -167,7 +197,7 @@ class EventsRoute:
         self._cors = cors
         self._m = metrics
         self._time = clock
-        self._decoder = msgspec.json.Decoder(ClientBatch)
+        self._decoder = msgspec.json.Decoder(batch_type(limits.max_depth))
         self._encoder = msgspec.json.Encoder()
         self.unavailable_body = b'{"code":"ANALYTICS_INGEST_UNAVAILABLE","message":"the pipeline cannot accept events now; retry later"}'
         self.unavailable_headers = _JSON + cors.headers(None)
@@ -365,58 +395,62 @@ class EventsRoute:
                 )
         now = datetime.fromtimestamp(self._time(), UTC)
         received = _iso(now)
-        lim = self.limits
+        max_size = self.limits.max_event_size
         out = []
         encode = self._encoder.encode
+        anon = batch.anonymousId
         for e in batch.events:
-            if e.occurredAt:
+            occurred = e.occurredAt
+            if occurred:
                 try:
-                    when = datetime.fromisoformat(e.occurredAt)
+                    when = _fromiso(occurred)
                 except ValueError:
                     raise Rejected(
                         400,
                         "ANALYTICS_INGEST_INVALID_EVENT",
                         f"occurredAt is not ISO-8601: {e.eventId}",
                     ) from None
-                occurred = _iso(when if when.tzinfo else when.replace(tzinfo=UTC))
+                # already canonical (UTC, milliseconds, Z): keep the text as sent
+                if not (len(occurred) == 24 and occurred[23] == "Z" and occurred[19] == "."):
+                    occurred = _iso(when if when.tzinfo else when.replace(tzinfo=UTC))
             else:
                 occurred = received
-            props = e.properties or {}
-            if not _depth_ok(props, lim.max_depth):
-                raise Rejected(
-                    400,
-                    "ANALYTICS_INGEST_INVALID_EVENT",
-                    f"properties nest deeper than {lim.max_depth}: {e.eventId}",
-                )
-            clean = {k: v for k, v in props.items() if k.strip() and v is not None}
-            clean["source"] = "CLIENT"
+            props = e.properties
+            if props is None:
+                props = {}
+            else:
+                if None in props.values():
+                    props = {k: v for k, v in props.items() if v is not None}
+                if "" in props or any(map(str.isspace, props)):
+                    props = {k: v for k, v in props.items() if k.strip()}
+            props["source"] = "CLIENT"
             try:
-                raw = encode(clean)
+                raw = encode(props)
             except (UnicodeEncodeError, OverflowError, TypeError):
                 raise Rejected(
                     400,
                     "ANALYTICS_INGEST_INVALID_EVENT",
                     f"properties cannot be stored: {e.eventId}",
                 ) from None
-            if len(raw) > lim.max_event_size:
+            if len(raw) > max_size:
                 raise Rejected(
                     400,
                     "ANALYTICS_INGEST_INVALID_EVENT",
-                    f"properties larger than {lim.max_event_size} bytes: {e.eventId}",
+                    f"properties larger than {max_size} bytes: {e.eventId}",
                 )
             out.append(
                 EventRecord(
-                    event_id=e.eventId,
-                    event_name=e.eventName,
-                    event_version=e.eventVersion or "v1",
-                    occurred_at=occurred,
-                    received_at=received,
-                    member_id=member,
-                    anonymous_id=batch.anonymousId,
-                    properties=msgspec.Raw(raw),
-                    source="CLIENT",
-                    ip=ip,
-                    user_agent=ua,
+                    e.eventId,
+                    e.eventName,
+                    e.eventVersion or "v1",
+                    occurred,
+                    received,
+                    member,
+                    anon,
+                    msgspec.Raw(raw),
+                    "CLIENT",
+                    ip,
+                    ua,
                 )
             )
         return out
