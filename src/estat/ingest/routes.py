@@ -93,6 +93,14 @@ class CollectRoute:
         c.respond(200, b"", _CORS if self._any_origin else self._cors.headers(h.get("origin")))
 
 
+def _read_only(c: HttpConnection) -> bool:
+    """GET and HEAD pass; anything else is answered 405."""
+    if c.method in (b"GET", b"HEAD"):
+        return True
+    c.respond(405, b"", b"allow: GET, HEAD\r\n")
+    return False
+
+
 class HealthRoute:
     """``/health``: the process is alive and its event loop answers."""
 
@@ -103,8 +111,7 @@ class HealthRoute:
     unavailable_headers = b""
 
     def handle(self, c: HttpConnection) -> None:
-        if c.method not in (b"GET", b"HEAD"):
-            c.respond(405, b"", b"allow: GET, HEAD\r\n")
+        if not _read_only(c):
             return
         c.respond(200, b'{"status":"ok"}', _JSON)
 
@@ -123,8 +130,7 @@ class ReadyRoute:
         self._check = check
 
     def handle(self, c: HttpConnection) -> None:
-        if c.method not in (b"GET", b"HEAD"):
-            c.respond(405, b"", b"allow: GET, HEAD\r\n")
+        if not _read_only(c):
             return
         ok, detail = self._check()
         c.respond(200 if ok else 503, orjson.dumps({"ready": ok, **detail}), _JSON)
@@ -144,8 +150,7 @@ class MetricsRoute:
         self._ctype = b"content-type: " + CONTENT_TYPE.encode() + b"\r\n"
 
     def handle(self, c: HttpConnection) -> None:
-        if c.method not in (b"GET", b"HEAD"):
-            c.respond(405, b"", b"allow: GET, HEAD\r\n")
+        if not _read_only(c):
             return
         c.respond(200, self._metrics.exposition(), self._ctype)
 
@@ -165,7 +170,6 @@ class OpenAPIRoute:
         self._doc = render()
 
     def handle(self, c: HttpConnection) -> None:
-        if c.method not in (b"GET", b"HEAD"):
-            c.respond(405, b"", b"allow: GET, HEAD\r\n")
+        if not _read_only(c):
             return
         c.respond(200, self._doc, _JSON)
