@@ -254,14 +254,18 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
+    # blocked by the CLI from the start, so a signal that arrived during
+    # start-up is delivered now, to the handler, instead of killing the process
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         await app.start()
     except OSError as e:
         log.error("cannot listen", addr=settings.http_addr, error=str(e))
         return 2
     await app.wait_for_stop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
+    # The handlers stay installed: a second SIGTERM (systemd and `docker stop`
+    # signal every process of the group; an impatient operator) must not cut
+    # the drain short.
     await app.shutdown()
     return 0
 

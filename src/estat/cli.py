@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from estat import __version__
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in rows:
             print(f"{k.ljust(width)}  {v}")
         return 0
-    # serve
+    # serve: hold SIGTERM/SIGINT until the handlers are installed (see app.serve)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     from estat.supervisor import default_workers
 
     workers = args.workers if args.workers is not None else default_workers()

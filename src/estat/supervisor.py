@@ -32,6 +32,7 @@ from estat.settings import Settings
 
 log = get_logger("estat.supervisor")
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 CRASH_WINDOW = 60.0
 CRASH_LIMIT = 5
 KILL_MARGIN = 5.0
@@ -62,6 +63,7 @@ def run_workers(settings: Settings, n: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the CLI until now
 
     def spawn(w: _Worker) -> None:
         instance = f"{settings.instance_id}-w{w.index}"
@@ -93,6 +95,12 @@ def run_workers(settings: Settings, n: int) -> int:
                 if rc is None or stopping:
                     continue
                 multiprocess.mark_process_dead(w.proc.pid, mpdir)  # type: ignore[no-untyped-call]
+                if rc == 0:
+                    # a worker drains and exits 0 only when it was signalled itself
+                    # (systemd and `docker stop` signal the whole group): stop all
+                    log.info("worker stopped on a signal; stopping", worker=w.index)
+                    stopping = True
+                    break
                 if rc == 2:
                     log.error("worker could not start; stopping", worker=w.index, exitCode=rc)
                     stopping = True

@@ -4,6 +4,7 @@ event exactly once in the lake (local directory and S3)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import Counter
@@ -229,3 +230,34 @@ def test_crashed_worker_is_restarted_and_counters_survive(estat_factory: Any) ->
     # the dead worker's counts are kept: totals never go backwards
     wait_metric(p, "http_requests_accepted_total", total)
     assert p.stop() == 0
+
+
+def test_sigterm_to_every_process_still_drains(estat_factory: Any, tmp_path: Path) -> None:
+    """systemd and `docker stop` signal the whole process group, workers included."""
+    import os
+    import signal
+
+    p: EstatProcess = estat_factory({"FLUSH_INTERVAL": "1h"}, workers=2)
+    p.start()
+    res = load(p, connections=8, per=100)
+    assert p.proc is not None
+    pids = [int(json_line["pid"]) for json_line in _worker_lines(p)]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    p.proc.send_signal(signal.SIGTERM)
+    for pid in pids:  # and once more while they drain
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    assert p.proc.wait(60) == 0
+    seen = ids_in(local_objects(tmp_path / "data" / "lake"))
+    assert set(seen) == res.acked
+
+
+def _worker_lines(p: EstatProcess) -> list[dict[str, Any]]:
+    import json
+
+    return [
+        json.loads(line)
+        for line in p.log.read_text().splitlines()
+        if line.startswith("{") and '"worker started"' in line
+    ]
