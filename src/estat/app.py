@@ -184,8 +184,7 @@ class App:
         )
 
     def _ready(self) -> tuple[bool, dict[str, object]]:
-        q = self.pipeline.queue
-        room = len(q) < q.max_events and q.nbytes < q.max_bytes
+        room = all(p.queue.has_room() for p in self.pipelines)
         lake = "failing" if self.pipeline.uploader.consecutive_failures else "ok"
         detail: dict[str, object] = {"draining": self.draining, "queueHasRoom": room, "lake": lake}
         return (not self.draining and room), detail
