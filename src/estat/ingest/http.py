@@ -340,6 +340,7 @@ class Deferred:
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_body_size",
+        "_head_read",
         "_head_size",
         "_max_body",
         "_max_head",
@@ -384,6 +385,7 @@ class HttpConnection(asyncio.Protocol):
         self.headers: dict[str, bytes] = {}
         self.url = b""
         self._head_size = 0
+        self._head_read = 0
         self.body_parts: list[bytes] = []
         self._body_size = 0
         self.mount: _Mount = server.unknown
@@ -419,8 +421,8 @@ class HttpConnection(asyncio.Protocol):
             # Bytes read while a request head is incomplete, counted per read
             # (the read that starts a request is checked when the head ends):
             # a client trickling an endless head is cut off at the limit.
-            self._head_size += len(data)
-            if self._head_size > self._max_head:
+            self._head_read += len(data)
+            if self._head_read > self._max_head:
                 self._error(431, "HEADERS_TOO_LARGE", "request head too large")
                 return
         try:
@@ -446,7 +448,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = {}
         self.url = b""
-        self._head_size = 0
+        self._head_size = self._head_read = 0
         self.body_parts = []
         self._body_size = 0
         self.in_head = self.in_request = True
