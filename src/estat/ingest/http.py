@@ -543,7 +543,9 @@ class HttpConnection(asyncio.Protocol):
         counts[status] = counts.get(status, 0) + 1
         mount.latency.observe(_perf() - self._started)
         keep = self.keep_alive and not close and not server.draining
-        data = server.render(status, body, headers, keep, self.method)
+        data = None if body else server.empty_answers.get((status, headers, keep))
+        if data is None:
+            data = server.render(status, body, headers, keep, self.method)
         self.in_request = False
         if self._pending:  # an earlier request's answer is still being worked on
             d = Deferred(self)
