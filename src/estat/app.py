@@ -266,6 +266,11 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     # signal every process of the group; an impatient operator) must not cut
     # the drain short.
     await app.shutdown()
+    # Drained: a late signal must not turn this clean exit into a kill. The
+    # loop's handlers would fall back to the default action when it closes.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

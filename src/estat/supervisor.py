@@ -132,8 +132,10 @@ def run_workers(settings: Settings, n: int) -> int:
                 log.error("worker did not stop in time; killing", worker=w.index)
                 w.proc.kill()
                 rc = w.proc.wait()
-            if rc != 0 and status == 0:
-                status = 1
+            if rc != 0:
+                log.error("worker exited with an error", worker=w.index, exitCode=rc)
+                if status == 0:
+                    status = 1
         log.info("all workers stopped", exitCode=status)
         return status
     finally:
