@@ -267,8 +267,7 @@ class EventsRoute:
                     "ANALYTICS_INGEST_UNSUPPORTED_MEDIA_TYPE",
                     "send application/json or text/plain",
                 )
-        parts = c.body_parts
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        body = c.body()
         encoding = h.get("content-encoding")
         if encoding is not None:
             enc = encoding.strip().lower()

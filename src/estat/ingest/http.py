@@ -525,10 +525,9 @@ class HttpConnection(asyncio.Protocol):
 
     # -- request accessors -----------------------------------------------------
     def body(self) -> bytes:
+        """The request body (the chunks read, joined only when there are several)."""
         parts = self.body_parts
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # -- answers ---------------------------------------------------------------
     def respond(

@@ -61,8 +61,7 @@ class CollectRoute:
     def handle(self, c: HttpConnection) -> None:
         method = c.method
         if method == b"POST":
-            parts = c.body_parts
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            body = c.body()
         elif method == b"GET":
             body = c.query
             if len(body) > self.max_body:
