@@ -322,3 +322,26 @@ async def test_pipeline_full_is_503_unavailable(tmp_path: Path) -> None:
     assert 503 in statuses
     await close_all()
     await app.shutdown()
+
+
+async def test_deferred_answers_keep_pipelined_order(tmp_path: Path, redis_server: Any) -> None:
+    app = await start_app(tmp_path, rate_limit_redis_url=redis_server.url)
+    one = json.dumps({"anonymousId": "p1", "events": [ev(1)]}).encode()
+    two = json.dumps({"anonymousId": "p2", "events": [ev(2), ev(3)]}).encode()
+    r, w = await connect(app)
+    w.write(
+        b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+        % (PATH.encode(), len(one), one)
+        + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+        + b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+        % (PATH.encode(), len(two), two)
+        + b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    await w.drain()
+    bodies = [(await read_response(r)).body for _ in range(4)]
+    assert bodies[0] == b'{"acceptedCount":1}'
+    assert bodies[1] == b'{"status":"ok"}'
+    assert bodies[2] == b'{"acceptedCount":2}'
+    assert b"NOT_FOUND" in bodies[3]
+    recs = await events_in_lake(app, tmp_path)
+    assert sorted(x["event_id"] for x in recs) == ["e-1", "e-2", "e-3"]
