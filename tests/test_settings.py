@@ -95,3 +95,18 @@ def test_openapi_doc_is_current() -> None:
     from estat.ingest.openapi import render
 
     assert (ROOT / "docs" / "openapi.json").read_bytes() == render(), "run `make docs`"
+
+
+def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("AUTH_JWT_SECRET", "do-not-print-this-secret")
+    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", "redis://:pw@127.0.0.1:6379/0")
+    out = subprocess.run(
+        [sys.executable, "-m", "estat", "config"], capture_output=True, text=True, check=True
+    )
+    assert "do-not-print-this-secret" not in out.stdout
+    assert ":pw@" not in out.stdout
+    assert "AUTH_JWT_SECRET" in out.stdout
+    assert "FLUSH_INTERVAL" in out.stdout

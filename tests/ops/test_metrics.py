@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from prometheus_client import CollectorRegistry, Histogram
+
+from estat.ops.metrics import LATENCY_BUCKETS, FastHistogram, Metrics
+
+
+def test_fast_histogram_folds_exactly_into_the_histogram() -> None:
+    reg = CollectorRegistry()
+    fast_target = Histogram("fast", "f", buckets=LATENCY_BUCKETS, registry=reg)
+    slow = Histogram("slow", "s", buckets=LATENCY_BUCKETS, registry=reg)
+    fast = FastHistogram(fast_target, LATENCY_BUCKETS)
+    values = [0.00005, 0.0001, 0.0003, 0.001, 0.02, 0.0999, 3.0, 42.0, 0.0]
+    for v in values:
+        fast.observe(v)
+        slow.observe(v)
+    fast.flush()
+    fast.flush()  # idempotent: nothing counted twice
+    for bound in [*LATENCY_BUCKETS, float("inf")]:
+        le = "+Inf" if bound == float("inf") else str(bound)
+        assert reg.get_sample_value("fast_bucket", {"le": le}) == reg.get_sample_value(
+            "slow_bucket", {"le": le}
+        ), le
+    assert reg.get_sample_value("fast_sum") == reg.get_sample_value("slow_sum")
+
+
+def test_tallies_are_flushed_once() -> None:
+    m = Metrics(CollectorRegistry())
+    t = m.tally(m.http_requests)
+    t.n += 5
+    m.flush()
+    m.flush()
+    t.n += 2
+    text = m.exposition().decode()
+    assert "http_requests_total 7.0" in text
+
+
+def test_seed_metric_names_are_exported() -> None:
+    text = Metrics(CollectorRegistry()).exposition().decode()
+    for name in (
+        "http_requests_total",
+        "http_requests_accepted_total",
+        "http_requests_rejected_body_too_large_total",
+        "http_requests_rejected_queue_full_total",
+        "s3_events_stored_total",
+        "s3_put_errors_total",
+        "dlq_events_enqueued_total",
+        "dlq_events_reuploaded_total",
+        "dlq_events_dropped_total",
+        "dlq_files_expired_total",
+        "dlq_files_current",
+        "dlq_size_bytes",
+    ):
+        assert f"\n{name} " in text or text.startswith(f"{name} "), name
+
+
+def test_json_log_lines_have_the_contract_fields() -> None:
+    code = (
+        "from estat.ops.logging import setup_logging, get_logger\n"
+        "setup_logging('info', env='prod')\n"
+        "get_logger('t').warning('lake upload failed', batchKey='raw/x', durationMs=1.5)\n"
+        "get_logger('t').debug('hidden')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    assert len(lines) == 1
+    (line,) = lines
+    assert line["level"] == "warning"
+    assert line["msg"] == "lake upload failed"
+    assert line["service"] == "estat"
+    assert line["env"] == "prod"
+    assert line["batchKey"] == "raw/x"
+    assert line["time"].endswith("Z")
