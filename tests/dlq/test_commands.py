@@ -43,20 +43,21 @@ def test_stats_ls_replay_purge(tmp_path: Path) -> None:
     fill(tmp_path, 3)
     out = estat(tmp_path, "stats")
     assert out.returncode == 0, out.stderr
-    assert "files   3" in out.stdout
+    assert "files   3" in out.stdout, out.stdout + out.stderr
     assert "events  30" in out.stdout
     out = estat(tmp_path, "ls")
-    assert out.stdout.count(".gz") == 3
+    assert out.stdout.count(".gz") == 3, out.stdout + out.stderr
     out = estat(tmp_path, "replay", "--dry-run")
-    assert "3 files would be replayed" in out.stdout
+    assert "3 files would be replayed" in out.stdout, out.stdout + out.stderr
     assert len(list((tmp_path / "data" / "dlq").glob("*.gz"))) == 3
     out = estat(tmp_path, "replay", "--limit", "2")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "replayed 2 files" in out.stdout
+    assert "replayed 2 files" in out.stdout, out.stdout + out.stderr
     lake = sorted((tmp_path / "data" / "lake").rglob("*.jsonl.gz"))
     assert [p.name for p in lake] == ["0_x_000000.jsonl.gz", "1_x_000000.jsonl.gz"]
     assert [r["id"] for r in decode(lake[0].read_bytes())] == list(range(10))
     assert estat(tmp_path, "purge", "--older-than", "0s").returncode == 2  # needs --yes
     out = estat(tmp_path, "purge", "--older-than", "0s", "--yes")
-    assert "purged 1 files (10 events)" in out.stdout
-    assert "files   0" in estat(tmp_path, "stats").stdout
+    assert "purged 1 files (10 events)" in out.stdout, out.stdout + out.stderr
+    out = estat(tmp_path, "stats")
+    assert "files   0" in out.stdout, out.stdout + out.stderr
