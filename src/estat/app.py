@@ -59,6 +59,26 @@ def build_sink(settings: Settings) -> ObjectStoreSink:
     return local_sink(settings.lake_path)
 
 
+def build_dlq(
+    settings: Settings,
+    store: DiskStore,
+    clock: Clock,
+    metrics: Metrics,
+    executor: ThreadPoolExecutor | None,
+) -> DeadLetterQueue:
+    """The DLQ over ``store`` with the configured capacity, TTL and quarantine prefix."""
+    return DeadLetterQueue(
+        store,
+        max_bytes=settings.dlq_max_size_bytes,
+        max_age=settings.dlq_max_age,
+        clock=clock,
+        metrics=metrics,
+        executor=executor,
+        quarantine_prefix=settings.dlq_prefix,
+        attempt_timeout=settings.s3_timeout,
+    )
+
+
 class QueuePublisher:
     """The client events' hand-off: the events pipeline's queue, all or nothing."""
 
@@ -88,15 +108,8 @@ class App:
             max_workers=settings.upload_concurrency, thread_name_prefix="estat-encode"
         )
         self._dlq_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-dlq")
-        self.dlq = DeadLetterQueue(
-            DiskStore(settings.dlq_path),
-            max_bytes=settings.dlq_max_size_bytes,
-            max_age=settings.dlq_max_age,
-            clock=self.clock,
-            metrics=self.metrics,
-            executor=self._dlq_executor,
-            quarantine_prefix=settings.dlq_prefix,
-            attempt_timeout=settings.s3_timeout,
+        self.dlq = build_dlq(
+            settings, DiskStore(settings.dlq_path), self.clock, self.metrics, self._dlq_executor
         )
         self.replayer = Replayer(
             self.dlq, self.sink, live_busy=lambda: any(p.inbox.qsize() for p in self.pipelines)

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
 
-from estat.app import build_sink
+from estat.app import build_dlq, build_sink
 from estat.clock import SystemClock
-from estat.dlq.queue import DeadLetterQueue, Sink
+from estat.dlq.queue import Sink
 from estat.dlq.store import DiskStore
 from estat.ops.logging import setup_logging
 from estat.ops.metrics import Metrics
@@ -76,16 +76,7 @@ async def _replay(settings: Settings, store: DiskStore, limit: int | None, dry_r
             print(f"would replay {e.stem}.gz ({e.events} events)")
         print(f"{len(entries)} files would be replayed")
         return 0
-    dlq = DeadLetterQueue(
-        store,
-        max_bytes=settings.dlq_max_size_bytes,
-        max_age=settings.dlq_max_age,
-        clock=SystemClock(),
-        metrics=Metrics(CollectorRegistry()),
-        executor=None,
-        quarantine_prefix=settings.dlq_prefix,
-        attempt_timeout=settings.s3_timeout,
-    )
+    dlq = build_dlq(settings, store, SystemClock(), Metrics(CollectorRegistry()), None)
     await dlq.resync()
     sink: Sink = build_sink(settings)
     done = {"ok": 0, "quarantined": 0, "failed": 0}
