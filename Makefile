@@ -5,15 +5,28 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check lint fmt typecheck imports bench docs clean
+# The per-request modules, compiled in place with mypyc (scripts/build_native.py);
+# rebuilt whenever one of them changes. ESTAT_NATIVE=0 keeps them pure Python.
+NATIVE_SRC := src/estat/ingest/http.py src/estat/ingest/routes.py \
+	src/estat/pipeline/queue.py src/estat/ops/hist.py
+NATIVE_STAMP := build/native/.built
 
-install: $(STAMP)
+.PHONY: install run test check lint fmt typecheck imports bench docs clean native
+
+install: $(STAMP) $(NATIVE_STAMP)
 
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check "uv>=0.5,<1"
-	@$(UV) sync --frozen --extra test --inexact -q
+	@$(UV) sync --frozen --extra test --extra native --inexact -q
 	@touch $(STAMP)
+
+native: $(NATIVE_STAMP)
+
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC) scripts/build_native.py
+	@echo "compiling the ingest hot path with mypyc (scripts/build_native.py) ..."
+	@$(PY) scripts/build_native.py
+	@mkdir -p $(dir $(NATIVE_STAMP)) && touch $(NATIVE_STAMP)
 
 run: install
 	$(VENV)/bin/estat serve
@@ -25,8 +38,8 @@ test: install
 check: install lint typecheck imports docs-check
 
 lint:
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 fmt: install
 	$(VENV)/bin/ruff format src tests benchmarks
@@ -52,4 +65,5 @@ bench: install
 	$(PY) benchmarks/dlq_bench.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	@test ! -x $(PY) || $(PY) scripts/build_native.py --clean
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

@@ -241,3 +241,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test stale compiled modules: a ``.so`` built by
+    ``scripts/build_native.py`` shadows its ``.py``, so an edit to the source
+    would otherwise go untested until ``make install`` rebuilds it."""
+    src = Path(__file__).resolve().parent.parent / "src"
+    stale = [
+        str(so.relative_to(src))
+        for so in src.glob("estat/**/*.so")
+        if (py := so.with_name(so.name.split(".", 1)[0] + ".py")).exists()
+        and py.stat().st_mtime > so.stat().st_mtime
+    ]
+    if stale:
+        pytest.exit(
+            f"compiled modules older than their source: {', '.join(stale)}; run `make install`",
+            returncode=2,
+        )

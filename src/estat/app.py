@@ -23,7 +23,7 @@ from estat.dlq.queue import DeadLetterQueue
 from estat.dlq.replayer import Replayer
 from estat.dlq.store import DiskStore
 from estat.ingest.events import Cors, EventRecord, EventsRoute, Limits
-from estat.ingest.http import HttpLimits, HttpServer
+from estat.ingest.http import HttpLimits, HttpServer, http_compiled
 from estat.ingest.identity import TokenVerifier
 from estat.ingest.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from estat.ingest.routes import (
@@ -221,6 +221,7 @@ class App:
             lake=self.sink.description,
             instance=self.settings.instance_id,
             pid=os.getpid(),
+            compiled=http_compiled(),
         )
         return self.address
 

@@ -6,7 +6,8 @@ import sys
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from estat.ops.metrics import LATENCY_BUCKETS, FastHistogram, Metrics
+from estat.ops.hist import FastHistogram
+from estat.ops.metrics import LATENCY_BUCKETS, Metrics
 
 
 def test_fast_histogram_folds_exactly_into_the_histogram() -> None:

@@ -29,13 +29,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
 from estat.errors import Overloaded
+from estat.ops.hist import FastHistogram
 from estat.ops.logging import get_logger
-from estat.ops.metrics import FastHistogram, Metrics
+from estat.ops.metrics import Metrics
 
 log = get_logger("estat.http")
 
@@ -92,6 +93,11 @@ def _learn(name: bytes) -> str:
         _names.clear()
     _names[name] = key
     return key
+
+
+def http_compiled() -> bool:
+    """True when this module runs compiled (mypyc, ``scripts/build_native.py``)."""
+    return not __file__.endswith(".py")
 
 
 class Route(Protocol):
@@ -241,7 +247,8 @@ class HttpServer:
             backlog=2048,
         )
         self._tick()
-        sock = self._server.sockets[0]
+        # uvloop's Server.sockets is a list, not the tuple the stubs promise
+        sock = cast(Any, self._server).sockets[0]
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
 

@@ -42,7 +42,7 @@ class CollectRoute:
     name = "collect"
     ingest = True
     unavailable_body = b""
-    unavailable_headers = _CORS
+    unavailable_headers = b"access-control-allow-origin: *\r\n"
 
     def __init__(
         self,

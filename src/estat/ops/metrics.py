@@ -21,7 +21,6 @@ never go backwards when a worker is restarted).
 from __future__ import annotations
 
 import os
-from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -33,6 +32,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from estat.ops.hist import FastHistogram
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -70,39 +71,6 @@ class Tally:
         if delta:
             self._target.inc(delta)
             self._flushed += delta
-
-
-class FastHistogram:
-    """A histogram for hot paths, folded into a ``prometheus_client`` Histogram.
-
-    ``observe`` is a bisect and two adds. ``flush`` adds the bucket counts to
-    the target's per-bucket values (non-cumulative, as the library stores
-    them) and its sum.
-    """
-
-    __slots__ = ("_bounds", "_counts", "_sum", "_target")
-
-    def __init__(self, target: Histogram, bounds: Sequence[float]) -> None:
-        self._target = target
-        self._bounds = list(bounds)
-        self._counts = [0] * (len(bounds) + 1)
-        self._sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self._counts[bisect_left(self._bounds, value)] += 1
-        self._sum += value
-
-    def flush(self) -> None:
-        # prometheus_client keeps one value object per bucket (upper bounds
-        # ending in +Inf) and one for the sum; both have ``inc``.
-        buckets = self._target._buckets
-        for i, c in enumerate(self._counts):
-            if c:
-                buckets[i].inc(c)
-                self._counts[i] = 0
-        if self._sum:
-            self._target._sum.inc(self._sum)
-            self._sum = 0.0
 
 
 class Metrics:
