@@ -11,7 +11,7 @@ NATIVE_SRC := src/estat/ingest/http.py src/estat/ingest/routes.py \
 	src/estat/pipeline/queue.py src/estat/ops/hist.py
 NATIVE_STAMP := build/native/.built
 
-.PHONY: install run test check lint fmt typecheck imports bench docs clean native
+.PHONY: install run test test-pure check lint fmt typecheck imports bench docs clean native
 
 install: $(STAMP) $(NATIVE_STAMP)
 
@@ -34,6 +34,15 @@ run: install
 test: install
 	@bash scripts/test-deps.sh
 	$(PY) -m pytest -q
+	@$(MAKE) --no-print-directory test-pure
+
+# The per-request modules as plain Python too (what runs without the compiled
+# build): their unit tests against a copy of the sources without the .so files.
+test-pure: install
+	@rm -rf build/pure && mkdir -p build/pure && cp -r src/estat build/pure/
+	@find build/pure -name '*.so' -delete
+	@PYTHONPATH=build/pure $(PY) -c "from estat.ingest.http import http_compiled; assert not http_compiled()"
+	PYTHONPATH=build/pure $(PY) -m pytest -q -p no:cacheprovider tests/ingest tests/pipeline tests/ops tests/codec
 
 check: install lint typecheck imports docs-check
 
