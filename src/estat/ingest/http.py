@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import httptools
 
@@ -57,10 +57,10 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-_STATUS_LINES = {s: f"HTTP/1.1 {s} {r}\r\n".encode() for s, r in _REASONS.items()}
-_CONN_KEEP = b"connection: keep-alive\r\n"
-_CONN_CLOSE = b"connection: close\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_STATUS_LINES: Final = {s: f"HTTP/1.1 {s} {r}\r\n".encode() for s, r in _REASONS.items()}
+_CONN_KEEP: Final = b"connection: keep-alive\r\n"
+_CONN_CLOSE: Final = b"connection: close\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Headers the routes read, by lower-case name; every other header is only
 # counted against the size limit. ``_names`` maps each spelling seen on the
@@ -83,7 +83,7 @@ WANTED_HEADERS = frozenset(
     }
 )
 _NAMES_MAX = 4096
-_names: dict[bytes, str] = {}
+_names: Final[dict[bytes, str]] = {}
 
 
 def _learn(name: bytes) -> str:
@@ -127,10 +127,14 @@ class HttpLimits:
 class _Mount:
     """A route plus its hot-path statistics (answers by status, latency)."""
 
-    __slots__ = ("counts", "flushed", "latency", "route")
+    __slots__ = ("counts", "flushed", "handle", "latency", "route")
 
     def __init__(self, route: Route | None, metrics: Metrics) -> None:
         self.route = route
+        # the bound method, looked up once instead of per request
+        self.handle: Callable[[HttpConnection], None] | None = (
+            route.handle if route is not None else None
+        )
         self.counts: dict[int, int] = {}
         self.flushed: dict[int, int] = {}
         name = route.name if route is not None else "other"
@@ -309,8 +313,8 @@ class HttpServer:
             self._tick_handle.cancel()
 
 
-_JSON_HDR = b"content-type: application/json\r\n"
-_perf = time.perf_counter
+_JSON_HDR: Final = b"content-type: application/json\r\n"
+_perf: Final = time.perf_counter
 
 
 _MAX_PENDING = 32  # answers waiting on async work before the connection stops being read
@@ -516,7 +520,9 @@ class HttpConnection(asyncio.Protocol):
         route = self.route
         assert route is not None
         try:
-            route.handle(self)
+            handle = self.mount.handle
+            assert handle is not None
+            handle(self)
         except Overloaded as e:
             # the one place backpressure becomes 503 + Retry-After
             if self.server.log_sample():

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import time
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import orjson
 
+from estat.ingest import ip as _ip
 from estat.ingest.events import Cors
 from estat.ingest.http import HttpConnection
 from estat.ingest.ip import client_ip
-from estat.ingest.ip import forwarded_cache as _xff_cache
 from estat.ops.metrics import CONTENT_TYPE, Metrics
 
-_JSON = b"content-type: application/json\r\n"
-_CORS = b"access-control-allow-origin: *\r\n"
-_ALLOW_COLLECT = b"allow: GET, POST, OPTIONS\r\n"
+_xff_cache: Final = _ip.forwarded_cache  # bound once: the hot path reads it per request
+_JSON: Final = b"content-type: application/json\r\n"
+_CORS: Final = b"access-control-allow-origin: *\r\n"
+_ALLOW_COLLECT: Final = b"allow: GET, POST, OPTIONS\r\n"
 
 
 class CollectRecord(msgspec.Struct, gc=False):

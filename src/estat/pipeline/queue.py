@@ -15,13 +15,13 @@ loop, so no locks are needed.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from estat.errors import Overloaded
 
-_NL = b"\n"
+_NL: Final = b"\n"
 
 
 class EventQueue:
