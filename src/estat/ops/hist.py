@@ -6,7 +6,6 @@ per-request code (``scripts/build_native.py``).
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ class FastHistogram:
     """A histogram for hot paths, folded into a ``prometheus_client`` Histogram
     (``target``, typed loosely: the fold uses the library's internals).
 
-    ``observe`` is a bisect and two adds. ``flush`` adds the bucket counts to
+    ``observe`` finds the bucket and does two adds. ``flush`` adds the bucket counts to
     the target's per-bucket values (non-cumulative, as the library stores
     them) and its sum.
     """
@@ -24,12 +23,19 @@ class FastHistogram:
 
     def __init__(self, target: Any, bounds: Sequence[float]) -> None:
         self._target = target
-        self._bounds = list(bounds)
-        self._counts = [0] * (len(bounds) + 1)
-        self._sum = 0.0
+        self._bounds: list[float] = sorted(bounds)
+        self._counts: list[int] = [0] * (len(bounds) + 1)
+        self._sum: float = 0.0
 
     def observe(self, value: float) -> None:
-        self._counts[bisect_left(self._bounds, value)] += 1
+        # a linear scan, not bisect: most observations fall in the first
+        # buckets, and compiled, the loop compares unboxed floats
+        i = 0
+        for bound in self._bounds:
+            if value <= bound:
+                break
+            i += 1
+        self._counts[i] += 1
         self._sum += value
 
     def flush(self) -> None:
