@@ -135,7 +135,7 @@ class App:
         self.http = HttpServer(
             {
                 b"/collect": CollectRoute(
-                    self.pipeline.queue.put,
+                    self.pipeline.queue.put_line,
                     max_body=settings.max_body_size,
                     cors=Cors(settings.cors_origins, b"GET, POST, OPTIONS"),
                 ),

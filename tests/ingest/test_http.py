@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import time
 from pathlib import Path
@@ -65,6 +66,26 @@ async def test_record_fields_and_keep_alive(app: App, tmp_path: Path) -> None:
     assert b["body"] == "x=1&y=%20"
     assert b["ip"] == "127.0.0.1"
     assert set(a) == {"ts", "ip", "user_agent", "cookie", "body"}
+
+
+async def test_hostile_bytes_become_one_valid_json_line(app: App, tmp_path: Path) -> None:
+    body = b'{"q":"a\\"b"}\n\r\t\x00\x1f \xff\xfe caf\xc3\xa9 \xe2\x80\xa8 </script>'
+    r, w = await connect(app)
+    w.write(post("/collect", body, b'User-Agent: x"y\\z\tq \xc3\xa9\xff\r\nCookie: s="a b"\r\n'))
+    await w.drain()
+    assert (await read_response(r)).status == 200
+    w.close()
+    await app.shutdown()
+    raw = b"".join(
+        gzip.decompress(p.read_bytes()) for p in (tmp_path / "data" / "lake").rglob("*.jsonl.gz")
+    )
+    # one line, whatever the body held
+    assert raw.count(b"\n") == 1
+    assert raw.endswith(b"\n")
+    (rec,) = lake_records(tmp_path / "data" / "lake")
+    assert rec["body"] == body.decode("utf-8", "replace")
+    assert rec["user_agent"] == 'x"y\\z\tq \xe9\ufffd'
+    assert rec["cookie"] == 's="a b"'
 
 
 async def test_pipelined_requests_are_answered_in_order(app: App) -> None:

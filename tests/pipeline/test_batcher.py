@@ -4,10 +4,12 @@ import asyncio
 from itertools import count
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from estat.clock import FakeClock
+from estat.errors import Overloaded
 from estat.model import Batch
 from estat.pipeline.batcher import BatchBuilder, run_batcher
 from estat.pipeline.queue import EventQueue
@@ -133,3 +135,16 @@ async def test_run_batcher_drains_on_close() -> None:
         got.extend(ids(out.get_nowait()))
     assert got == list(range(10))
     assert reasons == ["size", "size", "drain"]
+
+
+def test_lines_put_whole_come_out_verbatim_and_count_against_the_bounds() -> None:
+    q = EventQueue(3, 100_000)
+    q.put_line(b'{"a":1}')
+    q.put({"a": 2})
+    q.put_line(b'{"a":"\\u00e9"}')
+    assert q.nbytes == len(b'{"a":1}\n{"a":2}\n{"a":"\\u00e9"}\n')
+    with pytest.raises(Overloaded):
+        q.put_line(b'{"a":4}')
+    data, n = q.take(10, 1_000_000)
+    assert (bytes(data), n) == (b'{"a":1}\n{"a":2}\n{"a":"\\u00e9"}\n', 3)
+    assert (len(q), q.nbytes) == (0, 0)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import time
-from typing import Any, Final
+from typing import Final
 
-import msgspec
 import orjson
 
 from estat.ingest import ip as _ip
@@ -16,19 +15,10 @@ from estat.ingest.ip import client_ip
 from estat.ops.metrics import CONTENT_TYPE, Metrics
 
 _xff_cache: Final = _ip.forwarded_cache  # bound once: the hot path reads it per request
+_dumps: Final = orjson.dumps
 _JSON: Final = b"content-type: application/json\r\n"
 _CORS: Final = b"access-control-allow-origin: *\r\n"
 _ALLOW_COLLECT: Final = b"allow: GET, POST, OPTIONS\r\n"
-
-
-class CollectRecord(msgspec.Struct, gc=False):
-    """One /collect lake record (field order is the line's key order)."""
-
-    ts: int
-    ip: str
-    user_agent: str
-    cookie: str
-    body: str
 
 
 class CollectRoute:
@@ -36,7 +26,9 @@ class CollectRoute:
     (the raw body, any content type), ``OPTIONS /collect`` (CORS preflight).
 
     One accepted request is one lake record:
-    ``{"ts", "ip", "user_agent", "cookie", "body"}``. Bytes that are not UTF-8
+    ``{"ts", "ip", "user_agent", "cookie", "body"}`` in that order, serialised
+    here with orjson (its string escaping is the cheapest measured) and
+    handed to the queue as a finished line. Bytes that are not UTF-8
     are replaced with U+FFFD (the record is JSON text).
     """
 
@@ -47,7 +39,7 @@ class CollectRoute:
 
     def __init__(
         self,
-        put: Callable[[Any], None],
+        put: Callable[[bytes], None],
         *,
         max_body: int,
         cors: Cors | None = None,
@@ -82,12 +74,14 @@ class CollectRoute:
         if ip is None:
             ip = client_ip(xff, h.get("cloudfront-viewer-address"), c.peer)
         self._put(
-            CollectRecord(
-                int(self._time()),
-                ip,
-                ua.decode("utf-8", "replace") if ua else "",
-                cookie.decode("utf-8", "replace") if cookie else "",
-                body.decode("utf-8", "replace"),
+            _dumps(
+                {
+                    "ts": int(self._time()),
+                    "ip": ip,
+                    "user_agent": ua.decode("utf-8", "replace") if ua else "",
+                    "cookie": cookie.decode("utf-8", "replace") if cookie else "",
+                    "body": body.decode("utf-8", "replace"),
+                }
             )
         )
         c.respond(200, b"", _CORS if self._any_origin else self._cors.headers(h.get("origin")))

@@ -63,11 +63,14 @@ class EventQueue:
 
     def put(self, record: Any) -> None:
         """Serialise one record as a JSON line and enqueue it, or raise ``Overloaded``."""
+        self.put_line(self._encode(record))
+
+    def put_line(self, line: bytes) -> None:
+        """Enqueue one record already serialised as JSON (no newline), or raise ``Overloaded``."""
         if self._closed:
             raise Overloaded("draining", retry_after=5)
         if self.events >= self.max_events or self.nbytes >= self.max_bytes:
             raise Overloaded("event queue full", retry_after=1)
-        line = self._encode(record)
         self._lines.append(line)
         self.nbytes += len(line) + 1
         self.events += 1
