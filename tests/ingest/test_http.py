@@ -140,6 +140,19 @@ async def test_content_length_over_limit_is_413_before_the_body(app: App) -> Non
     assert m.registry.get_sample_value("http_requests_rejected_body_too_large_total") == 1
 
 
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [(b"1000", 200), (b"999", 200), (b"0001000", 200), (b"00001001", 413), (b"99999", 413)],
+)
+async def test_content_length_at_the_limit(app: App, length: bytes, status: int) -> None:
+    r, w = await connect(app)
+    n = int(length)
+    body = b"x" * n if status == 200 else b""
+    w.write(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n" + body)
+    await w.drain()
+    assert (await read_response(r)).status == status
+
+
 async def test_expect_100_continue(app: App, tmp_path: Path) -> None:
     r, w = await connect(app)
     w.write(

@@ -127,10 +127,11 @@ class HttpLimits:
 class _Mount:
     """A route plus its hot-path statistics (answers by status, latency)."""
 
-    __slots__ = ("counts", "flushed", "handle", "latency", "route")
+    __slots__ = ("counts", "flushed", "handle", "latency", "max_body_digits", "route")
 
     def __init__(self, route: Route | None, metrics: Metrics) -> None:
         self.route = route
+        self.max_body_digits = len(str(route.max_body)) if route is not None else 1
         # the bound method, looked up once instead of per request
         self.handle: Callable[[HttpConnection], None] | None = (
             route.handle if route is not None else None
@@ -351,8 +352,10 @@ class Deferred:
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_body_size",
+        "_get_method",
         "_head_read",
         "_head_size",
+        "_keep_alive",
         "_max_body",
         "_max_head",
         "_pending",
@@ -382,6 +385,9 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
+        # the parser's methods, bound once instead of looked up per request
+        self._get_method: Callable[[], bytes] = self.parser.get_method
+        self._keep_alive: Callable[[], bool] = self.parser.should_keep_alive
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.closing = False
@@ -485,9 +491,8 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self._error(431, "HEADERS_TOO_LARGE", "request head too large")
             raise _Abort
-        parser = self.parser
-        self.method = parser.get_method()
-        self.keep_alive = parser.should_keep_alive()
+        self.method = self._get_method()
+        self.keep_alive = self._keep_alive()
         self.path, _, self.query = url.partition(b"?")
         mount = self.server.mounts.get(self.path)
         if mount is None:
@@ -501,8 +506,13 @@ class HttpConnection(asyncio.Protocol):
         self._max_body = route.max_body
         headers = self.headers
         length = headers.get("content-length")
-        # llhttp has already rejected a malformed or conflicting length
-        if length is not None and int(length) > self._max_body:
+        # llhttp has already rejected a malformed or conflicting length; a
+        # length with fewer digits than the limit needs no parsing
+        if (
+            length is not None
+            and len(length) >= mount.max_body_digits
+            and int(length) > self._max_body
+        ):
             self.too_large()
             raise _Abort
         expect = headers.get("expect")
