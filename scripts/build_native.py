@@ -3,7 +3,7 @@
 The modules below are plain, fully typed Python; mypyc turns them into C
 extensions placed next to their sources (``*.cpython-*.so``, not committed),
 which Python imports in preference to the ``.py`` files. The behaviour is the
-same either way; compiled, a ``/collect`` request costs about a third fewer
+same either way; compiled, a ``/collect`` request costs about half the
 instructions (docs/benchmarks.md). Without a C compiler (a warning), or
 with ``ESTAT_NATIVE=0``, estat runs the same modules as Python;
 ``ESTAT_NATIVE=1`` makes a failed build an error.
