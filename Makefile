@@ -11,7 +11,7 @@ NATIVE_SRC := src/estat/ingest/http.py src/estat/ingest/routes.py \
 	src/estat/pipeline/queue.py src/estat/ops/hist.py
 NATIVE_STAMP := build/native/.built
 
-.PHONY: install run test test-pure check lint fmt typecheck imports bench docs clean native
+.PHONY: install run test test-pure bench-instructions check lint fmt typecheck imports bench docs clean native
 
 install: $(STAMP) $(NATIVE_STAMP)
 
@@ -72,6 +72,12 @@ bench: install
 	@bash scripts/bench-deps.sh
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/dlq_bench.py
+
+# CPU instructions per /collect request (valgrind): repeatable where wall-clock is not
+bench-instructions: install
+	@bash scripts/bench-deps.sh
+	$(PY) benchmarks/instructions.py
+	$(PY) benchmarks/instructions.py --pure
 
 clean:
 	@test ! -x $(PY) || $(PY) scripts/build_native.py --clean
