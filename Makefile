@@ -7,8 +7,7 @@ STAMP := $(VENV)/.installed
 
 # The per-request modules, compiled in place with mypyc (scripts/build_native.py);
 # rebuilt whenever one of them changes. ESTAT_NATIVE=0 keeps them pure Python.
-NATIVE_SRC := src/estat/ingest/http.py src/estat/ingest/routes.py \
-	src/estat/pipeline/queue.py src/estat/ops/hist.py
+NATIVE_SRC := $(shell python3 scripts/build_native.py --list)
 NATIVE_STAMP := build/native/.built
 
 .PHONY: install run test test-pure bench-instructions check lint fmt typecheck imports bench docs clean native

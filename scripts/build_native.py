@@ -8,7 +8,7 @@ instructions (docs/benchmarks.md). Without a C compiler (a warning), or
 with ``ESTAT_NATIVE=0``, estat runs the same modules as Python;
 ``ESTAT_NATIVE=1`` makes a failed build an error.
 
-Usage: ``python scripts/build_native.py [--clean]``.
+Usage: ``python scripts/build_native.py [--clean | --list]``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 BUILD = ROOT / "build" / "native"
 # Per-request code only: the HTTP/1.1 protocol, the /collect route, the event
-# queue, the latency histogram. Keep in step with NATIVE_SRC in the Makefile.
+# queue, the latency histogram. The Makefile reads this list (``--list``).
 MODULES = [
     "estat/ingest/http.py",
     "estat/ingest/routes.py",
@@ -65,6 +65,9 @@ def build() -> None:
 
 
 def main() -> int:
+    if "--list" in sys.argv[1:]:  # the sources, for the Makefile's dependencies
+        print(" ".join(f"src/{m}" for m in MODULES))
+        return 0
     clean()
     mode = os.environ.get("ESTAT_NATIVE", "")
     if "--clean" in sys.argv[1:] or mode == "0":
