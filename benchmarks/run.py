@@ -77,12 +77,29 @@ def wrk(url: str, seconds: int = SECONDS, script: str = "collect.lua") -> dict[s
         v = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
         lat[pct] = v
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
     return {
         "rps": rps,
+        "requests": float(total.group(1)) if total else rps * seconds,
         "p50_ms": lat["50"],
         "p99_ms": lat["99"],
         "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, url: str) -> dict[str, float]:
+    """A wrk round plus the server's CPU time per request (µs): the machine's
+    noise moves requests/s more than it moves the work each request costs."""
+    c0 = cpu_seconds(pid)
+    m = wrk(url)
+    m["cpu_us"] = (cpu_seconds(pid) - c0) / m["requests"] * 1e6
+    return m
 
 
 def rss_peak_mb(pid: int) -> float:
@@ -153,9 +170,9 @@ def main() -> int:
         t0 = time.monotonic()
         estat_time = 0.0
         for r in range(ROUNDS):
-            rows.append(("noop", wrk(f"http://127.0.0.1:{noop_port}/collect")))
+            rows.append(("noop", measured(noop.pid, f"http://127.0.0.1:{noop_port}/collect")))
             t = time.monotonic()
-            rows.append(("estat", wrk(f"http://127.0.0.1:{estat_port}/collect")))
+            rows.append(("estat", measured(estat.pid, f"http://127.0.0.1:{estat_port}/collect")))
             estat_time += time.monotonic() - t
             print(
                 f"round {r + 1}: noop {rows[-2][1]['rps']:,.0f} req/s, estat {rows[-1][1]['rps']:,.0f} req/s",
@@ -198,6 +215,9 @@ def main() -> int:
     noop_rps = [m["rps"] for name, m in rows if name == "noop"]
     estat_rps = [m["rps"] for name, m in rows if name == "estat"]
     ratios = [e / n for n, e in zip(noop_rps, estat_rps, strict=True)]
+    noop_cpu = [m["cpu_us"] for name, m in rows if name == "noop"]
+    estat_cpu = [m["cpu_us"] for name, m in rows if name == "estat"]
+    cpu_ratios = [n / e for n, e in zip(noop_cpu, estat_cpu, strict=True)]
     stored = after.get("s3_events_stored_total", 0) - before.get("s3_events_stored_total", 0)
     gz = after.get("s3_bytes_stored_total", 0) - before.get("s3_bytes_stored_total", 0)
     print()
@@ -223,6 +243,11 @@ def main() -> int:
     print(
         f"estat / ceiling: median {statistics.median(ratios):.2f} "
         f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
+    print(
+        f"by CPU time per request (ceiling µs / estat µs): median "
+        f"{statistics.median(cpu_ratios):.2f} (per round: "
+        f"{', '.join(f'{n:.1f}/{e:.1f}' for n, e in zip(noop_cpu, estat_cpu, strict=True))} µs)"
     )
     print(
         f"lake: {stored / estat_time:,.0f} events/s stored during the estat rounds, "
