@@ -1,10 +1,16 @@
 """Composition root: builds every stage from ``Settings``, runs them, and
 shuts them down in order.
 
-Shutdown order (SIGTERM/SIGINT): readiness goes false; the listener stops
-accepting and lets requests in progress finish; the event queue is closed
-and flushed into batches; uploads finish within ``SHUTDOWN_TIMEOUT``;
-whatever could not be stored by then is counted and logged; exit 0.
+Start: the DLQ recovers, the lake is checked with one bounded request
+(``LAKE_STARTUP_CHECK``), then every long-running task starts under one
+``Supervisor`` and the listener opens.
+
+Shutdown order (SIGTERM/SIGINT, or a stage that failed): readiness goes
+false; the listener stops accepting and lets requests in progress finish;
+the event queue is closed and flushed into batches; uploads finish within
+``SHUTDOWN_TIMEOUT``; whatever could not be stored by then is spilled to the
+DLQ, or counted and logged. Exit status 0 when every accepted event was
+stored or saved and no stage failed; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from estat.codec import encode
 from estat.dlq.queue import DeadLetterQueue
 from estat.dlq.replayer import Replayer
 from estat.dlq.store import DiskStore
+from estat.errors import DeliveryError
 from estat.ingest.events import Cors, EventRecord, EventsRoute, Limits
 from estat.ingest.http import HttpLimits, HttpServer, http_compiled
 from estat.ingest.identity import TokenVerifier
@@ -37,6 +44,8 @@ from estat.lake.keys import KeyMaker
 from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
 from estat.ops.logging import Sampler, get_logger, setup_logging
 from estat.ops.metrics import Metrics
+from estat.ops.tasks import Supervisor
+from estat.pipeline.gate import LakeGate
 from estat.pipeline.pipeline import Pipeline
 from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import RetryPolicy, Sink
@@ -65,8 +74,10 @@ def build_dlq(
     clock: Clock,
     metrics: Metrics,
     executor: ThreadPoolExecutor | None,
+    destination: str,
 ) -> DeadLetterQueue:
-    """The DLQ over ``store`` with the configured capacity, TTL and quarantine prefix."""
+    """The DLQ over ``store`` with the configured capacity, TTL and quarantine
+    prefix; ``destination`` (the lake's description) is recorded in every file."""
     return DeadLetterQueue(
         store,
         max_bytes=settings.dlq_max_size_bytes,
@@ -76,6 +87,7 @@ def build_dlq(
         executor=executor,
         quarantine_prefix=settings.dlq_prefix,
         attempt_timeout=settings.s3_timeout,
+        destination=destination,
     )
 
 
@@ -87,6 +99,14 @@ class QueuePublisher:
 
     def publish(self, records: list[EventRecord]) -> None:
         self._queue.put_many(records)
+
+
+class LakeCheckFailed(Exception):
+    """``LAKE_STARTUP_CHECK=require`` and the lake did not answer."""
+
+    def __init__(self, err: DeliveryError) -> None:
+        super().__init__(f"lake check failed: {err.error_class}")
+        self.error = err
 
 
 class App:
@@ -109,13 +129,32 @@ class App:
         )
         self._dlq_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-dlq")
         self.dlq = build_dlq(
-            settings, DiskStore(settings.dlq_path), self.clock, self.metrics, self._dlq_executor
+            settings,
+            DiskStore(settings.dlq_path),
+            self.clock,
+            self.metrics,
+            self._dlq_executor,
+            self.sink.description,
+        )
+        self.supervisor = Supervisor(self.metrics, self._stage_failed)
+        self.gate = LakeGate(
+            threshold=settings.lake_failure_threshold,
+            probe_interval=settings.lake_probe_interval,
+            max_probe_interval=settings.lake_probe_max_interval,
+            clock=self.clock,
+            metrics=self.metrics,
+            on_recovered=lambda: self.replayer.notify_healthy(),
         )
         self.replayer = Replayer(
-            self.dlq, self.sink, live_busy=lambda: any(p.inbox.qsize() for p in self.pipelines)
+            self.dlq,
+            self.sink,
+            live_busy=lambda: any(p.inbox.qsize() for p in self.pipelines),
+            lake=self.gate,
         )
-        self.pipeline = self._pipeline(settings.raw_prefix, settings.channel_size)
-        self.events_pipeline = self._pipeline(settings.events_prefix, settings.events_channel_size)
+        self.pipeline = self._pipeline("raw", settings.raw_prefix, settings.channel_size)
+        self.events_pipeline = self._pipeline(
+            "events", settings.events_prefix, settings.events_channel_size
+        )
         self.pipelines = (self.pipeline, self.events_pipeline)
         m = self.metrics
         self.limiter: RateLimiter = (
@@ -173,8 +212,13 @@ class App:
         self.address: tuple[str, int] | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        #: the start-up check's verdict: "ok", or "unreachable: <class>"
+        self.lake_check = "unchecked"
 
-    def _pipeline(self, prefix: str, channel_size: int) -> Pipeline:
+    def _stage_failed(self, name: str) -> None:
+        self._stop.set()
+
+    def _pipeline(self, name: str, prefix: str, channel_size: int) -> Pipeline:
         s = self.settings
         return Pipeline(
             sink=self.sink,
@@ -193,28 +237,74 @@ class App:
             policy=RetryPolicy(retries=s.s3_app_retries, attempt_timeout=s.s3_timeout),
             executor=self._executor,
             spill=self.dlq,
-            on_upload_success=self.replayer.notify_healthy,
+            gate=self.gate,
+            name=name,
         )
+
+    def lake_status(self) -> str:
+        state = self.gate.breaker.state
+        if state != "closed":
+            err = self.gate.last_error
+            return f"failing: {err.error_class if err else 'unknown'}"
+        if self.gate.last_error is None and self.lake_check.startswith("unreachable"):
+            return self.lake_check  # nothing has been uploaded since the check
+        return "ok"
 
     def _ready(self) -> tuple[bool, dict[str, object]]:
         room = all(p.queue.has_room() for p in self.pipelines)
-        lake = "failing" if self.pipeline.uploader.consecutive_failures else "ok"
-        detail: dict[str, object] = {"draining": self.draining, "queueHasRoom": room, "lake": lake}
-        return (not self.draining and room), detail
+        failed = self.supervisor.failed
+        detail: dict[str, object] = {
+            "draining": self.draining,
+            "queueHasRoom": room,
+            "lake": self.lake_status(),
+            "dlq": "ok" if self.gate.accepting else "unwritable",
+        }
+        if failed:
+            detail["failedStages"] = list(failed)
+        ready = not self.draining and room and self.gate.accepting and not failed
+        return ready, detail
 
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(METRICS_FLUSH_SECONDS)
             self.metrics.flush()
 
+    async def check_lake(self) -> DeliveryError | None:
+        """One bounded request to the lake; the verdict goes to the log, /ready and ``lake_healthy``."""
+        check = getattr(self.sink, "check", None)
+        if check is None:
+            self.lake_check = "ok"
+            self.metrics.lake_healthy.set(1)
+            return None
+        prefix = self.settings.raw_prefix
+        err: DeliveryError | None = await check(prefix, self.settings.s3_timeout)
+        if err is None:
+            self.lake_check = "ok"
+            self.metrics.lake_healthy.set(1)
+            log.info("lake check ok", lake=self.sink.description)
+        else:
+            self.lake_check = f"unreachable: {err.error_class}"
+            self.metrics.lake_healthy.set(0)
+            log.error(
+                "lake check failed: batches will go to the DLQ until the lake answers",
+                lake=self.sink.description,
+                errorClass=err.error_class,
+                error=str(err).splitlines()[0][:300],
+            )
+        return err
+
     async def start(self) -> tuple[str, int]:
         await self.dlq.start()
+        err = await self.check_lake()
+        if err is not None and self.settings.lake_startup_check == "require":
+            raise LakeCheckFailed(err)
+        spawn = self.supervisor.spawn
         for p in self.pipelines:
-            p.start()
-        self.replayer.start()
+            p.start(spawn)
+        self.replayer.start(spawn)
         host, port = self.settings.listen
         self.address = await self.http.start(host, port, reuse_port=self.reuse_port)
-        self._flush_task = asyncio.create_task(self._flush_loop(), name="metrics-flush")
+        self._flush_task = spawn("metrics-flush", self._flush_loop())
         log.info(
             "estat started",
             addr=f"{self.address[0]}:{self.address[1]}",
@@ -236,6 +326,7 @@ class App:
         t0 = self.clock.monotonic()
         deadline = t0 + self.settings.shutdown_timeout
         self.draining = True
+        self.supervisor.stopping()
         pending = sum(p.pending_events() for p in self.pipelines)
         log.info(
             "shutdown: draining", pendingEvents=pending, timeoutS=self.settings.shutdown_timeout
@@ -275,16 +366,26 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     except OSError as e:
         log.error("cannot listen", addr=settings.http_addr, error=str(e))
         return 2
+    except LakeCheckFailed as e:
+        log.error("LAKE_STARTUP_CHECK=require: not starting", errorClass=e.error.error_class)
+        return 2
     await app.wait_for_stop()
     # The handlers stay installed: a second SIGTERM (systemd and `docker stop`
     # signal every process of the group; an impatient operator) must not cut
     # the drain short.
-    await app.shutdown()
+    unsaved = await app.shutdown()
     # Drained: a late signal must not turn this clean exit into a kill. The
     # loop's handlers would fall back to the default action when it closes.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
+    if unsaved or app.supervisor.failed:
+        log.error(
+            "exiting with an error",
+            unsavedEvents=unsaved,
+            failedStages=list(app.supervisor.failed),
+        )
+        return 1
     return 0
 
 

@@ -34,7 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=100)
     rp = dsub.add_parser("replay", help="upload DLQ files to the lake now")
     rp.add_argument("--limit", type=int, default=None, help="at most N files")
-    rp.add_argument("--dry-run", action="store_true", help="only say what would be replayed")
+    rp.add_argument(
+        "--dry-run", action="store_true", help="only say what would be replayed, and where to"
+    )
+    rp.add_argument(
+        "--to-current-lake",
+        action="store_true",
+        help="replay files recorded as bound for another lake to the one configured here",
+    )
     pg = dsub.add_parser("purge", help="delete DLQ files older than a duration (data loss)")
     pg.add_argument("--older-than", required=True, help="a duration such as 24h")
     pg.add_argument("--yes", action="store_true", help="confirm the deletion")

@@ -3,13 +3,21 @@
 Every command is safe while the server runs on the same directory: replay
 claims each file by renaming it (a file is never uploaded by two processes
 at once, and a re-upload writes the same key), purge deletes only committed
-files, and stats and ls only read names.
+files, and stats and ls only read names. No command creates the directory:
+one that does not exist is reported (status 1), since it usually means the
+shell's ``DLQ_DIR`` / ``DATA_DIR`` is not the service's.
+
+Every DLQ file records the lake it was bound for; ``replay`` refuses to send
+a file to another lake than the one configured in this shell unless
+``--to-current-lake`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -17,8 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from estat.app import build_dlq, build_sink
 from estat.clock import SystemClock
-from estat.dlq.queue import Sink
+from estat.dlq.queue import WrongDestination
 from estat.dlq.store import DiskStore
+from estat.errors import ConfigError
 from estat.ops.logging import setup_logging
 from estat.ops.metrics import Metrics
 from estat.settings import Settings, parse_duration
@@ -31,8 +40,18 @@ def _human(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+def _fail(message: str) -> int:
+    print(f"estat: {message}", file=sys.stderr)
+    return 1
+
+
 def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
-    store = DiskStore(settings.dlq_path)
+    store = DiskStore(settings.dlq_path, create=False)
+    if not store.exists():
+        return _fail(
+            f"DLQ directory {settings.dlq_path} does not exist "
+            "(nothing was ever spilled there, or DLQ_DIR / DATA_DIR differ from the service's)"
+        )
     cmd = args.dlq_command
     if cmd == "stats":
         files, events, nbytes, oldest = store.totals()
@@ -44,19 +63,22 @@ def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"oldest  {age}")
         return 0
     if cmd == "ls":
-        entries = sorted(store.scan(None), key=lambda e: e.stem)[: args.limit]
         print(f"{'created (UTC)':<20}  {'events':>7}  {'bytes':>10}  file")
-        for e in entries:
+        # bucket by bucket, oldest first
+        for e in itertools.islice(store.ordered(), max(0, args.limit)):
             created = datetime.fromtimestamp(e.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{created:<20}  {e.events:>7}  {e.nbytes:>10}  {e.stem}.gz")
+            print(f"{created:<20}  {e.events:>7}  {e.nbytes:>10}  {e.name}")
         return 0
     if cmd == "purge":
         if not args.yes:
             print("estat: purge deletes data; add --yes to confirm")
             return 2
-        cutoff = time.time() - parse_duration(args.older_than)
+        try:
+            cutoff = time.time() - parse_duration(args.older_than)
+        except (ConfigError, ValueError) as err:
+            return _fail(f"--older-than: {err}")
         removed = events = 0
-        for e in list(store.scan(None)):
+        for e in list(store.scan()):
             if e.created < cutoff and store.delete(e, False):
                 removed += 1
                 events += e.events
@@ -64,24 +86,37 @@ def run_dlq_command(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     # replay
     setup_logging(settings.log_level, pretty=settings.log_pretty, env=settings.deploy_env)
-    return asyncio.run(_replay(settings, store, args.limit, args.dry_run))
+    return asyncio.run(_replay(settings, store, args))
 
 
-async def _replay(settings: Settings, store: DiskStore, limit: int | None, dry_run: bool) -> int:
-    if dry_run:
-        entries = sorted(store.scan(None), key=lambda e: e.stem)
-        if limit is not None:
-            entries = entries[:limit]
-        for e in entries:
-            print(f"would replay {e.stem}.gz ({e.events} events)")
-        print(f"{len(entries)} files would be replayed")
+async def _replay(settings: Settings, store: DiskStore, args: argparse.Namespace) -> int:
+    limit: int | None = args.limit
+    sink = build_sink(settings)
+    here = sink.description
+    if args.dry_run:
+        n = 0
+        for e in store.ordered():
+            if limit is not None and n >= limit:
+                break
+            _, meta = store.read(e, claimed=False)
+            bound = (meta.destination if meta else "") or "(not recorded)"
+            note = "" if bound in (here, "(not recorded)") else "  [other lake: refused]"
+            print(f"would replay {e.name} ({e.events} events) bound for {bound} → {here}{note}")
+            n += 1
+        print(f"{n} files would be replayed to {here}")
         return 0
-    dlq = build_dlq(settings, store, SystemClock(), Metrics(CollectorRegistry()), None)
+    dlq = build_dlq(settings, store, SystemClock(), Metrics(CollectorRegistry()), None, here)
     await dlq.resync()
-    sink: Sink = build_sink(settings)
     done = {"ok": 0, "quarantined": 0, "failed": 0}
     while limit is None or done["ok"] + done["quarantined"] < limit:
-        result = await dlq.replay_one(sink)
+        try:
+            result = await dlq.replay_one(sink, same_destination=not args.to_current_lake)
+        except WrongDestination as e:
+            print(
+                f"replayed {done['ok']} files, quarantined {done['quarantined']}; stopped",
+                file=sys.stderr,
+            )
+            return _fail(str(e))
         if result == "empty":
             break
         if result == "failed":
@@ -90,6 +125,7 @@ async def _replay(settings: Settings, store: DiskStore, limit: int | None, dry_r
         if result in done:
             done[result] += 1
     print(
-        f"replayed {done['ok']} files, quarantined {done['quarantined']}, failed {done['failed']}"
+        f"replayed {done['ok']} files, quarantined {done['quarantined']}, "
+        f"failed {done['failed']} (to {here})"
     )
     return 1 if done["failed"] else 0

@@ -114,6 +114,30 @@ class Settings(BaseSettings):
         description="Application-level retries of an upload (SDK retries are off).",
         json_schema_extra=_accepts("an integer from 0 to 100"),
     )
+    lake_failure_threshold: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Consecutive failed upload attempts after which the lake is marked failing: new batches go straight to the DLQ and one probe upload tests the lake.",
+        json_schema_extra=_accepts("an integer from 1 to 1000"),
+    )
+    lake_probe_interval: Duration = Field(
+        5.0,
+        gt=0,
+        description="Wait before the first probe upload once the lake is marked failing; doubles after each failed probe, up to LAKE_PROBE_MAX_INTERVAL.",
+        json_schema_extra=_accepts("a duration"),
+    )
+    lake_probe_max_interval: Duration = Field(
+        60.0,
+        gt=0,
+        description="Longest wait between probe uploads while the lake is failing.",
+        json_schema_extra=_accepts("a duration"),
+    )
+    lake_startup_check: Literal["warn", "require"] = Field(
+        "warn",
+        description="At start, one bounded request checks the lake (bucket or directory). warn: log and report it in /ready and lake_healthy, and start anyway (the DLQ absorbs); require: exit with status 2 when the check fails.",
+        json_schema_extra=_accepts("warn or require"),
+    )
     partition_tz: str = Field(
         "UTC",
         description="Time zone of the dt=/hr= partitions of object keys.",

@@ -46,10 +46,10 @@ def test_stats_ls_replay_purge(tmp_path: Path) -> None:
     assert "files   3" in out.stdout, out.stdout + out.stderr
     assert "events  30" in out.stdout
     out = estat(tmp_path, "ls")
-    assert out.stdout.count(".gz") == 3, out.stdout + out.stderr
+    assert out.stdout.count(".dlq") == 3, out.stdout + out.stderr
     out = estat(tmp_path, "replay", "--dry-run")
     assert "3 files would be replayed" in out.stdout, out.stdout + out.stderr
-    assert len(list((tmp_path / "data" / "dlq").glob("*.gz"))) == 3
+    assert len(list((tmp_path / "data" / "dlq").glob("*/*.dlq"))) == 3
     out = estat(tmp_path, "replay", "--limit", "2")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "replayed 2 files" in out.stdout, out.stdout + out.stderr

@@ -39,7 +39,12 @@ def batch(key: str, ids: range, pad: int = 0) -> EncodedBatch:
 
 
 def make(
-    root: Path, clock: FakeClock, *, max_bytes: int = 10**9, max_age: float = 86400
+    root: Path,
+    clock: FakeClock,
+    *,
+    max_bytes: int = 10**9,
+    max_age: float = 86400,
+    destination: str = "",
 ) -> tuple[DeadLetterQueue, Metrics]:
     m = Metrics(CollectorRegistry())
     dlq = DeadLetterQueue(
@@ -50,8 +55,14 @@ def make(
         metrics=m,
         executor=None,
         quarantine_prefix="raw_dlq",
+        destination=destination,
     )
     return dlq, m
+
+
+def files(root: Path) -> list[Path]:
+    """The committed DLQ files, oldest first."""
+    return sorted(root.glob("*/*.dlq"), key=lambda p: p.name)
 
 
 def val(m: Metrics, name: str) -> float:
@@ -160,17 +171,17 @@ async def test_restart_recovers_gauges_and_cleans_orphans(tmp_path: Path) -> Non
     for i in range(3):
         await dlq.spill(batch(f"raw/r{i}", range(i, i + 1)), ERR, 3)
     # a crash mid-write and mid-replay
-    (tmp_path / ".tmp-0000000000000000001-1-10-dead.gz").write_bytes(b"half")
-    (tmp_path / "0000000000000000002-1-10-beef.json").write_bytes(b"{}")  # meta, no data
-    first = sorted(tmp_path.glob("[0-9]*.gz"))[0]
+    first = files(tmp_path)[0]
+    (first.parent / ".tmp-0000000000000000001-1-10-dead.dlq").write_bytes(b"half")
     first.rename(str(first) + ".claim")
     again, m2 = make(tmp_path, clock)
     out = await again.start()
-    assert out == {"claims_released": 1, "temp_removed": 1, "orphan_meta_removed": 1}
+    assert out == {"claims_released": 1, "temp_removed": 1, "legacy_migrated": 0}
     assert val(m2, "dlq_files_current") == 3
     assert again.events == 3
     sink = MemorySink()
     assert await drain(again, sink) == ["ok", "ok", "ok"]
+    assert sorted(sink.objects) == ["raw/r0", "raw/r1", "raw/r2"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -194,8 +205,10 @@ async def test_corrupt_files_are_quarantined_and_the_rest_replayed(
     await dlq.spill(batch("raw/a.jsonl.gz", range(0, 50)), ERR, 3)
     clock.advance(1)
     await dlq.spill(batch("raw/b.jsonl.gz", range(50, 100)), ERR, 3)
-    victim = sorted(tmp_path.glob("[0-9]*.gz"))[0]
-    victim.write_bytes(mutate(victim.read_bytes()))  # type: ignore[operator]
+    victim = files(tmp_path)[0]
+    blob = victim.read_bytes()
+    head = blob.index(b"\n", blob.index(b"\n") + 1) + 1  # magic line, metadata line
+    victim.write_bytes(blob[:head] + mutate(blob[head:]))  # type: ignore[operator]
     sink = MemorySink()
     assert await drain(dlq, sink) == ["quarantined", "ok"]
     assert "raw_dlq/raw/a.jsonl.gz" in sink.objects
@@ -230,8 +243,10 @@ async def test_two_processes_never_replay_the_same_file(tmp_path: Path) -> None:
 
 def test_pick_reads_a_bounded_window(tmp_path: Path) -> None:
     store = DiskStore(tmp_path)
+    bucket = tmp_path / "20260101T0000"
+    bucket.mkdir()
     for i in range(1500):
-        (tmp_path / f"{i:019d}-1-10-{i:08x}.gz").touch()
-    window = list(store.scan())
-    assert len(window) <= 1000
+        (bucket / f"{i:019d}-1-10-{i:08x}.dlq").touch()
+    window = store.window()
+    assert 0 < len(window) <= 1000
     assert store.totals()[:3] == (1500, 1500, 15000)

@@ -96,7 +96,12 @@ class DLQMachine(RuleBasedStateMachine):
     @invariant()
     def nothing_silently_gone(self) -> None:
         delivered = {r["id"] for d in self.sink.objects.values() for r in decode(d)}
-        held = {r["id"] for f in self.root.glob("[0-9]*.gz") for r in decode(f.read_bytes())}
+        store = self.dlq.store
+        held = {
+            r["id"]
+            for f in self.root.glob("*/*.dlq")
+            for r in decode(store.decode(f.read_bytes())[0])
+        }
         assert not delivered & held
         missing = self.spilled - delivered - held
         assert len(missing) == self.lost_counted + self._lost_now()

@@ -117,7 +117,7 @@ def test_workers_act_as_one_server(estat_factory: Any, tmp_path: Path) -> None:
 
 
 def dlq_files(root: Path) -> list[Path]:
-    return sorted(root.glob("*.gz"))
+    return sorted(root.glob("*/*.dlq"))
 
 
 def test_drain_with_lake_down_spills_then_restart_delivers(

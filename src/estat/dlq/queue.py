@@ -8,9 +8,12 @@ evicting the oldest files first; evicted events are lost and counted in
 the whole capacity. Files older than ``DLQ_MAX_AGE`` expire
 (``dlq_files_expired_total``, WARN line). A write error (disk full, I/O
 error, read-only) is counted, logged as ``local DLQ save failed: …`` and
-reported as not saved: the uploader keeps the batch.
+reported as not saved: the uploader keeps the batch. So is a batch for
+which nothing can be evicted (``dlq_spills_refused_total``): eviction reads
+one bounded window per round and stops when a round frees nothing, so it
+cannot spin.
 
-``replay_one`` takes the oldest file among a partial scan, claims it,
+``replay_one`` takes the oldest file of the oldest bucket (a partial scan), claims it,
 validates the whole file (gzip CRC, every line JSON) and uploads it under
 its original key; an invalid file is uploaded under ``DLQ_PREFIX``
 (quarantine). The file is deleted only after its upload succeeded.
@@ -24,6 +27,7 @@ sharing the directory are reflected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -63,6 +67,7 @@ class DeadLetterQueue:
         executor: Executor | None,
         quarantine_prefix: str,
         attempt_timeout: float = 3.0,
+        destination: str = "",
     ) -> None:
         self.store = store
         self.max_bytes = max_bytes
@@ -72,6 +77,8 @@ class DeadLetterQueue:
         self._executor = executor
         self.quarantine_prefix = quarantine_prefix.strip("/")
         self.attempt_timeout = attempt_timeout
+        #: the lake this DLQ's batches are bound for (recorded in every file)
+        self.destination = destination
         self.files = 0
         self.nbytes = 0
         self.events = 0
@@ -117,7 +124,10 @@ class DeadLetterQueue:
     # -- spill -------------------------------------------------------------------
     async def spill(self, batch: EncodedBatch, error: DeliveryError, attempts: int) -> bool:
         """Save a batch the lake would not take. True once it is saved, or
-        dropped and counted because it alone exceeds the capacity."""
+        dropped and counted because it alone exceeds the capacity; False when
+        it could not be saved (write error, nothing left to evict): the caller
+        keeps it. Never raises (a native library may raise anything: that is
+        a write error too)."""
         now = self._clock.time()
         meta = Meta(
             key=batch.key,
@@ -128,8 +138,9 @@ class DeadLetterQueue:
             error_class=error.error_class,
             instance=batch.metadata.get("estat-instance", ""),
             created=now,
+            destination=self.destination,
         )
-        size = len(batch.data) + 512  # metadata is well under 512 bytes
+        size = len(batch.data) + 512  # header and metadata are well under 512 bytes
         async with self._lock:
             if size > self.max_bytes:
                 self._m.dlq_events_dropped.inc(batch.events)
@@ -140,13 +151,24 @@ class DeadLetterQueue:
                     bytes=len(batch.data),
                 )
                 return True
-            await self._make_room(size)
             try:
+                if not await self._make_room(size):
+                    self._m.dlq_spills_refused.inc()
+                    log.error(
+                        "local DLQ full and nothing can be evicted: batch kept in memory",
+                        batchKey=batch.key,
+                        events=batch.events,
+                        dlqBytes=self.nbytes,
+                    )
+                    return False
                 entry: Entry = await self._run(self.store.write, batch.data, meta, int(now * 1e9))
-            except OSError as e:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # OSError, or anything a failing disk raises
                 self._m.dlq_write_errors.inc()
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
                 log.error(
-                    f"local DLQ save failed: {e.strerror or e}",
+                    f"local DLQ save failed: {reason}",
                     batchKey=batch.key,
                     events=batch.events,
                 )
@@ -162,24 +184,34 @@ class DeadLetterQueue:
         )
         return True
 
-    async def _make_room(self, size: int) -> None:
+    async def _make_room(self, size: int) -> bool:
+        """Evict the oldest files until ``size`` more bytes fit. False when
+        nothing (more) can be evicted: every round reads one bounded window,
+        and a round that frees nothing ends the attempt."""
         if self._clock.monotonic() - self._resynced_at > RESYNC_SECONDS:
             await self.resync()
-        while self.files and self.nbytes + size > self.max_bytes:
-            victim = await self._run(self.store.oldest)
-            if victim is None:
-                await self.resync()
-                if not self.files:
-                    return
-                continue
-            if await self._run(self.store.delete, victim, False):
-                self._moved(-1, -victim.events, -victim.nbytes)
-                self._m.dlq_events_dropped.inc(victim.events)
-                log.error(
-                    f"DLQ capacity → removed={victim.stem}.gz",
-                    events=victim.events,
-                    bytes=victim.nbytes,
-                )
+        resynced = False
+        while self.nbytes + size > self.max_bytes:
+            victims = sorted(await self._run(self.store.window), key=lambda e: e.stem)
+            freed = False
+            for victim in victims:
+                if self.nbytes + size <= self.max_bytes:
+                    break
+                if await self._run(self.store.delete, victim, False):
+                    freed = True
+                    self._moved(-1, -victim.events, -victim.nbytes)
+                    self._m.dlq_events_dropped.inc(victim.events)
+                    log.error(
+                        f"DLQ capacity → removed={victim.name}",
+                        events=victim.events,
+                        bytes=victim.nbytes,
+                    )
+            if not freed:
+                if resynced:
+                    return self.nbytes + size <= self.max_bytes
+                await self.resync()  # our view may be stale (another process replayed)
+                resynced = True
+        return True
 
     # -- TTL -------------------------------------------------------------------------
     async def expire(self, entries: list[Entry]) -> int:
@@ -191,32 +223,57 @@ class DeadLetterQueue:
                 self._moved(-1, -e.events, -e.nbytes)
                 self._m.dlq_files_expired.inc()
                 self._m.dlq_events_expired.inc(e.events)
-                log.warning(f"DLQ TTL → removed={e.stem}.gz", events=e.events)
+                log.warning(f"DLQ TTL → removed={e.name}", events=e.events)
         return n
 
     # -- replay ------------------------------------------------------------------------
     async def pick(self) -> Entry | None:
-        """The oldest unexpired file among a partial scan; expired ones are removed."""
-        entries: list[Entry] = await self._run(lambda: list(self.store.scan()))
-        if not entries:
-            return None
-        await self.expire(entries)
-        cutoff = self._clock.time() - self.max_age
-        live = [e for e in entries if e.created >= cutoff]
-        return min(live, key=lambda e: e.stem) if live else None
+        """The oldest unexpired file of the oldest bucket (a bounded window);
+        expired files met on the way are removed."""
+        while True:
+            entries: list[Entry] = await self._run(self.store.window)
+            if not entries:
+                return None
+            await self.expire(entries)
+            cutoff = self._clock.time() - self.max_age
+            live = [e for e in entries if e.created >= cutoff]
+            if live:
+                return min(live, key=lambda e: e.stem)
+            # the whole window had expired and is gone: look again
 
-    async def replay_one(self, sink: Sink, *, dry_run: bool = False) -> ReplayResult:
-        if self._clock.monotonic() - self._resynced_at > RESYNC_SECONDS:
-            await self.resync()
-        entry = await self.pick()
+    async def replay_one(self, sink: Sink, *, same_destination: bool = False) -> ReplayResult:
+        """Replay the oldest file. ``same_destination`` refuses (raises
+        ``WrongDestination``, the file stays) a file recorded as bound for
+        another lake than this DLQ's ``destination``."""
+        try:
+            if self._clock.monotonic() - self._resynced_at > RESYNC_SECONDS:
+                await self.resync()
+            entry = await self.pick()
+        except OSError as e:
+            self._m.dlq_replay_failures.inc()
+            log.warning("DLQ replay: directory unreadable", error=str(e)[:200])
+            return "failed"
         if entry is None:
             return "empty"
-        if dry_run:
-            return "ok"
-        if not await self._run(self.store.claim, entry):
-            return "raced"
         try:
-            data, meta = await self._run(self.store.read_claimed, entry)
+            if not await self._run(self.store.claim, entry):
+                return "raced"
+        except OSError as e:
+            self._m.dlq_replay_failures.inc()
+            log.warning("DLQ replay: cannot claim", file=entry.name, error=str(e)[:200])
+            return "failed"
+        try:
+            data, meta = await self._run(self.store.read, entry)
+            bound = meta.destination if meta is not None else ""
+            if bound and bound != self.destination:
+                if same_destination:
+                    raise WrongDestination(entry, bound, self.destination)
+                log.warning(
+                    "DLQ file bound for another lake: replaying it to this one",
+                    file=entry.name,
+                    boundFor=bound,
+                    lake=self.destination,
+                )
             problem = None if meta is not None else "missing_metadata"
             if problem is None:
                 try:
@@ -233,15 +290,16 @@ class DeadLetterQueue:
             await asyncio.wait_for(sink.put(key, data, attrs), self.attempt_timeout)
             crash_point("replay.after_upload")
         except (DeliveryError, TimeoutError, OSError) as e:
-            await self._run(self.store.release, entry)
+            await self._release(entry)
             self._m.dlq_replay_failures.inc()
-            log.debug("DLQ replay failed", file=entry.stem, error=str(e).splitlines()[0][:200])
+            log.debug("DLQ replay failed", file=entry.name, error=str(e).splitlines()[0][:200])
             return "failed"
         except BaseException:
-            await self._run(self.store.release, entry)
+            await self._release(entry)
             raise
-        if await self._run(self.store.delete, entry, True):
-            self._moved(-1, -entry.events, -entry.nbytes)
+        with contextlib.suppress(OSError):  # a leftover claim is released at the next start
+            if await self._run(self.store.delete, entry, True):
+                self._moved(-1, -entry.events, -entry.nbytes)
         if problem is None:
             self._m.dlq_events_reuploaded.inc(entry.events)
             log.info(
@@ -252,9 +310,26 @@ class DeadLetterQueue:
         self._m.dlq_events_quarantined.inc(entry.events)
         log.error(
             "DLQ file invalid: quarantined",
-            file=entry.stem,
+            file=entry.name,
             reason=problem,
             quarantineKey=key,
             events=entry.events,
         )
         return "quarantined"
+
+    async def _release(self, entry: Entry) -> None:
+        with contextlib.suppress(OSError):  # else released at the next start
+            await self._run(self.store.release, entry)
+
+
+class WrongDestination(Exception):
+    """A DLQ file was written for another lake than the one configured now."""
+
+    def __init__(self, entry: Entry, bound: str, current: str) -> None:
+        super().__init__(
+            f"{entry.name} was bound for {bound}, not {current}; "
+            "check RAW_BUCKET / S3_ENDPOINT_URL / LAKE_DIR, or pass --to-current-lake"
+        )
+        self.entry = entry
+        self.bound = bound
+        self.current = current

@@ -1,16 +1,20 @@
 """The background replayer: empties the DLQ while the lake is healthy.
 
 It replays one file after another, yielding to live uploads (it waits while
-the upload queue has batches). After a failed upload it backs off, doubling
-from 0.5 s up to ``MAX_BACKOFF`` (10 s): replay resumes within 10 s of the
-lake becoming reachable, and at once when a live upload succeeds.
+the upload queue has batches). It follows the lake's circuit (``Lake``):
+while the lake is marked failing it replays nothing, except that a replay
+may serve as the circuit's probe when one is due (so a DLQ drains after an
+outage even when no new events arrive). After a failed upload it backs off,
+doubling from 0.5 s up to ``MAX_BACKOFF`` (10 s); it resumes at once when a
+live upload succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from estat.dlq.queue import DeadLetterQueue, Sink
 from estat.ops.logging import get_logger
@@ -22,18 +26,47 @@ IDLE_SECONDS = 1.0
 YIELD_SECONDS = 0.05
 
 
+class Lake(Protocol):
+    """The lake's circuit as the replayer sees it (``estat.pipeline.gate.LakeGate``)."""
+
+    def allow(self) -> bool:
+        """May an upload be tried now (closed, or this caller is the probe)?"""
+
+    def probing(self) -> bool:
+        """Is the caller that was just allowed the probe?"""
+
+    def uploaded(self) -> None: ...
+
+    def probe_failed(self) -> None: ...
+
+    def probe_abandoned(self) -> None: ...
+
+
 class Replayer:
-    def __init__(self, dlq: DeadLetterQueue, sink: Sink, *, live_busy: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        dlq: DeadLetterQueue,
+        sink: Sink,
+        *,
+        live_busy: Callable[[], bool],
+        lake: Lake | None = None,
+    ) -> None:
         self._dlq = dlq
         self._sink = sink
         self._busy = live_busy
+        self._lake = lake
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.backoff = 0.0
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dlq-replayer")
+    def start(
+        self, spawn: Callable[[str, Coroutine[Any, Any, None]], asyncio.Task[None]] | None = None
+    ) -> None:
+        if spawn is None:
+            self._task = asyncio.create_task(self._run(), name="dlq-replayer")
+        else:
+            self._task = spawn("dlq-replayer", self._run())
 
     def notify_healthy(self) -> None:
         """A live upload succeeded: the lake is back, stop backing off."""
@@ -47,15 +80,31 @@ class Replayer:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _run(self) -> None:
+        lake = self._lake
         while not self._stopping:
             if self._busy():
                 await asyncio.sleep(YIELD_SECONDS)
                 continue
+            if lake is not None and not lake.allow():
+                await self._sleep(IDLE_SECONDS)
+                continue
+            probe = lake is not None and lake.probing()
             try:
                 result = await self._dlq.replay_one(self._sink)
+            except asyncio.CancelledError:
+                if probe and lake is not None:
+                    lake.probe_abandoned()
+                raise
             except Exception:
                 log.exception("DLQ replay error")
                 result = "failed"
+            if lake is not None and probe:
+                if result in ("ok", "quarantined"):
+                    lake.uploaded()
+                elif result == "failed":
+                    lake.probe_failed()
+                else:
+                    lake.probe_abandoned()
             if result == "empty":
                 await self._sleep(IDLE_SECONDS)
             elif result == "failed":
@@ -68,7 +117,7 @@ class Replayer:
         """Finish the file in progress (up to ``grace``), then stop."""
         self._stopping = True
         self._wake.set()
-        if self._task is None:
+        if self._task is None or self._task.done():
             return
         try:
             await asyncio.wait_for(asyncio.shield(self._task), grace)

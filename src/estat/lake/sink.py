@@ -13,6 +13,8 @@ stretches an attempt past ``S3_TIMEOUT``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import re
 from collections.abc import Mapping
@@ -21,14 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import obstore
-from obstore.exceptions import (
-    AlreadyExistsError,
-    InvalidPathError,
-    NotSupportedError,
-    PermissionDeniedError,
-    PreconditionError,
-    UnauthenticatedError,
-)
+from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 from obstore.store import LocalStore, S3Store
 
 from estat.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
@@ -50,8 +45,27 @@ class ObjectStoreSink:
             attrs.update(metadata)
         try:
             await obstore.put_async(self._store, key, data, attributes=attrs, use_multipart=False)
-        except Exception as e:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a Rust panic is a BaseException
             raise classify(e) from e
+
+    async def check(self, prefix: str, timeout: float) -> DeliveryError | None:
+        """One bounded request that proves the lake answers: list at most one
+        key under ``prefix`` (needs s3:ListBucket on S3). None when it does,
+        else the classified error. Also builds the client's runtime, so a
+        broken environment shows at start rather than on the first upload."""
+        try:
+            stream = obstore.list(self._store, prefix=prefix.strip("/") + "/", chunk_size=1)
+            with contextlib.suppress(StopAsyncIteration):
+                await asyncio.wait_for(anext(aiter(stream)), timeout)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            return RetryableDeliveryError(f"no answer within {timeout:g}s", error_class="timeout")
+        except BaseException as e:
+            return classify(e)
+        return None
 
     async def get(self, key: str) -> bytes:
         """Read an object back (operator commands and tests)."""
@@ -101,44 +115,107 @@ def s3_sink(
     return ObjectStoreSink(store, description=where, attributes=True)
 
 
-_STATUS = re.compile(r"status code: (\d{3})")
+_STATUS = re.compile(r"status(?: code:|:) (\d{3})")
+_S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+_UNAUTHENTICATED_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "MissingSecurityHeader",
+}
+_THROTTLED_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+# what the text of an obstore (Rust) error says, most specific first
+_TEXT_CLASSES = (
+    # a failed credential lookup is reported as the request it made to the
+    # instance metadata service (or the container credentials endpoint)
+    (("/latest/api/token", "/latest/meta-data", "169.254.170.2", "credential"), "unauthenticated"),
+    (("kind: Timeout", "TimedOut", "operation timed out"), "timeout"),
+    (("dns error", "failed to lookup address"), "dns"),
+    (
+        (
+            "InvalidCertificate",
+            "InvalidContentType",
+            "HandshakeFailure",
+            "CorruptMessage",
+            "certificate",
+            "tls handshake",
+        ),
+        "tls",
+    ),
+    (
+        ("ConnectionRefused", "ConnectionReset", "ConnectionAborted", "BrokenPipe"),
+        "connection_refused",
+    ),
+    (("StorageFull", "No space left", "QuotaExceeded"), "disk_full"),
+    (("ReadOnlyFilesystem", "Read-only file system", "Permission denied"), "permission"),
+)
+#: every class ``classify`` can return (the runbook lists exactly these)
+ERROR_CLASSES = (
+    "connection_refused",
+    "dns",
+    "tls",
+    "timeout",
+    "unauthenticated",
+    "access_denied",
+    "no_such_bucket",
+    "throttled",
+    "server_error",
+    "disk_full",
+    "permission",
+    "internal",
+)
+_PERMANENT = {"unauthenticated", "access_denied", "no_such_bucket", "permission"}
+
+
+def _error(cls: str, msg: str) -> DeliveryError:
+    if cls in _PERMANENT:
+        return PermanentDeliveryError(msg, error_class=cls)
+    return RetryableDeliveryError(msg, error_class=cls)
 
 
 def classify(exc: BaseException) -> DeliveryError:
-    """Map a store error to retryable or permanent, with a low-cardinality class."""
+    """Map a store error to retryable or permanent, with a low-cardinality class
+    (one of ``ERROR_CLASSES``). Permanent classes need an operator (credentials,
+    permissions, a bucket); the DLQ holds the data meanwhile."""
     msg = str(exc)
-    if isinstance(exc, PermissionDeniedError):
-        return PermanentDeliveryError(msg, error_class="access_denied")
-    if isinstance(exc, UnauthenticatedError):
-        return PermanentDeliveryError(msg, error_class="unauthenticated")
-    if isinstance(exc, InvalidPathError):
-        return PermanentDeliveryError(msg, error_class="invalid_key")
-    if isinstance(exc, NotSupportedError | AlreadyExistsError | PreconditionError):
-        return PermanentDeliveryError(msg, error_class="unsupported")
-    if isinstance(exc, FileNotFoundError):
-        if "NoSuchBucket" in msg:
-            return PermanentDeliveryError(msg, error_class="no_such_bucket")
-        if "status code" not in msg:  # local filesystem: directory vanished
-            return RetryableDeliveryError(msg, error_class="io_error")
-        return PermanentDeliveryError(msg, error_class="not_found")
-    if isinstance(exc, TimeoutError):
-        return RetryableDeliveryError(msg or "timed out", error_class="timeout")
     if isinstance(exc, OSError) and exc.errno is not None:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _error("disk_full", msg)
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return PermanentDeliveryError(msg, error_class="access_denied")
-        if exc.errno == errno.ENOSPC:
-            return RetryableDeliveryError(msg, error_class="no_space")
-        return RetryableDeliveryError(msg, error_class="io_error")
+            return _error("permission", msg)
+        if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE):
+            return _error("connection_refused", msg)
+    if isinstance(exc, TimeoutError):
+        return _error("timeout", msg or "timed out")
+    code = _S3_CODE.search(msg)
+    s3_code = code.group(1) if code else ""
+    if s3_code == "NoSuchBucket":
+        return _error("no_such_bucket", msg)
+    if s3_code in _UNAUTHENTICATED_CODES or isinstance(exc, UnauthenticatedError):
+        return _error("unauthenticated", msg)
+    if s3_code in _THROTTLED_CODES:
+        return _error("throttled", msg)
+    if s3_code == "AccessDenied" or isinstance(exc, PermissionDeniedError):
+        return _error("access_denied", msg)
     m = _STATUS.search(msg)
     if m:
         status = int(m.group(1))
-        if status in (408, 429) or status >= 500:
-            return RetryableDeliveryError(msg, error_class=f"http_{status // 100}xx")
-        return PermanentDeliveryError(msg, error_class="http_4xx")
-    if "timed out" in msg.lower() or "timeout" in msg.lower():
-        return RetryableDeliveryError(msg, error_class="timeout")
-    if "No space left" in msg:
-        return RetryableDeliveryError(msg, error_class="no_space")
-    if "Permission denied" in msg or "Read-only file system" in msg:
-        return PermanentDeliveryError(msg, error_class="access_denied")
-    return RetryableDeliveryError(msg, error_class="connection")
+        if status == 401:
+            return _error("unauthenticated", msg)
+        if status == 403:
+            return _error("access_denied", msg)
+        if status == 429:
+            return _error("throttled", msg)
+        if status == 408:
+            return _error("timeout", msg)
+        if status >= 500:
+            return _error("server_error", msg)
+        return PermanentDeliveryError(
+            msg, error_class="internal"
+        )  # another 4xx: a request estat got wrong
+    for needles, cls in _TEXT_CLASSES:
+        if any(n in msg for n in needles):
+            return _error(cls, msg)
+    return _error("internal", msg or type(exc).__name__)

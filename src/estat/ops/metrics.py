@@ -88,10 +88,11 @@ class Metrics:
             name: str,
             doc: str,
             labels: Sequence[str] = (),
-            mode: Literal["livesum", "livemostrecent"] = "livesum",
+            mode: Literal["livesum", "livemostrecent", "livemin", "livemax"] = "livesum",
         ) -> Gauge:
             # livesum: each worker's own share (queues); livemostrecent: a
-            # shared resource every worker measures (the DLQ directory)
+            # shared resource every worker measures (the DLQ directory);
+            # livemin / livemax: the worst worker's view of a health flag
             return Gauge(name, doc, labels, registry=r, multiprocess_mode=mode)
 
         # -- seed 001/000 collector metrics (exact names) --------------------
@@ -219,7 +220,40 @@ class Metrics:
         )
         self.events_unsaved = counter(
             "shutdown_events_unsaved_total",
-            "Accepted events that could not be stored before the drain deadline (lost).",
+            "Accepted events neither stored nor saved to the DLQ before the process exited "
+            "(the drain deadline, or a failed stage): lost.",
+        )
+        self.dlq_spills_refused = counter(
+            "dlq_spills_refused_total",
+            "Batches the DLQ refused because it was full and nothing could be evicted "
+            "(the batch stays in memory and ingest answers 503).",
+        )
+        self.stage_failures = counter(
+            "stage_failures_total",
+            "Long-running tasks that failed (raised or stopped unexpectedly), by stage; "
+            "the process drains and exits non-zero.",
+            ("stage",),
+        )
+        self.lake_healthy = gauge(
+            "lake_healthy",
+            "1 if the start-up check of the lake (bucket or directory) succeeded, else 0.",
+            mode="livemin",
+        )
+        self.lake_circuit_state = gauge(
+            "lake_circuit_state",
+            "Lake circuit: 0 closed (uploading), 1 open (failing: batches go to the DLQ), "
+            "2 half-open (one probe upload in flight).",
+            mode="livemax",
+        )
+        self.lake_circuit_transitions = counter(
+            "lake_circuit_transitions_total",
+            "Lake circuit state changes, by the state entered.",
+            ("state",),
+        )
+        self.pipeline_accepting = gauge(
+            "pipeline_accepting",
+            "0 while ingest refuses (503) because neither the lake nor the DLQ can save a batch.",
+            mode="livemin",
         )
 
         self._flushers: list[Callable[[], None]] = []

@@ -33,6 +33,8 @@ class BatchBuilder:
         self._clock = clock
         self._make_key = make_key
         self._parts: list[bytes | bytearray] = []
+        #: events of a cut batch waiting for room in the upload queue
+        self.handing_off = 0
         self.events = 0
         self.nbytes = 0
         self._opened_mono = 0.0
@@ -101,10 +103,17 @@ async def run_batcher(
         reason = builder.fill(queue)
         while reason is not None:
             on_cut(reason)
-            await out.put(builder.cut())
+            await _hand_off(builder, out)
             reason = builder.fill(queue)
         if queue.closed and not len(queue):
             if builder.events:
                 on_cut("drain")
-                await out.put(builder.cut())
+                await _hand_off(builder, out)
             return
+
+
+async def _hand_off(builder: BatchBuilder, out: asyncio.Queue[Batch]) -> None:
+    batch = builder.cut()
+    builder.handing_off = batch.events  # still counted while it waits for room
+    await out.put(batch)
+    builder.handing_off = 0

@@ -12,8 +12,9 @@ from estat.model import Batch
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pipeline.batcher import BatchBuilder, run_batcher
+from estat.pipeline.gate import LakeGate
 from estat.pipeline.queue import EventQueue
-from estat.pipeline.uploader import RetryPolicy, Sink, Spill, Uploader
+from estat.pipeline.uploader import RetryPolicy, Sink, Spawn, Spill, Uploader
 
 log = get_logger("estat.pipeline")
 
@@ -41,8 +42,10 @@ class Pipeline:
         policy: RetryPolicy,
         executor: Executor | None,
         spill: Spill | None = None,
-        on_upload_success: Callable[[], None] | None = None,
+        gate: LakeGate | None = None,
+        name: str = "raw",
     ) -> None:
+        self.name = name
         self._has_spill = spill is not None
         self.queue = EventQueue(channel_size, channel_max_bytes)
         self.inbox: asyncio.Queue[Batch] = asyncio.Queue(maxsize=upload_queue)
@@ -64,12 +67,12 @@ class Pipeline:
             instance=instance,
             encode=encode,
             spill=spill,
-            on_success=on_upload_success,
+            gate=gate,
         )
+        self.uploader.gate.watch(self.queue)
         self._clock = clock
         self._m = metrics
         self._batcher_task: asyncio.Task[None] | None = None
-        self._uploader_task: asyncio.Task[None] | None = None
         metrics.add_flusher(self._publish_depths)
 
     def _publish_depths(self) -> None:
@@ -80,16 +83,18 @@ class Pipeline:
     def _on_cut(self, reason: str) -> None:
         self._m.batches_cut.labels(reason).inc()
 
-    def start(self) -> None:
-        self._batcher_task = asyncio.create_task(
-            run_batcher(self.queue, self.builder, self.inbox, self._on_cut), name="batcher"
+    def start(self, spawn: Spawn) -> None:
+        self._batcher_task = spawn(
+            f"batcher:{self.name}",
+            run_batcher(self.queue, self.builder, self.inbox, self._on_cut),
         )
-        self._uploader_task = asyncio.create_task(self.uploader.run(), name="uploader")
+        self.uploader.start(spawn, f"uploader:{self.name}")
 
     def pending_events(self) -> int:
         """Accepted events not yet stored: queued, batching, waiting or uploading."""
         waiting = sum(b.events for b in list(self.inbox._queue) if b is not None)  # type: ignore[attr-defined]
-        return len(self.queue) + self.builder.events + waiting + self.uploader.in_flight_events
+        b = self.builder
+        return len(self.queue) + b.events + b.handing_off + waiting + self.uploader.in_flight_events
 
     async def drain(self, deadline: float) -> int:
         """Flush everything accepted; by ``deadline`` (monotonic) give up.
@@ -97,31 +102,39 @@ class Pipeline:
         Uploads stop a little before the deadline when a spill (the DLQ) is
         configured, so that what is left can be written to it in time.
         Returns the number of accepted events that could not be stored or
-        spilled (also counted in ``shutdown_events_unsaved_total``).
+        spilled (also counted in ``shutdown_events_unsaved_total``): what the
+        workers gave up, plus, if the drain itself runs out of time, every
+        event still queued, batching, waiting for the upload queue, or held
+        by a worker.
         """
         assert self._batcher_task is not None
-        assert self._uploader_task is not None
         total = max(0.0, deadline - self._clock.monotonic())
         reserve = min(2.0, 0.2 * total) if self._has_spill else 0.0
         self.uploader.start_drain(deadline - reserve)
         self.queue.close()
         end = deadline + DRAIN_MARGIN
-        try:
-            batcher, uploader = self._batcher_task, self._uploader_task
-            for step in (
-                lambda: asyncio.shield(batcher),
-                self.uploader.stop,
-                lambda: asyncio.shield(uploader),
-            ):
-                await asyncio.wait_for(step(), max(0.0, end - self._clock.monotonic()))
-            return self.uploader.unsaved_events
-        except TimeoutError:
-            lost = self.pending_events()
-            for task in (self._batcher_task, self._uploader_task):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if lost:
-                self._m.events_unsaved.inc(lost)
-                log.error("shutdown deadline reached: events not stored", events=lost)
-            return lost + self.uploader.unsaved_events
+
+        def left() -> float:
+            return max(0.0, end - self._clock.monotonic())
+
+        batcher = self._batcher_task
+        await asyncio.wait([batcher], timeout=left())
+        finished = False
+        if batcher.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.uploader.stop(), left())
+                finished = await self.uploader.wait(left())
+        # Whatever is still anywhere in the pipeline now is lost: the drain ran
+        # out of time, or a stage failed and left events behind.
+        lost = len(self.queue) + self.builder.events + self.builder.handing_off
+        lost += sum(b.events for b in list(self.inbox._queue) if b is not None)  # type: ignore[attr-defined]
+        if not batcher.done():
+            batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BaseException):
+                await batcher
+        if not finished:
+            lost += await self.uploader.cancel()
+        if lost:
+            self._m.events_unsaved.inc(lost)
+            log.error("shutdown deadline reached: events not stored", events=lost)
+        return lost + self.uploader.unsaved_events

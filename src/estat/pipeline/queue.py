@@ -29,6 +29,7 @@ class EventQueue:
         "_closed",
         "_encode",
         "_lines",
+        "_refusing",
         "_waiter",
         "events",
         "max_bytes",
@@ -45,6 +46,9 @@ class EventQueue:
         self.max_bytes = max_bytes
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        # why puts are refused (draining, or nothing can save a batch): one
+        # check on the hot path covers both
+        self._refusing: str | None = None
         self._encode = msgspec.json.Encoder().encode
         # A waiting batcher is woken only once this many records wait (it
         # also polls; see ``wait``): waking it per record would cost more
@@ -67,8 +71,8 @@ class EventQueue:
 
     def put_line(self, line: bytes) -> None:
         """Enqueue one record already serialised as JSON (no newline), or raise ``Overloaded``."""
-        if self._closed:
-            raise Overloaded("draining", retry_after=5)
+        if self._refusing is not None:
+            raise Overloaded(self._refusing, retry_after=5)
         if self.events >= self.max_events or self.nbytes >= self.max_bytes:
             raise Overloaded("event queue full", retry_after=1)
         self._lines.append(line)
@@ -79,8 +83,8 @@ class EventQueue:
 
     def put_many(self, records: list[Any]) -> None:
         """Enqueue all of ``records`` or none of them (raises ``Overloaded``)."""
-        if self._closed:
-            raise Overloaded("draining", retry_after=5)
+        if self._refusing is not None:
+            raise Overloaded(self._refusing, retry_after=5)
         if self.events + len(records) > self.max_events or self.nbytes >= self.max_bytes:
             raise Overloaded("event queue full", retry_after=1)
         enc = self._encode
@@ -148,9 +152,20 @@ class EventQueue:
             if self._waiter is fut:
                 self._waiter = None
 
+    @property
+    def refusing(self) -> str | None:
+        return self._refusing
+
+    def refuse(self, reason: str | None) -> None:
+        """Refuse every put with ``reason`` (503) until called with None.
+        A closed queue stays closed."""
+        if not self._closed:
+            self._refusing = reason
+
     def close(self) -> None:
         """No more puts; a waiting batcher wakes to drain what is left."""
         self._closed = True
+        self._refusing = "draining"
         self._wake()
 
 

@@ -3,11 +3,18 @@
 Each batch keeps the key it was given when it was cut. An attempt is bounded
 by ``S3_TIMEOUT``; a retryable failure is retried ``S3_APP_RETRIES`` times
 with exponential backoff and jitter. A batch that exhausts its retries, or
-meets a permanent error, is handed to the ``Spill`` (the local DLQ) when one
-is configured; without one it is *held*: retried on a slow, capped backoff
-for as long as the process runs, occupying its upload slot, so the upload
-queue and then the event queue fill up and ingest answers 503 instead of
-accepting events it cannot store.
+meets a permanent error, or arrives while the lake is marked failing (the
+``LakeGate``'s circuit is open), is handed to the ``Spill`` (the local DLQ)
+at once. When the spill cannot save it either, the batch is *held*: the
+spill and (as the circuit allows) the lake are retried on a short capped
+backoff, the gate makes ingest refuse new events, and the batch is never
+dropped.
+
+Every worker catches everything at the sink boundary: any exception from a
+sink, including a ``BaseException`` that a native library raises (a Rust
+panic), is a retryable delivery error of class ``internal``. Should a worker
+itself fail, it saves the batch it holds (DLQ) before anything else, counts
+it if it cannot, and then fails, so its supervisor sees it.
 
 During the drain the uploader works until the deadline; whatever it still
 holds then is spilled if possible and otherwise counted in
@@ -17,20 +24,25 @@ holds then is spilled if possible and otherwise counted in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from estat.clock import Clock
 from estat.errors import DeliveryError, RetryableDeliveryError
 from estat.model import Batch, EncodedBatch
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
+from estat.pipeline.gate import LakeGate
 
 log = get_logger("estat.uploader")
+
+#: starts a supervised task (``estat.ops.tasks.Supervisor.spawn``)
+Spawn = Callable[[str, Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 class Sink(Protocol):
@@ -66,7 +78,7 @@ class RetryPolicy:
     attempt_timeout: float = 3.0
     base_delay: float = 0.2
     max_delay: float = 5.0
-    held_max_delay: float = 30.0
+    held_max_delay: float = 2.0
 
     def delay(self, attempt: int, cap: float | None = None) -> float:
         """Backoff before retry ``attempt`` (1-based): exponential, equal jitter."""
@@ -108,10 +120,9 @@ class Uploader:
         instance: str,
         encode: Callable[[bytes | bytearray], bytes],
         spill: Spill | None = None,
-        on_success: Callable[[], None] | None = None,
+        gate: LakeGate | None = None,
     ) -> None:
         self._encode = encode
-        self._on_success = on_success
         self._inbox = inbox
         self._sink = sink
         self._policy = policy
@@ -121,12 +132,14 @@ class Uploader:
         self._m = metrics
         self._instance = instance
         self._spill = spill
+        self.gate = gate or LakeGate(
+            threshold=0, probe_interval=1.0, max_probe_interval=1.0, clock=clock, metrics=metrics
+        )
         self._deadline: float | None = None
-        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
         self.in_flight = 0  # batches taken from the inbox and not yet settled
         self.in_flight_events = 0
-        self.consecutive_failures = 0
-        self.unsaved_events = 0  # given up at the drain deadline
+        self.unsaved_events = 0  # given up at the drain deadline, or lost with a failed worker
         self._spill_grace = 1.0 if spill is not None else 0.0
 
     def start_drain(self, deadline: float) -> None:
@@ -138,13 +151,36 @@ class Uploader:
             return None
         return self._deadline - self._clock.monotonic()
 
+    def start(self, spawn: Spawn, name: str = "uploader") -> None:
+        """Start the workers, each a supervised task named ``<name>:<i>``."""
+        self._tasks = [spawn(f"{name}:{i}", self._worker()) for i in range(self._concurrency)]
+
     async def run(self) -> None:
         """Upload until the inbox yields ``None`` once per worker (see ``stop``)."""
         await asyncio.gather(*(self._worker() for _ in range(self._concurrency)))
 
     async def stop(self) -> None:
-        for _ in range(self._concurrency):
+        """Ask every live worker to finish (after the batches already queued)."""
+        live = sum(1 for t in self._tasks if not t.done()) if self._tasks else self._concurrency
+        for _ in range(live):
             await self._inbox.put(None)  # type: ignore[arg-type]
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for the workers to finish; True if they all did."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(self._tasks, timeout=max(0.0, timeout))
+        return not pending
+
+    async def cancel(self) -> int:
+        """Cancel the workers still running; returns the events they held (lost)."""
+        lost = self.in_flight_events
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, BaseException):
+                await t
+        return lost
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,21 +191,47 @@ class Uploader:
             self.in_flight += 1
             self.in_flight_events += batch.events
             self._m.uploads_in_flight.inc()
+            encoded: EncodedBatch | None = None
             try:
                 encoded = await loop.run_in_executor(
                     self._executor, encode_batch, batch, self._instance, self._encode
                 )
                 await self._deliver(encoded)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                await self._rescue(batch, encoded, e)
+                raise
             finally:
                 self.in_flight -= 1
                 self.in_flight_events -= batch.events
                 self._m.uploads_in_flight.dec()
+
+    async def _rescue(self, batch: Batch, encoded: EncodedBatch | None, exc: BaseException) -> None:
+        """A worker is failing: save its batch before anything else."""
+        err = RetryableDeliveryError(f"upload worker failed: {exc!r}", error_class="internal")
+        if encoded is not None and self._spill is not None:
+            try:
+                saved = await self._spill.spill(encoded, err, 0)
+            except BaseException:  # the batch is counted below
+                saved = False
+            if saved:
+                log.error(
+                    "upload worker failed; its batch was saved to the DLQ", batchKey=batch.key
+                )
+                return
+        self.unsaved_events += batch.events
+        self._m.events_unsaved.inc(batch.events)
+        log.error(
+            "upload worker failed; its batch is lost", batchKey=batch.key, events=batch.events
+        )
 
     async def _attempt(self, enc: EncodedBatch) -> DeliveryError | None:
         timeout = self._policy.attempt_timeout
         left = self._time_left()
         if left is not None:
             timeout = max(0.05, min(timeout, left))
+        probing = self.gate.breaker.state == "half_open"
         t0 = time.perf_counter()
         try:
             await asyncio.wait_for(self._sink.put(enc.key, enc.data, enc.metadata), timeout)
@@ -179,14 +241,18 @@ class Uploader:
             err = RetryableDeliveryError(
                 f"attempt timed out after {timeout:g}s", error_class="timeout"
             )
+        except asyncio.CancelledError:
+            if probing:
+                self.gate.breaker.abandon()
+            raise
+        except BaseException as e:  # a native library's panic is a delivery error
+            err = RetryableDeliveryError(f"{type(e).__name__}: {e}", error_class="internal")
         else:
             err = None
         elapsed = time.perf_counter() - t0
         self._m.s3_put_duration.labels("ok" if err is None else "error").observe(elapsed)
         if err is None:
-            self.consecutive_failures = 0
-            if self._on_success is not None:
-                self._on_success()
+            self.gate.uploaded()
             self._m.s3_events_stored.inc(enc.events)
             self._m.s3_objects_stored.inc()
             self._m.s3_bytes_stored.inc(len(enc.data))
@@ -198,52 +264,62 @@ class Uploader:
                 durationMs=round(elapsed * 1000, 2),
             )
         else:
-            self.consecutive_failures += 1
+            self.gate.upload_failed(err)
             self._m.s3_put_errors.inc()
             self._m.s3_put_errors_by_class.labels(err.error_class).inc()
         return err
 
     async def _deliver(self, enc: EncodedBatch) -> None:
         policy = self._policy
-        attempts = 0
-        last_err: DeliveryError = RetryableDeliveryError("drain deadline", error_class="deadline")
+        gate = self.gate
+        attempts = held = 0
+        err: DeliveryError | None = None
         while True:
             left = self._time_left()
-            if left is not None and left <= 0 and attempts:
+            if left is not None and left <= 0 and (attempts or held):
                 # past the drain deadline: save it without another attempt
-                if await self._give_up(enc, last_err, attempts):
+                if await self._give_up(enc, err or _DEADLINE, attempts):
                     return
                 await asyncio.sleep(0.1)
                 continue
-            attempts += 1
-            err = await self._attempt(enc)
-            if err is None:
-                return
-            last_err = err
-            exhausted = (not err.retryable) or attempts > policy.retries
-            log.warning(
-                "lake upload failed",
-                batchKey=enc.key,
-                events=enc.events,
-                attempt=attempts,
-                errorClass=err.error_class,
-                error=str(err).splitlines()[0][:300],
-                willRetry=not exhausted or self._spill is None,
-            )
-            if (
-                exhausted
-                and self._spill is not None
-                and await self._spill.spill(enc, err, attempts)
-            ):
-                return
-            # retry: fast backoff within the retry budget, slow and capped beyond it
-            cap = policy.held_max_delay if exhausted else policy.max_delay
-            delay = policy.delay(attempts, cap)
-            left = self._time_left()
-            if left is not None and left <= delay:
-                await asyncio.sleep(max(0.0, left))
-                continue
-            await asyncio.sleep(delay)
+            if gate.breaker.allow():
+                attempts += 1
+                err = await self._attempt(enc)
+                if err is None:
+                    return
+                retry = (
+                    err.retryable and attempts <= policy.retries and gate.breaker.state == "closed"
+                )
+                log.warning(
+                    "lake upload failed",
+                    batchKey=enc.key,
+                    events=enc.events,
+                    attempt=attempts,
+                    errorClass=err.error_class,
+                    error=str(err).splitlines()[0][:300],
+                    willRetry=retry or self._spill is None,
+                )
+                if retry:
+                    await self._pause(policy.delay(attempts))
+                    continue
+            elif err is None:
+                # the lake is marked failing: straight to the DLQ
+                err = gate.last_error or RetryableDeliveryError(
+                    "lake marked failing", error_class="lake_failing"
+                )
+            if self._spill is not None:
+                if await self._spill.spill(enc, err, attempts):
+                    gate.spilled()
+                    return
+                gate.spill_failed()
+            held += 1
+            await self._pause(policy.delay(held, policy.held_max_delay))
+
+    async def _pause(self, delay: float) -> None:
+        left = self._time_left()
+        if left is not None:
+            delay = min(delay, max(0.0, left))
+        await asyncio.sleep(delay)
 
     async def _give_up(self, enc: EncodedBatch, err: DeliveryError, attempts: int) -> bool:
         """At the drain deadline: spill if possible, else count the loss."""
@@ -261,3 +337,6 @@ class Uploader:
             errorClass=err.error_class,
         )
         return True
+
+
+_DEADLINE = RetryableDeliveryError("drain deadline", error_class="deadline")
