@@ -13,10 +13,16 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
 
 
-async def _conn(host: str, port: int, cid: str, n: int, result: LoadResult) -> None:
+async def _conn(
+    host: str, port: int, cid: str, n: int, result: LoadResult, interval: float = 0.0
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     try:
         for i in range(n):
+            if interval:  # paced: request i leaves at start + i * interval
+                await asyncio.sleep(max(0.0, start + i * interval - loop.time()))
             ident = f"{cid}-{i}"
             body = b'{"id":"%s","pad":"%s"}' % (ident.encode(), b"x" * 200)
             writer.write(
@@ -40,10 +46,18 @@ async def _conn(host: str, port: int, cid: str, n: int, result: LoadResult) -> N
         await writer.wait_closed()
 
 
-async def run_load(host: str, port: int, *, connections: int, per_connection: int) -> LoadResult:
+async def run_load(
+    host: str, port: int, *, connections: int, per_connection: int, rate: float = 0.0
+) -> LoadResult:
+    """``connections`` keep-alive connections, ``per_connection`` requests each;
+    ``rate`` (requests per second over all connections) paces them, 0 = flat out."""
     result = LoadResult()
     tag = uuid.uuid4().hex[:8]  # ids unique across runs
+    interval = connections / rate if rate else 0.0
     await asyncio.gather(
-        *(_conn(host, port, f"{tag}c{c}", per_connection, result) for c in range(connections))
+        *(
+            _conn(host, port, f"{tag}c{c}", per_connection, result, interval)
+            for c in range(connections)
+        )
     )
     return result
