@@ -46,7 +46,7 @@ class S3ErrorServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_PUT = do_GET = do_HEAD = do_POST = _answer  # noqa: N815
+            do_PUT = do_GET = do_HEAD = do_POST = _answer
 
             def log_message(self, *args: object) -> None:
                 return None
