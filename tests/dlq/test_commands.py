@@ -61,3 +61,55 @@ def test_stats_ls_replay_purge(tmp_path: Path) -> None:
     assert "purged 1 files (10 events)" in out.stdout, out.stdout + out.stderr
     out = estat(tmp_path, "stats")
     assert "files   0" in out.stdout, out.stdout + out.stderr
+
+
+def fill_bound_for(tmp_path: Path, destination: str, n: int = 2) -> None:
+    async def go() -> None:
+        dlq, _ = make(tmp_path / "data" / "dlq", SystemClock(), destination=destination)  # type: ignore[arg-type]
+        for i in range(n):
+            await dlq.spill(
+                batch(f"raw/dt=2026-01-01/hr=00/{i}_y_000000.jsonl.gz", range(i, i + 1)), ERR, 3
+            )
+
+    asyncio.run(go())
+
+
+def test_replay_refuses_a_file_bound_for_another_lake(tmp_path: Path) -> None:
+    fill_bound_for(tmp_path, "http://127.0.0.1:9/estat-prod")  # the service's S3 lake
+    here = f"file://{(tmp_path / 'data' / 'lake').resolve()}"
+    out = estat(tmp_path, "replay", "--dry-run")
+    assert out.returncode == 0
+    assert "bound for http://127.0.0.1:9/estat-prod" in out.stdout, out.stdout
+    assert f"→ {here}" in out.stdout
+    assert "refused" in out.stdout
+    out = estat(tmp_path, "replay")
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if line.startswith("estat:")]
+    assert len(errors) == 1, out.stderr
+    assert "bound for http://127.0.0.1:9/estat-prod" in errors[0]
+    assert "--to-current-lake" in errors[0]
+    assert not (tmp_path / "data" / "lake").exists() or not any(
+        (tmp_path / "data" / "lake").rglob("*.jsonl.gz")
+    )
+    assert len(list((tmp_path / "data" / "dlq").glob("*/*.dlq"))) == 2  # kept
+    out = estat(tmp_path, "replay", "--to-current-lake")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "replayed 2 files" in out.stdout
+    assert len(list((tmp_path / "data" / "lake").rglob("*.jsonl.gz"))) == 2
+
+
+def test_read_only_commands_create_nothing(tmp_path: Path) -> None:
+    for args in (("stats",), ("ls",), ("replay", "--dry-run")):
+        out = estat(tmp_path, *args)
+        assert out.returncode == 1, args
+        assert "does not exist" in out.stderr
+        assert out.stderr.count("\n") == 1  # one line, no traceback
+    assert not (tmp_path / "data").exists()
+
+
+def test_purge_with_a_bad_duration_is_one_line(tmp_path: Path) -> None:
+    fill(tmp_path, 1)
+    out = estat(tmp_path, "purge", "--older-than", "5x", "--yes")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("estat: --older-than")
