@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 NATIVE_SRC := $(shell python3 scripts/build_native.py --list)
 NATIVE_STAMP := build/native/.built
 
-.PHONY: install run test test-pure bench-instructions check lint fmt typecheck imports bench docs clean native
+.PHONY: install run test test-pure bench-instructions bench-dlq-million check lint fmt typecheck imports bench docs clean native
 
 install: $(STAMP) $(NATIVE_STAMP)
 
@@ -71,6 +71,10 @@ bench: install
 	@bash scripts/bench-deps.sh
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/dlq_bench.py
+
+# the DLQ with 1,000,000 files: start-up, RSS, pick and a full replay (about half an hour)
+bench-dlq-million: install
+	$(PY) benchmarks/dlq_bench.py --million
 
 # CPU instructions per /collect request (valgrind): repeatable where wall-clock is not
 bench-instructions: install

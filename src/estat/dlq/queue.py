@@ -84,6 +84,7 @@ class DeadLetterQueue:
         self.events = 0
         self._resynced_at = 0.0
         self._lock = asyncio.Lock()  # one writer/evictor at a time in this process
+        self._candidates: list[Entry] = []  # the rest of the last window, newest first
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -228,18 +229,20 @@ class DeadLetterQueue:
 
     # -- replay ------------------------------------------------------------------------
     async def pick(self) -> Entry | None:
-        """The oldest unexpired file of the oldest bucket (a bounded window);
-        expired files met on the way are removed."""
+        """The oldest unexpired file of the oldest bucket; expired files met on
+        the way are removed. One directory window serves many picks: its
+        files are taken oldest first until it is used up (a file gone in the
+        meantime only makes its claim fail)."""
         while True:
-            entries: list[Entry] = await self._run(self.store.window)
-            if not entries:
-                return None
-            await self.expire(entries)
-            cutoff = self._clock.time() - self.max_age
-            live = [e for e in entries if e.created >= cutoff]
-            if live:
-                return min(live, key=lambda e: e.stem)
-            # the whole window had expired and is gone: look again
+            if not self._candidates:
+                entries: list[Entry] = await self._run(self.store.window)
+                if not entries:
+                    return None
+                self._candidates = sorted(entries, key=lambda e: e.stem, reverse=True)
+            entry = self._candidates.pop()
+            if entry.created >= self._clock.time() - self.max_age:
+                return entry
+            await self.expire([entry])
 
     async def replay_one(self, sink: Sink, *, same_destination: bool = False) -> ReplayResult:
         """Replay the oldest file. ``same_destination`` refuses (raises
@@ -291,6 +294,7 @@ class DeadLetterQueue:
             crash_point("replay.after_upload")
         except (DeliveryError, TimeoutError, OSError) as e:
             await self._release(entry)
+            self._candidates.append(entry)  # still the oldest: next in line
             self._m.dlq_replay_failures.inc()
             log.debug("DLQ replay failed", file=entry.name, error=str(e).splitlines()[0][:200])
             return "failed"
