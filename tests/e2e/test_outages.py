@@ -195,3 +195,83 @@ def test_hanging_lake_spills_early_and_never_refuses(estat_factory: Any) -> None
     assert set(saved) == res.acked
     assert max(saved.values()) == 1
     assert "lake marked failing" in p.log.read_text()
+
+
+def test_a_burst_of_emfile_heals(estat_factory: Any) -> None:
+    """Descriptors run out while the lake is down: spills fail with EMFILE,
+    ingest refuses; when descriptors are back the DLQ takes the batches,
+    and when the lake is back everything acknowledged reaches it."""
+    import resource
+
+    port = free_port()
+    p: EstatProcess = estat_factory(outage_env(port))
+    p.start()
+    assert p.proc is not None
+    pid = p.proc.pid
+    acked: set[str] = set()
+
+    async def over_one_connection() -> tuple[LoadResult, LoadResult]:
+        # the connection is opened before descriptors run out
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+        before, during = LoadResult(), LoadResult()
+        tag = os.urandom(4).hex()
+
+        async def send(i: int, into: LoadResult) -> None:
+            ident = f"emfile-{tag}-{i}"
+            body = b'{"id":"%s"}' % ident.encode()
+            writer.write(
+                b"POST /collect HTTP/1.1\r\nHost: t\r\nUser-Agent: load/1\r\n"
+                b"X-Forwarded-For: 81.2.69.160\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            if length:
+                await reader.readexactly(length)
+            into.statuses[status] = into.statuses.get(status, 0) + 1
+            if status == 200:
+                into.acked.add(ident)
+
+        for i in range(50):
+            await send(i, before)
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use, hard))  # nothing left
+        try:
+            for i in range(50, 400):
+                await send(i, during)
+                if during.statuses.get(503):
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(1)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        writer.close()
+        return before, during
+
+    before, during = asyncio.run(over_one_connection())
+    acked |= before.acked | during.acked
+    assert during.statuses.get(503), during.statuses  # it refused instead of piling up
+    until(lambda: p.metrics()["pipeline_accepting"] == 1, what="accepting again")
+    after = load(p, connections=2, per=25)
+    assert after.statuses == {200: 50}
+    acked |= after.acked
+    moto = MotoServer(port)
+    moto.start()
+    try:
+        moto.client().create_bucket(Bucket="estat-outage")
+        until(lambda: p.metrics()["dlq_files_current"] == 0, timeout=60, what="DLQ replayed")
+        assert p.stop() == 0
+        objects = s3_objects(moto, "estat-outage")
+    finally:
+        moto.stop()
+    seen: Counter[str] = Counter()
+    for data in objects.values():
+        for rec in decode(data):
+            seen[json.loads(rec["body"])["id"]] += 1
+    assert set(seen) == acked
+    assert max(seen.values()) == 1
+    assert "stage failed" not in p.log.read_text()
