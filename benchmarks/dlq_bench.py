@@ -180,8 +180,7 @@ async def spill_rate(work: Path, batches: int = 400, events: int = 500) -> None:
             gate=gate,
         )  # fmt: skip
         line = b'{"ts":1,"ip":"81.2.69.160","body":"%s"}\n' % (b"x" * 200)
-        tasks = []
-        up.start(lambda name, coro: tasks.append(asyncio.create_task(coro)) or tasks[-1])
+        up.start(lambda name, coro: asyncio.create_task(coro, name=name))
         t0 = time.perf_counter()
         for i in range(batches):
             await inbox.put(Batch(f"raw/{i}", line * events, events, 1, 2))

@@ -221,8 +221,7 @@ def test_a_burst_of_emfile_heals(estat_factory: Any) -> None:
             body = b'{"id":"%s"}' % ident.encode()
             writer.write(
                 b"POST /collect HTTP/1.1\r\nHost: t\r\nUser-Agent: load/1\r\n"
-                b"X-Forwarded-For: 81.2.69.160\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(body), body)
+                b"X-Forwarded-For: 81.2.69.160\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             status = int((await reader.readline()).split()[1])
             length = 0
