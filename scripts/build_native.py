@@ -86,7 +86,13 @@ def main() -> int:
             "the Python headers, then run `make install` again.",
             file=sys.stderr,
         )
+        return FELL_BACK
     return 0
+
+
+#: exit status when the build failed and estat will run as Python: the
+#: Makefile does not record the build, so the next `make install` tries again
+FELL_BACK = 3
 
 
 if __name__ == "__main__":

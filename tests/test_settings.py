@@ -80,10 +80,67 @@ def test_bad_value_is_one_line_naming_the_variable(
     assert "accepts" in msg
 
 
-def test_effective_config_masks_secrets() -> None:
-    rows = dict(effective_config(load_settings()))
+def test_effective_config_masks_secrets_by_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTH_JWT_SECRET", "s3cret-value")
+    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", "redis://:pw@127.0.0.1:6379/0")
+    settings = load_settings()
+    rows = dict(effective_config(settings))
     assert rows["FLUSH_INTERVAL"] == "2m"
     assert rows["LAKE_DIR"] == "data/lake"
+    assert rows["AUTH_JWT_SECRET"] == "****"
+    assert rows["RATE_LIMIT_REDIS_URL"] == "****"
+    assert "s3cret-value" not in repr(settings)  # SecretStr, not a name heuristic
+    assert settings.auth_jwt_secret is not None
+    assert settings.auth_jwt_secret.get_secret_value() == "s3cret-value"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("HTTP_ADDR", ":99999", "port 99999 is out of range"),
+        ("CORS_ALLOW_ORIGINS", "shop.example", "is not an origin"),
+        ("CORS_ALLOW_ORIGINS", "https://shop.example, ftp://x", "is not an origin"),
+        ("RAW_BUCKET", "My_Bucket", "not an S3 bucket name"),
+        ("RAW_BUCKET", "192.168.0.1", "not an S3 bucket name"),
+        (
+            "AUTH_JWT_PUBLIC_KEY",
+            "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----",
+            "not a PEM public key",
+        ),
+    ],
+)
+def test_values_checked_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert says in str(e.value)
+    assert list(e.value.problems) == [name]
+
+
+def test_every_invalid_variable_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    bad = {
+        "HTTP_ADDR": ":99999",
+        "CORS_ALLOW_ORIGINS": "shop.example",
+        "RAW_BUCKET": "Bad_Bucket",
+        "AUTH_JWT_PUBLIC_KEY": "not-a-key-and-secret",
+        "BATCH_SIZE": "0",
+    }
+    for k, v in bad.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert set(e.value.problems) == set(bad)
+    out = subprocess.run([sys.executable, "-m", "estat", "config"], capture_output=True, text=True)
+    assert out.returncode == 2
+    marked = {line.split()[0] for line in out.stdout.splitlines() if "<- INVALID" in line}
+    assert marked == set(bad)
+    assert "FLUSH_INTERVAL" in out.stdout  # the whole table, not only the errors
+    assert "not-a-key-and-secret" not in out.stdout + out.stderr
 
 
 def test_configuration_doc_is_current() -> None:

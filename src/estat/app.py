@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
+from pydantic import SecretStr
 
 from estat.clock import Clock, SystemClock
 from estat.codec import encode
@@ -89,6 +91,31 @@ def build_dlq(
         attempt_timeout=settings.s3_timeout,
         destination=destination,
     )
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+#: descriptors kept for everything that is not a client connection
+FD_RESERVE = 128
+
+
+def raise_nofile_limit() -> int:
+    """Raise the open-file limit to its hard limit; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, (soft - FD_RESERVE) * 3 // 4)
 
 
 class QueuePublisher:
@@ -159,7 +186,7 @@ class App:
         m = self.metrics
         self.limiter: RateLimiter = (
             RedisRateLimiter(
-                settings.rate_limit_redis_url,
+                settings.rate_limit_redis_url.get_secret_value(),
                 settings.analytics_rate_limit_max_requests,
                 settings.analytics_rate_limit_window,
                 m,
@@ -190,7 +217,9 @@ class App:
                     ),
                     allowlist=settings.allowlist,
                     limiter=self.limiter,
-                    verifier=TokenVerifier(settings.auth_jwt_secret, settings.auth_jwt_public_key),
+                    verifier=TokenVerifier(
+                        _secret(settings.auth_jwt_secret), _secret(settings.auth_jwt_public_key)
+                    ),
                     cors=Cors(settings.cors_origins, b"POST, OPTIONS"),
                     metrics=m,
                 ),
@@ -204,10 +233,12 @@ class App:
                 header_timeout=settings.http_header_timeout,
                 body_timeout=settings.http_body_timeout,
                 keepalive_timeout=settings.http_keepalive_timeout,
+                max_connections=settings.max_connections or default_max_connections(),
             ),
             metrics=m,
             log_sample=Sampler(settings.log_sample_n),
         )
+        self.http.on_failure = lambda name, exc: self.supervisor.fail(name, exc, "raised")
         self.draining = False
         self.address: tuple[str, int] | None = None
         self._flush_task: asyncio.Task[None] | None = None
@@ -354,6 +385,7 @@ class App:
 
 
 async def _serve(settings: Settings, reuse_port: bool) -> int:
+    raise_nofile_limit()
     app = App(settings, reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,21 +5,31 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from estat import __version__
 from estat.errors import ConfigError
-from estat.settings import effective_config, load_settings, markdown_table
+from estat.settings import effective_config, load_settings, markdown_table, raw_config
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="estat", description="User-activity event collector.")
+    p.add_argument("--version", action="version", version=f"estat {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the collector until SIGTERM/SIGINT")
+    s = sub.add_parser(
+        "serve",
+        help="run the collector until SIGTERM/SIGINT",
+        description=(
+            "Run the collector until SIGTERM/SIGINT. Configuration comes from environment "
+            "variables and a .env file in the working directory; `estat config` prints the "
+            "effective values and docs/configuration.md lists every variable."
+        ),
+    )
     s.add_argument(
         "--workers",
         type=int,
         default=None,
-        help="worker processes (default: one per available core); 1 runs a single process",
+        help="worker processes, 1 to 256 (default: one per available core); 1 runs a single process",
     )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
@@ -48,6 +58,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def stale_compiled_modules() -> list[str]:
+    """Compiled modules (``make install``) whose ``.py`` changed since: they
+    would run old code while the source says otherwise."""
+    root = Path(__file__).resolve().parent
+    stale = []
+    for so in root.glob("**/*.so"):
+        py = so.with_name(so.name.split(".", 1)[0] + ".py")
+        if py.exists() and py.stat().st_mtime > so.stat().st_mtime:
+            stale.append(str(py.relative_to(root.parent)))
+    return sorted(stale)
+
+
+def _print_rows(rows: list[tuple[str, str]], problems: dict[str, str]) -> None:
+    """The configuration table; invalid variables are marked with the reason."""
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        mark = f"   <- INVALID: {problems[k].split(': ', 1)[1]}" if k in problems else ""
+        print(f"{k.ljust(width)}  {v}{mark}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
@@ -59,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as e:
+        if args.command == "config":
+            _print_rows(raw_config(), e.problems)
         print(f"estat: {e}", file=sys.stderr)
         return 2
     if args.command == "dlq":
@@ -66,18 +98,29 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_dlq_command(settings, args)
     if args.command == "config":
-        rows = effective_config(settings)
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"{k.ljust(width)}  {v}")
+        _print_rows(effective_config(settings), {})
         return 0
+    stale = stale_compiled_modules()
+    if stale:
+        print(
+            f"estat: compiled modules older than their source: {', '.join(stale)}; "
+            "run `make install` (or ESTAT_NATIVE=0 make install to run them as Python)",
+            file=sys.stderr,
+        )
+        return 2
     # serve: hold SIGTERM/SIGINT until the handlers are installed (see app.serve)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    from estat.supervisor import default_workers
+    from estat.supervisor import MAX_WORKERS, AlreadyRunning, default_workers, lock_instance
 
     workers = args.workers if args.workers is not None else default_workers()
-    if workers < 1:
-        print("estat: --workers must be at least 1", file=sys.stderr)
+    if not 1 <= workers <= MAX_WORKERS:
+        print(f"estat: --workers must be from 1 to {MAX_WORKERS}", file=sys.stderr)
+        return 2
+    try:
+        # a worker of a server runs under its parent's locks
+        lock = None if args.reuse_port else lock_instance(settings, address=workers > 1)
+    except AlreadyRunning as e:
+        print(f"estat: {e}", file=sys.stderr)
         return 2
     if workers == 1:
         from estat.app import serve
@@ -85,4 +128,5 @@ def main(argv: list[str] | None = None) -> int:
         return serve(settings, reuse_port=args.reuse_port)
     from estat.supervisor import run_workers
 
+    assert lock is not None
     return run_workers(settings, workers)

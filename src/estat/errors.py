@@ -23,16 +23,26 @@ class EstatError(Exception):
 
 
 class ConfigError(EstatError):
-    """Invalid configuration; the message is one line naming the variable."""
+    """Invalid configuration; the message names every invalid variable, and
+    ``problems`` maps each to its one-line explanation."""
+
+    def __init__(self, message: str, problems: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or {}
 
 
 class Overloaded(EstatError):
-    """Backpressure: the pipeline cannot take more right now."""
+    """Backpressure: the pipeline cannot take more right now.
 
-    def __init__(self, reason: str, retry_after: int = 1) -> None:
+    ``kind`` is the low-cardinality cause: ``queue_full`` (counted in
+    ``http_requests_rejected_queue_full_total``), ``draining`` or
+    ``lake_unavailable`` (``http_requests_refused_total{reason}``)."""
+
+    def __init__(self, reason: str, retry_after: int = 1, kind: str = "queue_full") -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.kind = kind
 
 
 class DeliveryError(EstatError):

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from estat.errors import ConfigError
@@ -162,10 +169,16 @@ class Settings(BaseSettings):
         description="Largest request line plus headers in bytes; larger gets 431.",
         json_schema_extra=_accepts("an integer >= 1024"),
     )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Open connections per worker; above it the oldest idle keep-alive connection is closed (or the new one, when every connection is busy). 0: three quarters of the open-file limit (raised to its hard limit at start), less a reserve for the lake, the DLQ and logs.",
+        json_schema_extra=_accepts("0 or a positive integer"),
+    )
     http_header_timeout: Duration = Field(
         10.0,
         gt=0,
-        description="Time a client has to send a request's headers; then 408.",
+        description="Time a client has to send a request's headers, from accepting the connection or from the previous answer; then 408 (or a quiet close when nothing was sent).",
         json_schema_extra=_accepts("a duration"),
     )
     http_body_timeout: Duration = Field(
@@ -290,17 +303,17 @@ class Settings(BaseSettings):
     analytics_rate_limit_window: Duration = Field(
         60.0, gt=0, description="Rate-limit window.", json_schema_extra=_accepts("a duration")
     )
-    rate_limit_redis_url: str | None = Field(
+    rate_limit_redis_url: SecretStr | None = Field(
         None,
         description="Redis shared by every replica and worker for rate limits. Unset: in-process limits.",
         json_schema_extra=_accepts("redis://host:port/db"),
     )
-    auth_jwt_secret: str | None = Field(
+    auth_jwt_secret: SecretStr | None = Field(
         None,
         description="HS256 secret verifying `Authorization: Bearer` tokens (claim sub is the member id).",
         json_schema_extra=_accepts("a secret string"),
     )
-    auth_jwt_public_key: str | None = Field(
+    auth_jwt_public_key: SecretStr | None = Field(
         None,
         description="PEM public key verifying RS256/ES256 bearer tokens (instead of AUTH_JWT_SECRET).",
         json_schema_extra=_accepts("a PEM public key"),
@@ -410,9 +423,44 @@ class Settings(BaseSettings):
 
     @field_validator("rate_limit_redis_url")
     @classmethod
-    def _redis(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(redis|rediss|unix)://", v):
+    def _redis(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not re.match(r"^(redis|rediss|unix)://", v.get_secret_value()):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @field_validator("auth_jwt_public_key")
+    @classmethod
+    def _public_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            from cryptography.hazmat.primitives.asymmetric import ec, rsa
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            try:
+                key = load_pem_public_key(v.get_secret_value().encode())
+            except (ValueError, TypeError):
+                raise ValueError("not a PEM public key") from None
+            if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+                raise ValueError("must be an RSA (RS256) or EC P-256 (ES256) public key")
+        return v
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, v: str) -> str:
+        for origin in (o.strip() for o in v.split(",")):
+            if origin and origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port], e.g. https://shop.example"
+                )
+        return v
+
+    @field_validator("raw_bucket")
+    @classmethod
+    def _bucket(cls, v: str | None) -> str | None:
+        if v is not None and (not _BUCKET.fullmatch(v) or ".." in v or re.fullmatch(r"[\d.]+", v)):
+            raise ValueError(
+                "not an S3 bucket name: 3-63 lower-case letters, digits, '.' or '-', "
+                "starting and ending with a letter or digit"
+            )
         return v
 
     @field_validator("raw_prefix", "dlq_prefix", "events_prefix")
@@ -449,10 +497,16 @@ class Settings(BaseSettings):
         return None if "*" in names else frozenset(names)
 
 
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 def parse_addr(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not port.isdigit():
         raise ValueError("expected host:port such as :8080 or 127.0.0.1:8080")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is out of range (0-65535)")
     host = host.strip("[]")
     return host or "0.0.0.0", int(port)
 
@@ -467,24 +521,32 @@ def env_name(field: str) -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Build the settings; on a bad value raise ``ConfigError`` with one line."""
+    """Build the settings; on bad values raise ``ConfigError`` naming every
+    invalid variable (``ConfigError.problems``: variable → one line)."""
     try:
         return Settings(**overrides)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
-        field = _ALIASES.get(field.upper(), field)
-        name = env_name(field) if field in Settings.model_fields else field.upper()
-        extra = (
-            Settings.model_fields[field].json_schema_extra
-            if field in Settings.model_fields
-            else None
-        )
-        accepts = extra.get("accepts") if isinstance(extra, dict) else None
-        raw = os.environ.get(name, err.get("input"))
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        hint = f" (accepts {accepts})" if accepts else ""
-        raise ConfigError(f"invalid configuration: {name}={raw!r}: {msg}{hint}") from None
+        problems: dict[str, str] = {}
+        for err in e.errors():
+            name, line = _problem(err)
+            problems.setdefault(name, line)
+        lines = list(problems.values())
+        text = lines[0] if len(lines) == 1 else "\n  ".join(["", *lines])
+        raise ConfigError(f"invalid configuration: {text}", problems) from None
+
+
+def _problem(err: Any) -> tuple[str, str]:
+    field = str(err["loc"][0]) if err["loc"] else "?"
+    field = _ALIASES.get(field.upper(), field)
+    name = env_name(field) if field in Settings.model_fields else field.upper()
+    info = Settings.model_fields.get(field)
+    extra = info.json_schema_extra if info is not None else None
+    accepts = extra.get("accepts") if isinstance(extra, dict) else None
+    raw = os.environ.get(name, err.get("input"))
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    hint = f" (accepts {accepts})" if accepts else ""
+    shown = "****" if name in SECRET_VARIABLES else repr(raw)
+    return name, f"{name}={shown}: {msg}{hint}"
 
 
 _ALIASES = {
@@ -494,7 +556,10 @@ _ALIASES = {
     for choice in info.validation_alias.choices
 }
 
-_SECRET_HINTS = ("SECRET", "TOKEN", "PASSWORD", "PUBLIC_KEY", "REDIS_URL")
+#: variables whose values are never printed (typed ``SecretStr``)
+SECRET_VARIABLES = frozenset(
+    env_name(f) for f, info in Settings.model_fields.items() if "SecretStr" in str(info.annotation)
+)
 
 
 def effective_config(settings: Settings) -> list[tuple[str, str]]:
@@ -511,10 +576,30 @@ def effective_config(settings: Settings) -> list[tuple[str, str]]:
             text = _fmt_seconds(value)
         elif isinstance(value, bool):
             text = str(value).lower()
+        elif isinstance(value, SecretStr):
+            text = "****"
         else:
             text = "" if value is None else str(value)
-        if text and any(h in name for h in _SECRET_HINTS):
+        rows.append((name, text))
+    return rows
+
+
+def raw_config() -> list[tuple[str, str]]:
+    """(variable, value) as set in the environment or ``.env`` (or the default),
+    secrets masked: what ``estat config`` shows when the values do not validate."""
+    from dotenv import dotenv_values
+
+    dotenv = {k.upper(): v for k, v in dotenv_values(".env").items() if v is not None}
+    rows: list[tuple[str, str]] = []
+    for field in Settings.model_fields:
+        name = env_name(field)
+        value = os.environ.get(name, dotenv.get(name))
+        if value is None:
+            text = "(default)"
+        elif name in SECRET_VARIABLES:
             text = "****"
+        else:
+            text = value
         rows.append((name, text))
     return rows
 

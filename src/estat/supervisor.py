@@ -15,14 +15,17 @@ id is in every object key) and local writes are atomic renames.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import deque
+from pathlib import Path
 from types import FrameType
 
 from prometheus_client import multiprocess
@@ -36,6 +39,76 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 CRASH_WINDOW = 60.0
 CRASH_LIMIT = 5
 KILL_MARGIN = 5.0
+MAX_WORKERS = 256
+
+
+class AlreadyRunning(Exception):
+    """Another estat holds the address or the data directories."""
+
+
+class InstanceLock:
+    """One server per address and per data directory.
+
+    ``flock`` on ``<dir>/.estat.lock`` for ``DATA_DIR`` and ``DLQ_DIR`` (two
+    servers replaying one DLQ, or writing one lake directory, would race),
+    held for the life of the process and released by the kernel when it
+    dies. The address is probed with a plain bind: it fails while any
+    socket (estat's ``SO_REUSEPORT`` workers included) holds the port, so a
+    second server cannot join the first one's group; a sentinel socket with
+    ``SO_REUSEPORT`` then holds the address until the workers bind theirs.
+    """
+
+    def __init__(self) -> None:
+        self._files: list[int] = []
+        self._sentinel: socket.socket | None = None
+
+    def lock_dir(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / ".estat.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another estat (pid {holder}) is using {path}; "
+                "give each server its own DATA_DIR and DLQ_DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._files.append(fd)
+
+    def hold_address(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.bind((host or "", port))
+        except OSError as e:
+            raise AlreadyRunning(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        finally:
+            probe.close()
+        sentinel = socket.socket(family, socket.SOCK_STREAM)
+        sentinel.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sentinel.bind((host or "", port))  # bound, never listening: gets no connections
+        self._sentinel = sentinel
+
+    def release_address(self) -> None:
+        if self._sentinel is not None:
+            self._sentinel.close()
+            self._sentinel = None
+
+
+def lock_instance(settings: Settings, *, address: bool) -> InstanceLock:
+    """Take the locks of one server (raises ``AlreadyRunning``)."""
+    lock = InstanceLock()
+    lock.lock_dir(settings.data_dir)
+    dlq = settings.dlq_path
+    if dlq.resolve() != settings.data_dir.resolve():
+        lock.lock_dir(dlq)
+    if address:
+        host, port = settings.listen
+        lock.hold_address(host, port)
+    return lock
 
 
 def default_workers() -> int:
@@ -86,6 +159,8 @@ def run_workers(settings: Settings, n: int) -> int:
     status = 0
     try:
         for w in workers:
+            if stopping:  # a signal during start-up: stop spawning, drain those started
+                break
             spawn(w)
         while not stopping:
             time.sleep(0.1)

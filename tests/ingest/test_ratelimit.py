@@ -57,3 +57,20 @@ async def test_redis_down_fails_open_and_counts(redis_server: Any) -> None:
         == 3
     )
     await rl.close()
+
+
+def test_memory_evicts_oldest_windows_first_and_renewed_ones_last() -> None:
+    clock = FakeClock()
+    rl = MemoryRateLimiter(1, 60, clock, max_keys=3)
+    rl.hit("a")
+    clock.advance(1)
+    rl.hit("b")
+    clock.advance(60)  # a's and b's windows are over
+    rl.hit("a")  # a new window for a: now the newest
+    clock.advance(1)
+    rl.hit("c")  # b (expired) is dropped; a survives
+    assert list(rl._windows) == ["a", "c"]
+    rl.hit("d")
+    rl.hit("e")  # at max_keys: the oldest live window (a) goes
+    assert list(rl._windows) == ["c", "d", "e"]
+    assert not rl.hit("e").allowed  # e's own window is intact

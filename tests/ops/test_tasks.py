@@ -60,3 +60,34 @@ async def test_tasks_may_end_once_stopping() -> None:
     await asyncio.sleep(0.01)
     assert reported == []
     assert count(m, "metrics-flush") == 0
+
+
+async def test_a_failing_listener_tick_is_a_stage_failure_and_keeps_ticking() -> None:
+    from estat.ingest.http import HttpLimits, HttpServer
+    from estat.ops.logging import Sampler
+
+    m = Metrics(CollectorRegistry())
+    reported: list[str] = []
+    sup = Supervisor(m, reported.append)
+    server = HttpServer(
+        {},
+        limits=HttpLimits(max_head=8192, header_timeout=10, body_timeout=10, keepalive_timeout=75),
+        metrics=m,
+        log_sample=Sampler(1),
+    )
+    server.on_failure = lambda name, exc: sup.fail(name, exc, "raised")
+
+    class Broken:
+        answered = in_head = in_request = 0
+        seen_state = (0, 0, 0)
+        seen_at = -1e9
+
+        def on_deadline(self) -> None:
+            raise RuntimeError("deadline handling bug")
+
+    server.connections[Broken()] = None  # type: ignore[index]
+    server._tick()
+    assert reported == ["listener"]
+    assert count(m, "listener") == 1
+    assert server._tick_handle is not None  # the next tick is still scheduled
+    server._tick_handle.cancel()

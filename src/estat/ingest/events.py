@@ -24,7 +24,7 @@ from typing import Annotated, Any, Protocol
 import msgspec
 
 from estat.errors import Overloaded
-from estat.ingest.http import Deferred, HttpConnection
+from estat.ingest.http import Deferred, HttpConnection, count_overloaded
 from estat.ingest.identity import InvalidToken, TokenVerifier
 from estat.ingest.ip import client_ip
 from estat.ingest.ratelimit import Decision, RateLimiter
@@ -206,25 +206,26 @@ class EventsRoute:
         )
 
     # -- entry -------------------------------------------------------------------
+    def precheck(self, c: HttpConnection) -> bool:
+        """Before ``100 Continue``: answer what the headers alone decide (405,
+        415) and close, so the client never sends a body for nothing."""
+        if c.method == b"OPTIONS":
+            return True
+        try:
+            self._check_head(c)
+        except Rejected as r:
+            self._reject(c, self._cors.headers(c.headers.get("origin")), r, close=True)
+            return False
+        return True
+
     def handle(self, c: HttpConnection) -> None:
         method = c.method
         if method == b"OPTIONS":
             self._cors.preflight(c)
             return
         cors = self._cors.headers(c.headers.get("origin"))
-        if method != b"POST":
-            self._reject(
-                c,
-                cors,
-                Rejected(
-                    405,
-                    "ANALYTICS_INGEST_METHOD_NOT_ALLOWED",
-                    "use POST",
-                    b"allow: POST, OPTIONS\r\n",
-                ),
-            )
-            return
         try:
+            self._check_head(c)
             batch, member = self._parse(c)
             key = f"member:{member}" if member is not None else f"anonymous:{batch.anonymousId}"
         except Rejected as r:
@@ -251,12 +252,19 @@ class EventsRoute:
             ua.decode("utf-8", "replace") if ua else "",
         )
 
-    def _reject(self, c: HttpConnection, cors: bytes, r: Rejected) -> None:
+    def _reject(self, c: HttpConnection, cors: bytes, r: Rejected, *, close: bool = False) -> None:
         self._m.analytics_events.labels("rejected", r.code).inc()
-        c.respond(r.status, _error_body(r.code, r.message), _JSON + cors + r.headers)
+        c.respond(r.status, _error_body(r.code, r.message), _JSON + cors + r.headers, close=close)
 
     # -- synchronous part: transport, JSON, types, batch, identity -----------------
-    def _parse(self, c: HttpConnection) -> tuple[ClientBatch, str | None]:
+    @staticmethod
+    def _check_head(c: HttpConnection) -> None:
+        """What the request head alone decides: the method (405), the media
+        type and the content coding (415)."""
+        if c.method != b"POST":
+            raise Rejected(
+                405, "ANALYTICS_INGEST_METHOD_NOT_ALLOWED", "use POST", b"allow: POST, OPTIONS\r\n"
+            )
         h = c.headers
         ctype = h.get("content-type")
         if ctype is not None:
@@ -267,18 +275,20 @@ class EventsRoute:
                     "ANALYTICS_INGEST_UNSUPPORTED_MEDIA_TYPE",
                     "send application/json or text/plain",
                 )
+        encoding = h.get("content-encoding")
+        if encoding is not None and encoding.strip().lower() not in (b"gzip", b"identity", b""):
+            raise Rejected(
+                415,
+                "ANALYTICS_INGEST_UNSUPPORTED_ENCODING",
+                "Content-Encoding must be gzip or identity",
+            )
+
+    def _parse(self, c: HttpConnection) -> tuple[ClientBatch, str | None]:
+        h = c.headers
         body = c.body()
         encoding = h.get("content-encoding")
-        if encoding is not None:
-            enc = encoding.strip().lower()
-            if enc == b"gzip":
-                body = self._gunzip(body)
-            elif enc not in (b"identity", b""):
-                raise Rejected(
-                    415,
-                    "ANALYTICS_INGEST_UNSUPPORTED_ENCODING",
-                    "Content-Encoding must be gzip or identity",
-                )
+        if encoding is not None and encoding.strip().lower() == b"gzip":
+            body = self._gunzip(body)
         try:
             batch = self._decoder.decode(body)
         except UnicodeDecodeError:
@@ -371,6 +381,7 @@ class EventsRoute:
             respond(r.status, _error_body(r.code, r.message), _JSON + cors + r.headers)
             return
         except Overloaded as e:
+            count_overloaded(self._m, self.name, e)
             self._m.analytics_events.labels("rejected", "ANALYTICS_INGEST_UNAVAILABLE").inc(
                 len(batch.events)
             )
@@ -403,15 +414,16 @@ class EventsRoute:
             if occurred:
                 try:
                     when = _fromiso(occurred)
-                except ValueError:
+                    # already canonical (UTC, milliseconds, Z): keep the text as sent
+                    if not (len(occurred) == 24 and occurred[23] == "Z" and occurred[19] == "."):
+                        occurred = _iso(when if when.tzinfo else when.replace(tzinfo=UTC))
+                except (ValueError, OverflowError):
+                    # not ISO-8601, or no UTC instant (9999-12-31T23:59:59-14:00)
                     raise Rejected(
                         400,
                         "ANALYTICS_INGEST_INVALID_EVENT",
-                        f"occurredAt is not ISO-8601: {e.eventId}",
+                        f"occurredAt is not an ISO-8601 instant: {e.eventId}",
                     ) from None
-                # already canonical (UTC, milliseconds, Z): keep the text as sent
-                if not (len(occurred) == 24 and occurred[23] == "Z" and occurred[19] == "."):
-                    occurred = _iso(when if when.tzinfo else when.replace(tzinfo=UTC))
             else:
                 occurred = received
             props = e.properties

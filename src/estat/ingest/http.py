@@ -45,6 +45,7 @@ _REASONS = {
     200: "OK",
     204: "No Content",
     400: "Bad Request",
+    403: "Forbidden",
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -55,6 +56,7 @@ _REASONS = {
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
 }
 _STATUS_LINES: Final = {s: f"HTTP/1.1 {s} {r}\r\n".encode() for s, r in _REASONS.items()}
@@ -80,8 +82,12 @@ WANTED_HEADERS = frozenset(
         "access-control-request-headers",
         "authorization",
         "x-anonymous-id",
+        "host",
+        "transfer-encoding",
     }
 )
+#: RFC 9112 asks for a limit; 100 fields is far above any real client
+MAX_HEADER_FIELDS: Final = 100
 _NAMES_MAX = 4096
 _names: Final[dict[bytes, str]] = {}
 
@@ -122,6 +128,9 @@ class HttpLimits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
+    #: open connections at most; above it the oldest idle keep-alive
+    #: connection is closed, or the new one when none is idle
+    max_connections: int = 10_000
 
 
 class _Mount:
@@ -142,6 +151,14 @@ class _Mount:
         self.latency: FastHistogram = metrics.fast_histogram(metrics.http_duration.labels(name))
 
 
+def count_overloaded(m: Metrics, route: str, e: Overloaded) -> None:
+    """Count one 503 by its cause (the seed's queue-full counter keeps its meaning)."""
+    if e.kind == "queue_full":
+        m.http_queue_full.inc()
+    else:
+        m.http_refused.labels(route, e.kind).inc()
+
+
 class _Abort(Exception):
     """Raised from a parser callback after the answer is written: stops parsing."""
 
@@ -160,7 +177,8 @@ class HttpServer:
         self.limits = limits
         self.metrics = metrics
         self.log_sample = log_sample
-        self.connections: set[HttpConnection] = set()
+        # open connections, oldest first (a dict keeps insertion order)
+        self.connections: dict[HttpConnection, None] = {}
         self.draining = False
         self.now = time.monotonic()
         self.date_line = b""
@@ -169,6 +187,10 @@ class HttpServer:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.connections_shed = 0  # closed or refused for the connection cap
+        self._shed_flushed = 0
+        #: told when the listener's own periodic work fails (the supervisor)
+        self.on_failure: Callable[[str, BaseException], None] | None = None
         self._update_date()
         metrics.add_flusher(self._flush)
 
@@ -201,21 +223,40 @@ class HttpServer:
             )
         )
 
+    def admit(self, c: HttpConnection) -> bool:
+        """A new connection: make room under ``max_connections`` by closing
+        the oldest idle keep-alive connection; False (close the new one at
+        once) when every connection is busy."""
+        conns = self.connections
+        if len(conns) < self.limits.max_connections:
+            conns[c] = None
+            return True
+        self.connections_shed += 1
+        idle = [x for x in conns if not x.busy()]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda x: x.seen_at)  # ties: the oldest connection
+        oldest.close()
+        conns.pop(oldest, None)
+        conns[c] = None
+        return True
+
     def forget(self, c: HttpConnection) -> None:
-        self.connections.discard(c)
+        self.connections.pop(c, None)
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
 
     def _flush(self) -> None:
         """Fold the per-route answer counts into the metrics.
 
-        ``http_requests_total`` is every answer; accepted, too-large and
-        queue-full counts are the 200s of ingest routes, the 413s and the
-        503s: one count per request on the hot path, every seed metric
-        derived from it, so they cannot disagree.
+        ``http_requests_total`` is every answer; the accepted and too-large
+        counts are the 200s and 413s of ingest routes: one count per request
+        on the hot path, the seed metrics derived from it, so they cannot
+        disagree. 503s are counted by cause where they are made
+        (``count_overloaded``).
         """
         m = self.metrics
-        requests = accepted = too_large = queue_full = 0
+        requests = accepted = too_large = 0
         for mount in (*self.mounts.values(), self.unknown):
             name = mount.route.name if mount.route is not None else "other"
             for status, n in list(mount.counts.items()):
@@ -225,21 +266,24 @@ class HttpServer:
                 mount.flushed[status] = n
                 m.http_responses.labels(name, str(status)).inc(delta)
                 requests += delta
-                if status == 200 and mount.route is not None and mount.route.ingest:
+                if mount.route is None or not mount.route.ingest:
+                    continue
+                if status == 200:
                     accepted += delta
                 elif status == 413:
                     too_large += delta
-                elif status == 503:
-                    queue_full += delta
         for counter, delta in (
             (m.http_requests, requests),
             (m.http_accepted, accepted),
             (m.http_too_large, too_large),
-            (m.http_queue_full, queue_full),
         ):
             if delta:
                 counter.inc(delta)
         m.http_connections.set(len(self.connections))
+        shed = self.connections_shed - self._shed_flushed
+        if shed:
+            m.http_connections_shed.inc(shed)
+            self._shed_flushed += shed
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
@@ -271,26 +315,34 @@ class HttpServer:
         """
         loop = asyncio.get_running_loop()
         now = self.now = loop.time()
-        self._update_date()
-        lim = self.limits
-        expired = []
-        for c in self.connections:
-            state = (c.answered, c.in_head, c.in_request)
-            if state != c.seen_state:
-                c.seen_state = state
-                c.seen_at = now
-                continue
-            if c.in_head:
-                limit = lim.header_timeout
-            elif c.in_request:
-                limit = lim.body_timeout
-            else:
-                limit = lim.keepalive_timeout
-            if now - c.seen_at >= limit:
-                expired.append(c)
-        for c in expired:
-            c.on_deadline()
+        # the next tick first: an error below must not end the chain
         self._tick_handle = loop.call_at(now + 1.0, self._tick)
+        try:
+            self._update_date()
+            lim = self.limits
+            expired = []
+            for c in self.connections:
+                state = (c.answered, c.in_head, c.in_request)
+                if state != c.seen_state:
+                    c.seen_state = state
+                    c.seen_at = now
+                    continue
+                if c.in_head or (c.answered == 0 and not c.in_request and not c._pending):
+                    # the head deadline runs from accept: a connection that
+                    # never sends a byte is closed after HTTP_HEADER_TIMEOUT
+                    limit = lim.header_timeout
+                elif c.in_request:
+                    limit = lim.body_timeout
+                else:
+                    limit = lim.keepalive_timeout
+                if now - c.seen_at >= limit:
+                    expired.append(c)
+            for c in expired:
+                c.on_deadline()
+        except Exception as e:
+            if self.on_failure is None:
+                raise
+            self.on_failure("listener", e)
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
@@ -302,7 +354,7 @@ class HttpServer:
         self.draining = True
         await self.stop_accepting()
         for c in list(self.connections):
-            if not c.in_request:
+            if not c.busy():
                 c.close()
         if self.connections:
             self._all_closed = asyncio.Event()
@@ -352,15 +404,19 @@ class Deferred:
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_body_size",
+        "_fields",
         "_get_method",
         "_head_read",
         "_head_size",
+        "_hosts",
+        "_in_trailer",
         "_keep_alive",
         "_max_body",
         "_max_head",
         "_pending",
         "_reading_paused",
         "_started",
+        "_write_paused",
         "answered",
         "body_parts",
         "closing",
@@ -413,6 +469,10 @@ class HttpConnection(asyncio.Protocol):
         self.keep_alive = True
         self._pending: deque[Deferred] | None = None
         self._reading_paused = False
+        self._write_paused = False
+        self._in_trailer = False
+        self._fields = 0
+        self._hosts = 0
 
     # -- asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -422,8 +482,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer = str(peer[0]) if peer else ""
         if self.peer.startswith("::ffff:"):
             self.peer = self.peer[7:]
-        self.server.connections.add(self)
-        if self.server.draining:
+        if not self.server.admit(self) or self.server.draining:
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -431,8 +490,15 @@ class HttpConnection(asyncio.Protocol):
         self.server.forget(self)
         self.transport = None
 
+    def busy(self) -> bool:
+        """A request is being read or answered (answers computed later included)."""
+        return self.in_request or bool(self._pending)
+
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            return
+        if self._in_trailer:
+            self._trailer_received(data)
             return
         if self.in_head:
             # Bytes read while a request head is incomplete, counted per read
@@ -452,12 +518,29 @@ class HttpConnection(asyncio.Protocol):
             if not self.closing:
                 self._error(400, "BAD_REQUEST", "malformed HTTP request")
 
+    def _trailer_received(self, data: bytes) -> None:
+        """Bytes after a chunk header: the trailer section, if no chunk data
+        follows. Counted against the head limit (431), judged after parsing
+        so that a chunk's data is never mistaken for a trailer."""
+        self._head_read += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self.closing:
+                self._error(400, "BAD_REQUEST", "malformed HTTP request")
+            return
+        if self._in_trailer and self._head_read > self._max_head and not self.closing:
+            self._error(431, "HEADERS_TOO_LARGE", "request trailers too large")
+
     def pause_writing(self) -> None:
-        # a client that does not read its answers is not read either
+        # a client that does not read its answers is not read either, and no
+        # further request already read is handled (see on_message_complete)
+        self._write_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self.transport is not None and not self.closing:
             self.transport.resume_reading()
 
@@ -468,6 +551,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = self._head_read = 0
         self.body_parts = []
         self._body_size = 0
+        self._fields = self._hosts = 0
+        self._in_trailer = False
         self.in_head = self.in_request = True
         self._started = _perf()
 
@@ -476,16 +561,38 @@ class HttpConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value)
+        self._fields += 1
+        if not self.in_head:
+            # a chunked trailer field: counted, never read (it must not change
+            # what the request's headers said)
+            if self._head_size + len(self.url) > self._max_head:
+                self._error(431, "HEADERS_TOO_LARGE", "request trailers too large")
+                raise _Abort
+            return
         key = _names.get(name)
         if key is None:
             key = _learn(name)
         if key:
+            if key == "host":
+                self._hosts += 1
+            elif key == "transfer-encoding" and key in self.headers:
+                value = self.headers[key] + b", " + value  # every coding counts
             self.headers[key] = value
+
+    def on_chunk_header(self) -> None:
+        # data follows (on_body clears this), or, after the last chunk, trailers
+        self._in_trailer = True
+        self._head_read = self._head_size + len(self.url)
+
+    def on_chunk_complete(self) -> None:
+        self._in_trailer = False
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.closing:
+            raise _Abort  # an earlier pipelined answer closed the connection
         url = self.url
-        if self._head_size + len(url) > self._max_head:
+        if self._head_size + len(url) > self._max_head or self._fields > MAX_HEADER_FIELDS:
             if len(url) > self._max_head:
                 self._error(414, "URI_TOO_LONG", "request target too long")
             else:
@@ -493,6 +600,17 @@ class HttpConnection(asyncio.Protocol):
             raise _Abort
         self.method = self._get_method()
         self.keep_alive = self._keep_alive()
+        headers = self.headers
+        if self._hosts > 1 or (self._hosts == 0 and self.parser.get_http_version() == "1.1"):
+            self._error(400, "BAD_REQUEST", "an HTTP/1.1 request needs exactly one Host")
+            raise _Abort
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            if te.strip().lower() != b"chunked":
+                self._error(501, "NOT_IMPLEMENTED", "only the chunked transfer coding is supported")
+                raise _Abort
+            if self.parser.get_http_version() == "1.0":
+                self.keep_alive = False  # RFC 9112 6.1: faulty framing, close after it
         self.path, _, self.query = url.partition(b"?")
         mount = self.server.mounts.get(self.path)
         if mount is None:
@@ -504,7 +622,6 @@ class HttpConnection(asyncio.Protocol):
         route = self.route = mount.route
         assert route is not None
         self._max_body = route.max_body
-        headers = self.headers
         length = headers.get("content-length")
         # llhttp has already rejected a malformed or conflicting length; a
         # length with fewer digits than the limit needs no parsing
@@ -516,10 +633,22 @@ class HttpConnection(asyncio.Protocol):
             self.too_large()
             raise _Abort
         expect = headers.get("expect")
-        if expect is not None and expect.lower() == b"100-continue" and self.transport:
-            self.transport.write(_CONTINUE)
+        if expect is not None and expect.lower() == b"100-continue":
+            self._continue(route)
+
+    def _continue(self, route: Route) -> None:
+        """``100 Continue``: only to an HTTP/1.1 client, only when no earlier
+        pipelined answer is still due, and only when an answer that depends on
+        the headers alone (405, 415) is not already known."""
+        if self.transport is None or self._pending or self.parser.get_http_version() != "1.1":
+            return
+        precheck = getattr(route, "precheck", None)
+        if precheck is not None and not precheck(self):
+            raise _Abort  # it answered (with close: the body is never read)
+        self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
+        self._in_trailer = False
         self._body_size += len(body)
         if self._body_size > self._max_body:
             self.too_large()
@@ -529,12 +658,23 @@ class HttpConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         route = self.route
         assert route is not None
+        self._in_trailer = False
+        if self.closing:
+            raise _Abort  # never handle a request that cannot be answered
+        if self._write_paused:
+            # The client does not read its answers: handle nothing more that
+            # it pipelined (a request not handled was not stored, so its retry
+            # is not a duplicate); flush what was answered and close.
+            self.in_request = False
+            self.close()
+            raise _Abort
         try:
             handle = self.mount.handle
             assert handle is not None
             handle(self)
         except Overloaded as e:
             # the one place backpressure becomes 503 + Retry-After
+            count_overloaded(self.server.metrics, route.name, e)
             if self.server.log_sample():
                 log.warning("queue full (drop)", route=route.name, reason=e.reason)
             self.respond(
@@ -604,6 +744,7 @@ class HttpConnection(asyncio.Protocol):
             await work(d)
         except Overloaded as e:
             assert route is not None
+            count_overloaded(self.server.metrics, name, e)
             d.respond(
                 503,
                 route.unavailable_body,

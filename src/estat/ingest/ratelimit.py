@@ -12,6 +12,7 @@ because the limiter is down.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from estat.clock import Clock
@@ -49,6 +50,11 @@ class RateLimiter(Protocol):
 
 
 class MemoryRateLimiter:
+    """Fixed windows in an ``OrderedDict`` ordered by window start: expiring
+    and evicting take from its front, so every request costs O(1) whatever
+    the number of live identities (a scan per new identity pinned a core
+    once 100,000 were live)."""
+
     is_async = False
 
     def __init__(
@@ -58,15 +64,19 @@ class MemoryRateLimiter:
         self.window = window
         self._clock = clock
         self.max_keys = max_keys
-        self._windows: dict[str, list[float]] = {}  # key -> [window start, count]
+        self._windows: OrderedDict[str, list[float]] = OrderedDict()  # key -> [start, count]
 
     def hit(self, key: str) -> Decision:
         now = self._clock.monotonic()
-        w = self._windows.get(key)
+        ws = self._windows
+        w = ws.get(key)
         if w is None or now - w[0] >= self.window:
-            if w is None and len(self._windows) >= self.max_keys:
+            if w is None:
                 self._sweep(now)
-            self._windows[key] = [now, 1]
+                ws[key] = [now, 1]
+            else:  # a new window: to the back, where the newest windows are
+                w[0], w[1] = now, 1
+                ws.move_to_end(key)
             return ALLOW
         w[1] += 1
         if w[1] <= self.max_requests:
@@ -74,10 +84,16 @@ class MemoryRateLimiter:
         return Decision(False, max(1, math.ceil(w[0] + self.window - now)))
 
     def _sweep(self, now: float) -> None:
-        for k in [k for k, w in self._windows.items() if now - w[0] >= self.window]:
-            del self._windows[k]
-        while len(self._windows) >= self.max_keys:  # oldest windows first
-            del self._windows[next(iter(self._windows))]
+        """Drop expired windows from the front; past ``max_keys``, the oldest."""
+        ws = self._windows
+        window = self.window
+        while ws:
+            first = next(iter(ws.values()))
+            if now - first[0] < window:
+                break
+            ws.popitem(last=False)
+        while len(ws) >= self.max_keys:
+            ws.popitem(last=False)
 
     async def hit_async(self, key: str) -> Decision:
         return self.hit(key)

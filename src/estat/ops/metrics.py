@@ -105,11 +105,12 @@ class Metrics:
         )
         self.http_too_large = counter(
             "http_requests_rejected_body_too_large_total",
-            "Requests refused with 413 because the body exceeded its limit.",
+            "Ingest requests refused with 413 because the body exceeded its limit.",
         )
         self.http_queue_full = counter(
             "http_requests_rejected_queue_full_total",
-            "Requests refused with 503 because the event queue was full (backpressure).",
+            "Ingest requests refused with 503 because an event queue was full (backpressure). "
+            "Other 503s (draining, lake unavailable, /ready) are not counted here.",
         )
         self.s3_events_stored = counter(
             "s3_events_stored_total", "Events stored in the lake (S3 or local directory)."
@@ -170,20 +171,44 @@ class Metrics:
         self.http_connections = gauge(
             "http_connections_current", "Open connections on the ingest listener."
         )
+        self.http_connections_shed = counter(
+            "http_connections_shed_total",
+            "Connections closed (the oldest idle one) or refused (all busy) because the "
+            "listener was at MAX_CONNECTIONS.",
+        )
         self.event_queue_events = gauge(
-            "event_queue_events", "Events waiting in the event queue (CHANNEL_SIZE bounds it)."
+            "event_queue_events",
+            "Events waiting in a dataset's event queue (CHANNEL_SIZE / EVENTS_CHANNEL_SIZE bound it).",
+            ("dataset",),
         )
         self.event_queue_bytes = gauge(
-            "event_queue_bytes", "Bytes of records waiting in the event queue."
+            "event_queue_bytes",
+            "Bytes of records waiting in a dataset's event queue.",
+            ("dataset",),
+        )
+        self.event_queue_capacity = gauge(
+            "event_queue_capacity",
+            "Capacity of a dataset's event queue in events (for fill ratios).",
+            ("dataset",),
         )
         self.upload_queue_batches = gauge(
-            "upload_queue_batches", "Batches waiting for upload (UPLOAD_QUEUE bounds it)."
+            "upload_queue_batches",
+            "Batches of a dataset waiting for upload (UPLOAD_QUEUE bounds it).",
+            ("dataset",),
         )
-        self.uploads_in_flight = gauge("uploads_in_flight", "Lake uploads in progress.")
+        self.uploads_in_flight = gauge(
+            "uploads_in_flight", "Lake uploads in progress, by dataset.", ("dataset",)
+        )
         self.batches_cut = counter(
             "batches_cut_total",
-            "Batches cut by the batcher, by reason (size, bytes, age, drain).",
-            ("reason",),
+            "Batches cut by the batcher, by dataset and reason (size, bytes, age, drain).",
+            ("dataset", "reason"),
+        )
+        self.http_refused = counter(
+            "http_requests_refused_total",
+            "Ingest requests answered 503 for another reason than a full event queue: "
+            "draining, or lake_unavailable (neither the lake nor the DLQ can save a batch).",
+            ("route", "reason"),
         )
         self.s3_objects_stored = counter("s3_objects_stored_total", "Objects stored in the lake.")
         self.s3_bytes_stored = counter(

@@ -68,6 +68,7 @@ class Pipeline:
             encode=encode,
             spill=spill,
             gate=gate,
+            dataset=name,
         )
         self.uploader.gate.watch(self.queue)
         self._clock = clock
@@ -76,12 +77,14 @@ class Pipeline:
         metrics.add_flusher(self._publish_depths)
 
     def _publish_depths(self) -> None:
-        self._m.event_queue_events.set(len(self.queue))
-        self._m.event_queue_bytes.set(self.queue.nbytes)
-        self._m.upload_queue_batches.set(self.inbox.qsize())
+        d = self.name
+        self._m.event_queue_events.labels(d).set(len(self.queue))
+        self._m.event_queue_bytes.labels(d).set(self.queue.nbytes)
+        self._m.event_queue_capacity.labels(d).set(self.queue.max_events)
+        self._m.upload_queue_batches.labels(d).set(self.inbox.qsize())
 
     def _on_cut(self, reason: str) -> None:
-        self._m.batches_cut.labels(reason).inc()
+        self._m.batches_cut.labels(self.name, reason).inc()
 
     def start(self, spawn: Spawn) -> None:
         self._batcher_task = spawn(

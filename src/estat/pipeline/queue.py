@@ -30,6 +30,7 @@ class EventQueue:
         "_encode",
         "_lines",
         "_refusing",
+        "_refusing_kind",
         "_waiter",
         "events",
         "max_bytes",
@@ -49,6 +50,7 @@ class EventQueue:
         # why puts are refused (draining, or nothing can save a batch): one
         # check on the hot path covers both
         self._refusing: str | None = None
+        self._refusing_kind = ""
         self._encode = msgspec.json.Encoder().encode
         # A waiting batcher is woken only once this many records wait (it
         # also polls; see ``wait``): waking it per record would cost more
@@ -72,7 +74,7 @@ class EventQueue:
     def put_line(self, line: bytes) -> None:
         """Enqueue one record already serialised as JSON (no newline), or raise ``Overloaded``."""
         if self._refusing is not None:
-            raise Overloaded(self._refusing, retry_after=5)
+            raise Overloaded(self._refusing, 5, self._refusing_kind)
         if self.events >= self.max_events or self.nbytes >= self.max_bytes:
             raise Overloaded("event queue full", retry_after=1)
         self._lines.append(line)
@@ -84,7 +86,7 @@ class EventQueue:
     def put_many(self, records: list[Any]) -> None:
         """Enqueue all of ``records`` or none of them (raises ``Overloaded``)."""
         if self._refusing is not None:
-            raise Overloaded(self._refusing, retry_after=5)
+            raise Overloaded(self._refusing, 5, self._refusing_kind)
         if self.events + len(records) > self.max_events or self.nbytes >= self.max_bytes:
             raise Overloaded("event queue full", retry_after=1)
         enc = self._encode
@@ -156,16 +158,18 @@ class EventQueue:
     def refusing(self) -> str | None:
         return self._refusing
 
-    def refuse(self, reason: str | None) -> None:
+    def refuse(self, reason: str | None, kind: str = "lake_unavailable") -> None:
         """Refuse every put with ``reason`` (503) until called with None.
         A closed queue stays closed."""
         if not self._closed:
             self._refusing = reason
+            self._refusing_kind = kind
 
     def close(self) -> None:
         """No more puts; a waiting batcher wakes to drain what is left."""
         self._closed = True
         self._refusing = "draining"
+        self._refusing_kind = "draining"
         self._wake()
 
 

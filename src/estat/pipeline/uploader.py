@@ -121,8 +121,10 @@ class Uploader:
         encode: Callable[[bytes | bytearray], bytes],
         spill: Spill | None = None,
         gate: LakeGate | None = None,
+        dataset: str = "raw",
     ) -> None:
         self._encode = encode
+        self._in_flight_gauge = metrics.uploads_in_flight.labels(dataset)
         self._inbox = inbox
         self._sink = sink
         self._policy = policy
@@ -190,7 +192,7 @@ class Uploader:
                 return
             self.in_flight += 1
             self.in_flight_events += batch.events
-            self._m.uploads_in_flight.inc()
+            self._in_flight_gauge.inc()
             encoded: EncodedBatch | None = None
             try:
                 encoded = await loop.run_in_executor(
@@ -205,7 +207,7 @@ class Uploader:
             finally:
                 self.in_flight -= 1
                 self.in_flight_events -= batch.events
-                self._m.uploads_in_flight.dec()
+                self._in_flight_gauge.dec()
 
     async def _rescue(self, batch: Batch, encoded: EncodedBatch | None, exc: BaseException) -> None:
         """A worker is failing: save its batch before anything else."""
