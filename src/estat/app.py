@@ -34,7 +34,12 @@ from estat.errors import DeliveryError
 from estat.ingest.events import Cors, EventRecord, EventsRoute, Limits
 from estat.ingest.http import HttpLimits, HttpServer, http_compiled
 from estat.ingest.identity import TokenVerifier
-from estat.ingest.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from estat.ingest.ratelimit import (
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    SharedRateLimiter,
+)
 from estat.ingest.routes import (
     CollectRoute,
     HealthRoute,
@@ -118,6 +123,25 @@ def default_max_connections() -> int:
     return max(16, (soft - FD_RESERVE) * 3 // 4)
 
 
+def build_limiter(settings: Settings, clock: Clock, metrics: Metrics) -> RateLimiter:
+    """Redis when configured (every replica shares it); else, under
+    ``--workers N``, the supervisor's shared limiter (one limit for the
+    server); else in-process windows."""
+    if settings.rate_limit_redis_url:
+        return RedisRateLimiter(
+            settings.rate_limit_redis_url.get_secret_value(),
+            settings.analytics_rate_limit_max_requests,
+            settings.analytics_rate_limit_window,
+            metrics,
+        )
+    shared = os.environ.get("ESTAT_RATE_LIMIT_SOCKET")
+    if shared:
+        return SharedRateLimiter(shared, metrics)
+    return MemoryRateLimiter(
+        settings.analytics_rate_limit_max_requests, settings.analytics_rate_limit_window, clock
+    )
+
+
 class QueuePublisher:
     """The client events' hand-off: the events pipeline's queue, all or nothing."""
 
@@ -184,20 +208,7 @@ class App:
         )
         self.pipelines = (self.pipeline, self.events_pipeline)
         m = self.metrics
-        self.limiter: RateLimiter = (
-            RedisRateLimiter(
-                settings.rate_limit_redis_url.get_secret_value(),
-                settings.analytics_rate_limit_max_requests,
-                settings.analytics_rate_limit_window,
-                m,
-            )
-            if settings.rate_limit_redis_url
-            else MemoryRateLimiter(
-                settings.analytics_rate_limit_max_requests,
-                settings.analytics_rate_limit_window,
-                self.clock,
-            )
-        )
+        self.limiter = build_limiter(settings, self.clock, m)
         self.http = HttpServer(
             {
                 b"/collect": CollectRoute(
@@ -329,12 +340,13 @@ class App:
         err = await self.check_lake()
         if err is not None and self.settings.lake_startup_check == "require":
             raise LakeCheckFailed(err)
+        host, port = self.settings.listen
+        # bind first: an address in use fails before any task has started
+        self.address = await self.http.start(host, port, reuse_port=self.reuse_port)
         spawn = self.supervisor.spawn
         for p in self.pipelines:
             p.start(spawn)
         self.replayer.start(spawn)
-        host, port = self.settings.listen
-        self.address = await self.http.start(host, port, reuse_port=self.reuse_port)
         self._flush_task = spawn("metrics-flush", self._flush_loop())
         log.info(
             "estat started",

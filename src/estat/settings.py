@@ -305,7 +305,7 @@ class Settings(BaseSettings):
     )
     rate_limit_redis_url: SecretStr | None = Field(
         None,
-        description="Redis shared by every replica and worker for rate limits. Unset: in-process limits.",
+        description="Redis shared by every replica for rate limits. Unset: the workers of one server share one in-memory limit (kept by the supervisor process).",
         json_schema_extra=_accepts("redis://host:port/db"),
     )
     auth_jwt_secret: SecretStr | None = Field(

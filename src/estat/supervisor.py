@@ -129,6 +129,19 @@ def run_workers(settings: Settings, n: int) -> int:
     setup_logging(settings.log_level, pretty=settings.log_pretty, env=settings.deploy_env)
     mpdir = tempfile.mkdtemp(prefix="estat-metrics-")
     stopping = False
+    limits_socket = ""
+    if not settings.rate_limit_redis_url:
+        # one rate limit for the whole server: the workers ask this process
+        from estat.clock import SystemClock
+        from estat.ingest.ratelimit import serve_shared_limiter
+
+        limits_socket = str(Path(mpdir) / "rate-limits.sock")
+        serve_shared_limiter(
+            limits_socket,
+            settings.analytics_rate_limit_max_requests,
+            settings.analytics_rate_limit_window,
+            SystemClock(),
+        )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -147,11 +160,19 @@ def run_workers(settings: Settings, n: int) -> int:
             PROMETHEUS_MULTIPROC_DIR=mpdir,
             INSTANCE_ID=instance,
             ESTAT_WORKER_INDEX=str(w.index),
+            ESTAT_RATE_LIMIT_SOCKET=limits_socket,
         )
-        w.proc = subprocess.Popen(
-            [sys.executable, "-m", "estat", "serve", "--workers", "1", "--reuse-port"],
-            env=env,
-        )
+        # the worker starts with SIGTERM/SIGINT blocked (the mask is inherited)
+        # and takes them once its handlers are installed: a signal during its
+        # start-up is a drain, not a kill
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            w.proc = subprocess.Popen(
+                [sys.executable, "-m", "estat", "serve", "--workers", "1", "--reuse-port"],
+                env=env,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         log.info("worker started", worker=w.index, pid=w.proc.pid, instance=instance)
 
     workers = [_Worker(i) for i in range(n)]

@@ -106,6 +106,10 @@ def test_dlq_directory_gone_then_back_then_lake_back_loses_nothing(
     assert body["dlq"] == "unwritable"
     refused = load(p, connections=1, per=20)
     assert refused.statuses == {503: 20}  # fail closed: nothing accepted it cannot save
+    m = p.metrics()
+    key = 'http_requests_refused_total{reason="lake_unavailable",route="collect"}'
+    assert m[key] >= 20
+    assert m["http_requests_rejected_queue_full_total"] == 0  # not a full queue
     time.sleep(2)
     away.rename(dlq)  # and back
     until(lambda: p.metrics()["pipeline_accepting"] == 1, what="accepting again")

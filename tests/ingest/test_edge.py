@@ -109,3 +109,33 @@ async def test_a_pipelined_flood_never_read_stays_bounded(tmp_path: Path) -> Non
     finally:
         await close_all()
         await app.shutdown()
+
+
+async def test_a_connection_waiting_on_a_deferred_answer_is_answered_during_the_drain(
+    tmp_path: Path,
+) -> None:
+    """The rate limiter's Redis never answers (the request fails open after
+    its 0.25 s timeout): a drain that starts meanwhile must wait for that
+    answer instead of closing the connection while the events are published."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        app = await start_app(
+            tmp_path, rate_limit_redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        )
+        r, w = await connect(app)
+        body = b'{"anonymousId":"a","events":[{"eventId":"e1","eventName":"ui.page.viewed"}]}'
+        w.write(
+            b"POST /api/v1/analytics/events HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await w.drain()
+        await asyncio.sleep(0.05)  # the answer is being worked on
+        stop = asyncio.create_task(app.shutdown())
+        resp = await asyncio.wait_for(read_response(r), 5)
+        assert resp.status == 200
+        assert resp.headers["connection"] == "close"
+        await stop
+        await close_all()

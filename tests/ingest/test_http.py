@@ -334,8 +334,25 @@ async def test_queue_full_is_503_with_retry_after_and_counted(tmp_path: Path) ->
     )
     assert reg.get_sample_value("http_requests_accepted_total") == statuses.count(200)
     assert i > 0
+    # /ready answers 503 while the queue is full: a probe is not a rejected request
+    w.write(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    await w.drain()
+    assert (await read_response(r)).status == 503
+    # which queue is full: the raw one, not the events one
+    app.metrics.flush()
+    assert reg.get_sample_value("event_queue_events", {"dataset": "raw"}) == 4
+    assert reg.get_sample_value("event_queue_events", {"dataset": "events"}) == 0
+    assert reg.get_sample_value("event_queue_capacity", {"dataset": "raw"}) == 4
     await close_all()
     await app.shutdown()
+    reg_after = app.metrics.registry
+    assert (
+        reg_after.get_sample_value("http_requests_rejected_queue_full_total")
+        == statuses.count(503) + 1
+    )
+    assert reg_after.get_sample_value(
+        "http_requests_refused_total", {"route": "collect", "reason": "draining"}
+    ) in (None, 0.0)
 
 
 async def test_openapi_document_is_served(app: App) -> None:

@@ -74,3 +74,24 @@ def test_memory_evicts_oldest_windows_first_and_renewed_ones_last() -> None:
     rl.hit("e")  # at max_keys: the oldest live window (a) goes
     assert list(rl._windows) == ["c", "d", "e"]
     assert not rl.hit("e").allowed  # e's own window is intact
+
+
+async def test_shared_limiter_is_one_limit_and_fails_open(tmp_path: Any) -> None:
+    from estat.clock import SystemClock
+    from estat.ingest.ratelimit import SharedRateLimiter, serve_shared_limiter
+
+    path = str(tmp_path / "rl.sock")
+    serve_shared_limiter(path, 3, 60, SystemClock())
+    m = Metrics(CollectorRegistry())
+    a, b = SharedRateLimiter(path, m), SharedRateLimiter(path, m)  # two workers
+    got = [await (a if i % 2 else b).hit_async("anonymous:x\nmore") for i in range(5)]
+    assert [d.allowed for d in got] == [True, True, True, False, False]
+    assert 0 < got[-1].retry_after <= 60
+    gone = SharedRateLimiter(str(tmp_path / "nobody-here.sock"), m)
+    assert (await gone.hit_async("anonymous:y")).allowed
+    assert (
+        m.registry.get_sample_value("analytics_rate_limiter_errors_total", {"backend": "shared"})
+        == 1
+    )
+    for rl in (a, b, gone):
+        await rl.close()

@@ -156,3 +156,101 @@ class RedisRateLimiter:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+# -- one limit for every worker of a server, without Redis -------------------------
+#
+# ``estat serve --workers N`` runs N processes; in-process windows would let a
+# client through N times the limit. The supervisor hosts one
+# ``MemoryRateLimiter`` behind a Unix socket (``serve_shared_limiter``, a thread
+# of the parent) and every worker asks it (``SharedRateLimiter``): one short
+# round trip per client-event request, the configured limit is the server's.
+# Protocol: the worker writes ``<key>\n``; the answer is ``0\n`` (allowed) or
+# ``<retry-after seconds>\n``. Like Redis, a limiter that cannot be reached
+# allows the request (counted, logged).
+
+
+def _wire_key(key: str) -> bytes:
+    return key.replace("\n", " ").replace("\r", " ").encode("utf-8", "replace") + b"\n"
+
+
+class SharedRateLimiter:
+    is_async = True
+
+    def __init__(self, path: str, metrics: Metrics, *, timeout: float = 0.25) -> None:
+        import asyncio
+
+        self._path = path
+        self._m = metrics
+        self._timeout = timeout
+        self._lock = asyncio.Lock()  # one question in flight per worker: answers in order
+        self._reader: Any = None
+        self._writer: Any = None
+        self._log_sample = Sampler(100)
+
+    def hit(self, key: str) -> Decision:
+        raise TypeError("SharedRateLimiter is asynchronous: use hit_async")
+
+    async def hit_async(self, key: str) -> Decision:
+        import asyncio
+
+        async with self._lock:
+            try:
+                if self._writer is None:
+                    self._reader, self._writer = await asyncio.wait_for(
+                        asyncio.open_unix_connection(self._path), self._timeout
+                    )
+                self._writer.write(_wire_key(key))
+                line = await asyncio.wait_for(self._reader.readline(), self._timeout)
+                if not line:
+                    raise ConnectionError("limiter closed the connection")
+                retry_after = int(line)
+            except Exception as e:
+                self._drop()
+                self._m.rate_limiter_errors.labels("shared").inc()
+                if self._log_sample():
+                    log.warning("rate limiter unavailable: allowing", error=type(e).__name__)
+                return ALLOW
+        return ALLOW if retry_after == 0 else Decision(False, retry_after)
+
+    def _drop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def close(self) -> None:
+        self._drop()
+
+
+def serve_shared_limiter(path: str, max_requests: int, window: float, clock: Clock) -> Any:
+    """Serve one ``MemoryRateLimiter`` on the Unix socket ``path`` from a daemon
+    thread (the supervisor's); returns the thread."""
+    import asyncio
+    import threading
+
+    limiter = MemoryRateLimiter(max_requests, window, clock)
+    ready = threading.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                d = limiter.hit(line[:-1].decode("utf-8", "replace"))
+                writer.write(b"0\n" if d.allowed else b"%d\n" % max(1, d.retry_after))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(handle, path)
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    thread = threading.Thread(
+        target=lambda: asyncio.run(main()), name="estat-rate-limits", daemon=True
+    )
+    thread.start()
+    if not ready.wait(10):
+        raise RuntimeError("the shared rate limiter did not start")
+    return thread

@@ -1,0 +1,111 @@
+"""One server per address and per data directory, start-up signals, and the
+command line a new user meets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import EstatProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def estat(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "estat", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_server_on_the_same_port_refuses_to_start(
+    estat_factory: Any, tmp_path: Path, workers: int
+) -> None:
+    first: EstatProcess = estat_factory({}, workers=2)
+    first.start()
+    second: EstatProcess = estat_factory(
+        {"HTTP_ADDR": first.env["HTTP_ADDR"], "DATA_DIR": str(tmp_path / "other")},
+        workers=workers,
+    )
+    second.start(wait=False)
+    assert second.proc is not None
+    assert second.proc.wait(30) == 2
+    out = second.log.read_text()
+    assert "cannot listen" in out
+    assert out.count("\n") <= 3  # one clear line, no traceback
+    assert first.stop() == 0
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(estat_factory: Any) -> None:
+    first: EstatProcess = estat_factory({})
+    first.start()
+    second: EstatProcess = estat_factory({})  # same DATA_DIR, another port
+    second.start(wait=False)
+    assert second.proc is not None
+    assert second.proc.wait(30) == 2
+    assert "another estat" in second.log.read_text()
+    assert first.stop() == 0
+
+
+def test_sigterm_during_start_up_exits_0_promptly(estat_factory: Any) -> None:
+    p: EstatProcess = estat_factory({}, workers=8)
+    p.start(wait=False)
+    assert p.proc is not None
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.proc.wait(60) == 0
+    assert time.monotonic() - t0 < 30
+    log = p.log.read_text()
+    assert '"level":"error"' not in log, log
+
+
+def test_version_workers_bound_and_help(tmp_path: Path) -> None:
+    out = estat("--version")
+    assert out.returncode == 0
+    assert out.stdout.startswith("estat ")
+    out = estat("serve", "--workers", "1000", env={"DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2
+    assert "--workers must be from 1 to 256" in out.stderr
+    assert not (tmp_path / ".estat.lock").exists()  # refused before touching anything
+    out = estat("serve", "--help")
+    assert "environment" in out.stdout
+    assert "configuration.md" in out.stdout
+
+
+def test_serve_refuses_a_compiled_module_older_than_its_source(tmp_path: Path) -> None:
+    pkg = ROOT / "src" / "estat"
+    if not list(pkg.glob("**/*.so")):
+        pytest.skip("no compiled modules in this install (ESTAT_NATIVE=0)")
+    copy = tmp_path / "src"
+    shutil.copytree(pkg, copy / "estat")
+    victim = copy / "estat" / "ingest" / "http.py"
+    later = time.time() + 60
+    os.utime(victim, (later, later))
+    out = subprocess.run(
+        [sys.executable, "-m", "estat", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(copy), "DATA_DIR": str(tmp_path / "d"),
+             "HTTP_ADDR": f"127.0.0.1:{free_port()}"},
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "estat/ingest/http.py" in out.stderr
+    assert "make install" in out.stderr
