@@ -109,3 +109,29 @@ def test_serve_refuses_a_compiled_module_older_than_its_source(tmp_path: Path) -
     assert out.returncode == 2
     assert "estat/ingest/http.py" in out.stderr
     assert "make install" in out.stderr
+
+
+def test_the_open_file_limit_is_raised_to_its_hard_limit(tmp_path: Path) -> None:
+    import resource
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "estat", "serve", "--workers", "1"],
+        env={**os.environ, "DATA_DIR": str(tmp_path / "d"), "HTTP_ADDR": f"127.0.0.1:{port}"},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=low_soft_limit,
+    )
+    try:
+        from tests.conftest import wait_http
+
+        wait_http(f"http://127.0.0.1:{port}/health")
+        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        assert (soft, hard) == (4096, 4096)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
