@@ -203,6 +203,9 @@ def main() -> int:
             "S3_ENDPOINT_URL": f"http://127.0.0.1:{hole.getsockname()[1]}",
             "S3_TIMEOUT": "120s",
             "SHUTDOWN_TIMEOUT": "2s",
+            # keep every batch on its retry budget (no early spill to the DLQ),
+            # so that every queue fills: the memory bound under full queues
+            "LAKE_FAILURE_THRESHOLD": "1000",
         },
     )
     try:

@@ -61,6 +61,7 @@ from estat.settings import Settings
 log = get_logger("estat.app")
 
 METRICS_FLUSH_SECONDS = 0.5
+LAKE_CHECK_MAX_SECONDS = 5.0
 HTTP_DRAIN_GRACE = 2.0
 
 
@@ -319,7 +320,9 @@ class App:
             self.metrics.lake_healthy.set(1)
             return None
         prefix = self.settings.raw_prefix
-        err: DeliveryError | None = await check(prefix, self.settings.s3_timeout)
+        # bounded by S3_TIMEOUT, and never more than a few seconds of start-up
+        timeout = min(self.settings.s3_timeout, LAKE_CHECK_MAX_SECONDS)
+        err: DeliveryError | None = await check(prefix, timeout)
         if err is None:
             self.lake_check = "ok"
             self.metrics.lake_healthy.set(1)

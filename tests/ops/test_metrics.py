@@ -76,3 +76,18 @@ def test_json_log_lines_have_the_contract_fields() -> None:
     assert line["env"] == "prod"
     assert line["batchKey"] == "raw/x"
     assert line["time"].endswith("Z")
+
+
+def test_every_metric_is_in_the_runbook() -> None:
+    """The runbook is the operator's reference: a metric it does not explain
+    cannot be acted on."""
+    from pathlib import Path
+
+    runbook = (Path(__file__).resolve().parents[2] / "docs" / "runbook.md").read_text()
+    m = Metrics(CollectorRegistry())
+    names = set()
+    for metric in m.registry.collect():
+        name = metric.name + ("_total" if metric.type == "counter" else "")
+        names.add(name)
+    missing = sorted(n for n in names if f"`{n}" not in runbook)
+    assert missing == []
