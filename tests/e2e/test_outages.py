@@ -21,7 +21,7 @@ import pytest
 from estat.codec import decode
 from estat.dlq.store import DiskStore
 from tests.conftest import EstatProcess, MotoServer, free_port
-from tests.e2e.load import LoadResult, run_load
+from tests.e2e.load import LoadResult, post_collect, run_load
 from tests.e2e.test_serve import ids_in, load, s3_objects
 
 pytestmark = pytest.mark.e2e
@@ -221,22 +221,7 @@ def test_a_burst_of_emfile_heals(estat_factory: Any) -> None:
         tag = os.urandom(4).hex()
 
         async def send(i: int, into: LoadResult) -> None:
-            ident = f"emfile-{tag}-{i}"
-            body = b'{"id":"%s"}' % ident.encode()
-            writer.write(
-                b"POST /collect HTTP/1.1\r\nHost: t\r\nUser-Agent: load/1\r\n"
-                b"X-Forwarded-For: 81.2.69.160\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-            )
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            if length:
-                await reader.readexactly(length)
-            into.statuses[status] = into.statuses.get(status, 0) + 1
-            if status == 200:
-                into.acked.add(ident)
+            await post_collect(reader, writer, f"emfile-{tag}-{i}", into, pad=b"")
 
         for i in range(50):
             await send(i, before)

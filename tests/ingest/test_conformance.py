@@ -17,23 +17,7 @@ from pathlib import Path
 import pytest
 
 from estat.app import App
-from tests.ingest.helpers import close_all, connect, lake_records, read_response, start_app
-
-
-@pytest.fixture
-async def app(tmp_path: Path):  # type: ignore[no-untyped-def]
-    a = await start_app(
-        tmp_path,
-        http_header_timeout="1s",
-        http_body_timeout="1s",
-        http_keepalive_timeout="2s",
-        max_body_size=1000,
-        http_max_header_size=2048,
-    )
-    yield a
-    await close_all()
-    if not a.draining:
-        await a.shutdown()
+from tests.ingest.helpers import connect, lake_records, read_response
 
 
 def chunked(body: bytes, trailer: bytes = b"") -> bytes:

@@ -15,22 +15,6 @@ from estat.app import App
 from tests.ingest.helpers import close_all, connect, lake_records, post, read_response, start_app
 
 
-@pytest.fixture
-async def app(tmp_path: Path):  # type: ignore[no-untyped-def]
-    a = await start_app(
-        tmp_path,
-        http_header_timeout="1s",
-        http_body_timeout="1s",
-        http_keepalive_timeout="2s",
-        max_body_size=1000,
-        http_max_header_size=2048,
-    )
-    yield a
-    await close_all()
-    if not a.draining:
-        await a.shutdown()
-
-
 async def closed_by_server(reader: asyncio.StreamReader) -> bool:
     try:
         return await asyncio.wait_for(reader.read(1), 5) == b""
