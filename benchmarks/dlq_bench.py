@@ -40,7 +40,7 @@ from estat.model import Batch
 from estat.ops.logging import setup_logging
 from estat.ops.metrics import Metrics
 from estat.pipeline.gate import LakeGate
-from estat.pipeline.uploader import RetryPolicy, Uploader
+from estat.pipeline.uploader import Uploader, UploadPolicy
 
 ERR = RetryableDeliveryError("bench", error_class="connection_refused")
 EVENTS = 5
@@ -169,7 +169,7 @@ async def spill_rate(work: Path, batches: int = 400, events: int = 500) -> None:
         up = Uploader(
             inbox,
             s3_sink("b", region="us-east-1", endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1),
-            policy=RetryPolicy(retries=2, attempt_timeout=1.0),
+            policy=UploadPolicy.with_retries(2, attempt_timeout=1.0),
             concurrency=4,
             executor=None,
             clock=clock,

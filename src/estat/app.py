@@ -55,7 +55,7 @@ from estat.ops.tasks import Supervisor
 from estat.pipeline.gate import LakeGate
 from estat.pipeline.pipeline import Pipeline
 from estat.pipeline.queue import EventQueue
-from estat.pipeline.uploader import RetryPolicy, Sink
+from estat.pipeline.uploader import Sink, UploadPolicy
 from estat.settings import Settings
 
 log = get_logger("estat.app")
@@ -277,7 +277,7 @@ class App:
             flush_interval=s.flush_interval,
             upload_queue=s.upload_queue,
             upload_concurrency=s.upload_concurrency,
-            policy=RetryPolicy(retries=s.s3_app_retries, attempt_timeout=s.s3_timeout),
+            policy=UploadPolicy.with_retries(s.s3_app_retries, s.s3_timeout),
             executor=self._executor,
             spill=self.dlq,
             gate=self.gate,

@@ -18,12 +18,15 @@ from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.pipeline.gate import LakeGate
 from estat.pipeline.queue import EventQueue
-from estat.pipeline.uploader import RetryPolicy, Uploader
+from estat.pipeline.uploader import Uploader, UploadPolicy
+from estat.retry import RetryPolicy
 from tests.fakes import MemorySink
 from tests.pipeline.test_uploader import batch, value
 
-POLICY = RetryPolicy(
-    retries=2, attempt_timeout=1.0, base_delay=0.01, max_delay=0.02, held_max_delay=0.02
+POLICY = UploadPolicy(
+    attempt_timeout=1.0,
+    retry=RetryPolicy(base=0.01, cap=0.02, max_attempts=3),
+    held=RetryPolicy(base=0.01, cap=0.02),
 )
 
 

@@ -12,7 +12,7 @@ from estat.codec import encode
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.pipeline.pipeline import Pipeline
-from estat.pipeline.uploader import RetryPolicy
+from estat.pipeline.uploader import UploadPolicy
 from tests.fakes import MemorySink
 
 
@@ -37,7 +37,7 @@ async def test_a_drain_that_times_out_counts_every_event_it_loses() -> None:
         flush_interval=60,
         upload_queue=2,
         upload_concurrency=2,
-        policy=RetryPolicy(retries=0, attempt_timeout=3600),
+        policy=UploadPolicy.with_retries(0, attempt_timeout=3600),
         executor=None,
     )
     sup = Supervisor(m, lambda name: None)

@@ -5,17 +5,16 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from estat.clock import SystemClock
+from estat.clock import FakeClock
 from estat.codec import decode, encode
 from estat.errors import RetryableDeliveryError
 from estat.model import Batch
 from estat.ops.metrics import Metrics
-from estat.pipeline.uploader import RetryPolicy, Uploader
+from estat.pipeline.uploader import Uploader, UploadPolicy
 from tests.fakes import MemorySink
 
-FAST = RetryPolicy(
-    retries=2, attempt_timeout=1.0, base_delay=0.01, max_delay=0.02, held_max_delay=0.05
-)
+# the production backoff: the fake clock makes its waits free
+FAST = UploadPolicy.with_retries(2, attempt_timeout=1.0)
 
 
 def batch(key: str, n: int = 3) -> Batch:
@@ -24,7 +23,7 @@ def batch(key: str, n: int = 3) -> Batch:
 
 
 def make(
-    sink: MemorySink, policy: RetryPolicy = FAST
+    sink: MemorySink, policy: UploadPolicy = FAST, clock: FakeClock | None = None
 ) -> tuple[Uploader, asyncio.Queue[Batch], Metrics]:
     m = Metrics(CollectorRegistry())
     inbox: asyncio.Queue[Batch] = asyncio.Queue()
@@ -34,7 +33,7 @@ def make(
         policy=policy,
         concurrency=2,
         executor=None,
-        clock=SystemClock(),
+        clock=clock or FakeClock(),
         metrics=m,
         instance="test",
         encode=encode,
@@ -82,29 +81,26 @@ async def test_exhausted_and_permanent_failures_are_held_not_dropped() -> None:
 
 async def test_drain_deadline_counts_what_could_not_be_stored() -> None:
     sink = MemorySink()
-    sink.always_fail = RetryableDeliveryError("down", error_class="connection")
-    up, inbox, m = make(sink)
+    sink.always_fail = RetryableDeliveryError("down", error_class="connection_refused")
+    clock = FakeClock()
+    up, inbox, m = make(sink, clock=clock)
     task = asyncio.create_task(up.run())
     await inbox.put(batch("raw/c.jsonl.gz", 5))
     await inbox.put(batch("raw/d.jsonl.gz", 7))
-    await asyncio.sleep(0.05)
-    t0 = time.monotonic()
-    up.start_drain(time.monotonic() + 0.3)
+    await asyncio.sleep(0)
+    up.start_drain(clock.monotonic() + 0.3)
     await up.stop()
     await asyncio.wait_for(task, 5)
-    assert time.monotonic() - t0 < 2
     assert sink.objects == {}
     assert value(m, "shutdown_events_unsaved_total") == 12
     assert up.unsaved_events == 12
+    assert clock.slept < 5  # gave up at the deadline (plus the spill grace), not later
 
 
 async def test_slow_sink_attempt_times_out_and_retries() -> None:
     sink = MemorySink()
     sink.delay = 0.3
-    policy = RetryPolicy(
-        retries=1, attempt_timeout=0.05, base_delay=0.01, max_delay=0.01, held_max_delay=0.01
-    )
-    up, inbox, m = make(sink, policy)
+    up, inbox, m = make(sink, UploadPolicy.with_retries(1, attempt_timeout=0.05))
     task = asyncio.create_task(up.run())
     await inbox.put(batch("raw/e.jsonl.gz"))
     await asyncio.sleep(0.2)
@@ -113,3 +109,25 @@ async def test_slow_sink_attempt_times_out_and_retries() -> None:
     await asyncio.wait_for(task, 5)
     assert "raw/e.jsonl.gz" in sink.objects
     assert value(m, "s3_put_errors_by_class_total", {"error_class": "timeout"}) >= 1
+
+
+async def test_backoff_follows_the_policy_on_the_clock() -> None:
+    """Two failed attempts, then success: the waits are the policy's, taken
+    on the injected clock (no real sleep) with the injected randomness."""
+    import random
+
+    from estat.retry import RetryPolicy
+
+    sink = MemorySink()
+    sink.fail(2)
+    clock = FakeClock()
+    up, inbox, _ = make(sink, clock=clock)
+    up._rng = random.Random(7)
+    await inbox.put(batch("raw/f.jsonl.gz"))
+    t0 = time.monotonic()
+    await run_until_empty(up, inbox)
+    rng = random.Random(7)
+    policy = RetryPolicy(base=0.2, cap=5.0, max_attempts=3)
+    expected = policy.delay(1, rng) + policy.delay(2, rng)
+    assert abs(clock.slept - expected) < 1e-9
+    assert time.monotonic() - t0 < 1

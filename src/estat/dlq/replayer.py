@@ -16,12 +16,16 @@ import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from estat.clock import Clock, SystemClock
 from estat.dlq.queue import DeadLetterQueue, Sink
 from estat.ops.logging import get_logger
+from estat.retry import RetryPolicy
 
 log = get_logger("estat.dlq")
 
 MAX_BACKOFF = 10.0
+#: after a failed replay: 0.5 s doubling to MAX_BACKOFF
+BACKOFF = RetryPolicy(base=0.5, cap=MAX_BACKOFF, jitter="none")
 IDLE_SECONDS = 1.0
 YIELD_SECONDS = 0.05
 
@@ -50,7 +54,10 @@ class Replayer:
         *,
         live_busy: Callable[[], bool],
         lake: Lake | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock = clock or SystemClock()
+        self.failures = 0  # consecutive failed replays
         self._dlq = dlq
         self._sink = sink
         self._busy = live_busy
@@ -72,18 +79,27 @@ class Replayer:
         """A live upload succeeded: the lake is back, stop backing off."""
         if self.backoff:
             self.backoff = 0.0
+            self.failures = 0
             self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` on the clock, or until woken."""
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        waker = asyncio.ensure_future(self._wake.wait())
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait({waker, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (waker, sleeper):
+                f.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await f
 
     async def _run(self) -> None:
         lake = self._lake
         while not self._stopping:
             if self._busy():
-                await asyncio.sleep(YIELD_SECONDS)
+                await self._clock.sleep(YIELD_SECONDS)
                 continue
             if lake is not None and not lake.allow():
                 await self._sleep(IDLE_SECONDS)
@@ -108,9 +124,11 @@ class Replayer:
             if result == "empty":
                 await self._sleep(IDLE_SECONDS)
             elif result == "failed":
-                self.backoff = min(MAX_BACKOFF, max(0.5, self.backoff * 2))
+                self.failures += 1
+                self.backoff = BACKOFF.delay(self.failures)
                 await self._sleep(self.backoff)
             else:
+                self.failures = 0
                 self.backoff = 0.0
 
     async def stop(self, grace: float = 2.0) -> None:

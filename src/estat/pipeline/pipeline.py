@@ -14,7 +14,7 @@ from estat.ops.metrics import Metrics
 from estat.pipeline.batcher import BatchBuilder, run_batcher
 from estat.pipeline.gate import LakeGate
 from estat.pipeline.queue import EventQueue
-from estat.pipeline.uploader import RetryPolicy, Sink, Spawn, Spill, Uploader
+from estat.pipeline.uploader import Sink, Spawn, Spill, Uploader, UploadPolicy
 
 log = get_logger("estat.pipeline")
 
@@ -39,7 +39,7 @@ class Pipeline:
         flush_interval: float,
         upload_queue: int,
         upload_concurrency: int,
-        policy: RetryPolicy,
+        policy: UploadPolicy,
         executor: Executor | None,
         spill: Spill | None = None,
         gate: LakeGate | None = None,

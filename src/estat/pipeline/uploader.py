@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from estat.clock import Clock
 from estat.errors import DeliveryError, RetryableDeliveryError
@@ -38,6 +38,7 @@ from estat.model import Batch, EncodedBatch
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pipeline.gate import LakeGate
+from estat.retry import RetryPolicy
 
 log = get_logger("estat.uploader")
 
@@ -72,18 +73,23 @@ class Spill(Protocol):
     async def spill(self, batch: EncodedBatch, error: DeliveryError, attempts: int) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    retries: int = 2
-    attempt_timeout: float = 3.0
-    base_delay: float = 0.2
-    max_delay: float = 5.0
-    held_max_delay: float = 2.0
+_RETRY: Final = RetryPolicy(base=0.2, cap=5.0, max_attempts=3)
+_HELD: Final = RetryPolicy(base=0.2, cap=2.0)
 
-    def delay(self, attempt: int, cap: float | None = None) -> float:
-        """Backoff before retry ``attempt`` (1-based): exponential, equal jitter."""
-        d = min(cap if cap is not None else self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-        return float(d / 2 + random.uniform(0, d / 2))
+
+@dataclass(frozen=True, slots=True)
+class UploadPolicy:
+    """How hard an upload is tried: ``retry`` within a batch's budget
+    (``max_attempts`` = 1 + ``S3_APP_RETRIES``), ``held`` for a batch that
+    neither the lake nor the DLQ would take (retried without end)."""
+
+    attempt_timeout: float = 3.0
+    retry: RetryPolicy = _RETRY
+    held: RetryPolicy = _HELD
+
+    @classmethod
+    def with_retries(cls, retries: int, attempt_timeout: float) -> UploadPolicy:
+        return cls(attempt_timeout, RetryPolicy(base=0.2, cap=5.0, max_attempts=retries + 1))
 
 
 def encode_batch(
@@ -112,7 +118,7 @@ class Uploader:
         inbox: asyncio.Queue[Batch],
         sink: Sink,
         *,
-        policy: RetryPolicy,
+        policy: UploadPolicy,
         concurrency: int,
         executor: Executor | None,
         clock: Clock,
@@ -122,7 +128,9 @@ class Uploader:
         spill: Spill | None = None,
         gate: LakeGate | None = None,
         dataset: str = "raw",
+        rng: random.Random | None = None,
     ) -> None:
+        self._rng = rng
         self._encode = encode
         self._in_flight_gauge = metrics.uploads_in_flight.labels(dataset)
         self._inbox = inbox
@@ -282,7 +290,7 @@ class Uploader:
                 # past the drain deadline: save it without another attempt
                 if await self._give_up(enc, err or _DEADLINE, attempts):
                     return
-                await asyncio.sleep(0.1)
+                await self._clock.sleep(0.1)
                 continue
             if gate.breaker.allow():
                 attempts += 1
@@ -290,7 +298,9 @@ class Uploader:
                 if err is None:
                     return
                 retry = (
-                    err.retryable and attempts <= policy.retries and gate.breaker.state == "closed"
+                    err.retryable
+                    and not policy.retry.exhausted(attempts)
+                    and gate.breaker.state == "closed"
                 )
                 log.warning(
                     "lake upload failed",
@@ -302,7 +312,7 @@ class Uploader:
                     willRetry=retry or self._spill is None,
                 )
                 if retry:
-                    await self._pause(policy.delay(attempts))
+                    await self._pause(policy.retry.delay(attempts, self._rng))
                     continue
             elif err is None:
                 # the lake is marked failing: straight to the DLQ
@@ -315,13 +325,13 @@ class Uploader:
                     return
                 gate.spill_failed()
             held += 1
-            await self._pause(policy.delay(held, policy.held_max_delay))
+            await self._pause(policy.held.delay(held, self._rng))
 
     async def _pause(self, delay: float) -> None:
         left = self._time_left()
         if left is not None:
             delay = min(delay, max(0.0, left))
-        await asyncio.sleep(delay)
+        await self._clock.sleep(delay)
 
     async def _give_up(self, enc: EncodedBatch, err: DeliveryError, attempts: int) -> bool:
         """At the drain deadline: spill if possible, else count the loss."""
