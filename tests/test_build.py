@@ -34,6 +34,8 @@ def test_build_mode_is_remembered_and_a_failed_compile_is_retried(tmp_path: Path
     copy.mkdir()
     for name in ("Makefile", "pyproject.toml", "uv.lock"):
         shutil.copy2(ROOT / name, copy / name)
+    for name in ("pyproject.toml", "uv.lock"):  # older than the shared venv: no `uv sync`
+        os.utime(copy / name, (0, 0))
     shutil.copytree(ROOT / "scripts", copy / "scripts")
     shutil.copytree(ROOT / "src", copy / "src", ignore=shutil.ignore_patterns("*.so"))
     (copy / ".venv").symlink_to(ROOT / ".venv")

@@ -56,7 +56,9 @@ from estat.pipeline.gate import LakeGate
 from estat.pipeline.pipeline import Pipeline
 from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Sink, UploadPolicy
+from estat.runtime import Runtime
 from estat.settings import Settings
+from estat.stage import Deadline, Spawn
 
 log = get_logger("estat.app")
 
@@ -151,6 +153,65 @@ class QueuePublisher:
 
     def publish(self, records: list[EventRecord]) -> None:
         self._queue.put_many(records)
+
+
+class Listener:
+    """The ingest listener as a stage: binds at start (an address in use
+    fails the start), stops accepting at close, and at join lets requests in
+    progress, deferred answers included, finish within ``HTTP_DRAIN_GRACE``."""
+
+    name = "listener"
+
+    def __init__(
+        self, http: HttpServer, host: str, port: int, *, reuse_port: bool, grace: float
+    ) -> None:
+        self.http = http
+        self.host, self.port = host, port
+        self.reuse_port = reuse_port
+        self.grace = min(HTTP_DRAIN_GRACE, grace)
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, spawn: Spawn) -> None:
+        self.address = await self.http.start(self.host, self.port, reuse_port=self.reuse_port)
+
+    def close(self) -> None:
+        self.http.draining = True
+
+    async def join(self, deadline: Deadline) -> int:
+        grace = min(self.grace, deadline.left())
+        await self.http.drain(grace=grace)
+        if self.http.tasks:  # answers still being worked on (rate-limit lookups)
+            await asyncio.wait(set(self.http.tasks), timeout=grace)
+        return 0
+
+
+class MetricsFlusher:
+    """Folds the hot-path tallies into the metrics every half second."""
+
+    name = "metrics-flush"
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, spawn: Spawn) -> None:
+        self._task = spawn("metrics-flush", self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_SECONDS)
+            self._m.flush()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def join(self, deadline: Deadline) -> int:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._m.flush()
+        return 0
 
 
 class LakeCheckFailed(Exception):
@@ -253,7 +314,22 @@ class App:
         self.http.on_failure = lambda name, exc: self.supervisor.fail(name, exc, "raised")
         self.draining = False
         self.address: tuple[str, int] | None = None
-        self._flush_task: asyncio.Task[None] | None = None
+        host, port = settings.listen
+        self.listener = Listener(
+            self.http, host, port, reuse_port=reuse_port, grace=settings.shutdown_timeout / 4
+        )
+        # started in this order (the flush loop first, the listener last),
+        # stopped in reverse: nothing is closed before what feeds it
+        self.runtime = Runtime(
+            [
+                [MetricsFlusher(self.metrics)],
+                list(self.pipelines),
+                [self.replayer],
+                [self.listener],
+            ],
+            self.supervisor,
+            self.clock,
+        )
         self._stop = asyncio.Event()
         #: the start-up check's verdict: "ok", or "unreachable: <class>"
         self.lake_check = "unchecked"
@@ -307,11 +383,6 @@ class App:
         ready = not self.draining and room and self.gate.accepting and not failed
         return ready, detail
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(METRICS_FLUSH_SECONDS)
-            self.metrics.flush()
-
     async def check_lake(self) -> DeliveryError | None:
         """One bounded request to the lake; the verdict goes to the log, /ready and ``lake_healthy``."""
         check = getattr(self.sink, "check", None)
@@ -343,23 +414,18 @@ class App:
         err = await self.check_lake()
         if err is not None and self.settings.lake_startup_check == "require":
             raise LakeCheckFailed(err)
-        host, port = self.settings.listen
-        # bind first: an address in use fails before any task has started
-        self.address = await self.http.start(host, port, reuse_port=self.reuse_port)
-        spawn = self.supervisor.spawn
-        for p in self.pipelines:
-            p.start(spawn)
-        self.replayer.start(spawn)
-        self._flush_task = spawn("metrics-flush", self._flush_loop())
+        await self.runtime.start()
+        assert self.listener.address is not None
+        self.address = address = self.listener.address
         log.info(
             "estat started",
-            addr=f"{self.address[0]}:{self.address[1]}",
+            addr=f"{address[0]}:{address[1]}",
             lake=self.sink.description,
             instance=self.settings.instance_id,
             pid=os.getpid(),
             compiled=http_compiled(),
         )
-        return self.address
+        return address
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -372,22 +438,13 @@ class App:
         t0 = self.clock.monotonic()
         deadline = t0 + self.settings.shutdown_timeout
         self.draining = True
-        self.supervisor.stopping()
         pending = sum(p.pending_events() for p in self.pipelines)
         log.info(
             "shutdown: draining", pendingEvents=pending, timeoutS=self.settings.shutdown_timeout
         )
-        grace = min(HTTP_DRAIN_GRACE, self.settings.shutdown_timeout / 4)
-        await asyncio.gather(self.http.drain(grace=grace), self.replayer.stop(grace=grace))
-        if self.http.tasks:  # answers still being worked on (rate-limit lookups)
-            await asyncio.wait(set(self.http.tasks), timeout=grace)
-        unsaved = sum(await asyncio.gather(*(p.drain(deadline) for p in self.pipelines)))
+        unsaved = await self.runtime.stop(Deadline(deadline, self.clock))
         await self.limiter.close()
         await self.sink.close()
-        if self._flush_task is not None:
-            self._flush_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flush_task
         self.metrics.flush()
         self._executor.shutdown(wait=False)
         self._dlq_executor.shutdown(wait=True)

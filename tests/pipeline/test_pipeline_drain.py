@@ -41,7 +41,7 @@ async def test_a_drain_that_times_out_counts_every_event_it_loses() -> None:
         executor=None,
     )
     sup = Supervisor(m, lambda name: None)
-    p.start(sup.spawn)
+    await p.start(sup.spawn)
     accepted = 0
     for i in range(137):
         p.queue.put_line(b'{"i":%d}' % i)

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from estat.clock import Clock, SystemClock
 from estat.dlq.queue import DeadLetterQueue, Sink
 from estat.ops.logging import get_logger
 from estat.retry import RetryPolicy
+from estat.stage import Deadline, Spawn
 
 log = get_logger("estat.dlq")
 
 MAX_BACKOFF = 10.0
+JOIN_GRACE = 2.0
 #: after a failed replay: 0.5 s doubling to MAX_BACKOFF
 BACKOFF = RetryPolicy(base=0.5, cap=MAX_BACKOFF, jitter="none")
 IDLE_SECONDS = 1.0
@@ -67,13 +69,21 @@ class Replayer:
         self._task: asyncio.Task[None] | None = None
         self.backoff = 0.0
 
-    def start(
-        self, spawn: Callable[[str, Coroutine[Any, Any, None]], asyncio.Task[None]] | None = None
-    ) -> None:
-        if spawn is None:
-            self._task = asyncio.create_task(self._run(), name="dlq-replayer")
-        else:
-            self._task = spawn("dlq-replayer", self._run())
+    name = "dlq-replayer"
+
+    # -- Stage (estat.stage) -------------------------------------------------------
+    async def start(self, spawn: Spawn) -> None:
+        self._task = spawn("dlq-replayer", self._run())
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def join(self, deadline: Deadline) -> int:
+        """Finish the file in progress (at most ``JOIN_GRACE``); a file cut
+        off is released and replayed later: nothing is lost."""
+        await self.stop(grace=min(JOIN_GRACE, deadline.left()))
+        return 0
 
     def notify_healthy(self) -> None:
         """A live upload succeeded: the lake is back, stop backing off."""

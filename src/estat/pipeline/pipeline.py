@@ -14,7 +14,8 @@ from estat.ops.metrics import Metrics
 from estat.pipeline.batcher import BatchBuilder, run_batcher
 from estat.pipeline.gate import LakeGate
 from estat.pipeline.queue import EventQueue
-from estat.pipeline.uploader import Sink, Spawn, Spill, Uploader, UploadPolicy
+from estat.pipeline.uploader import Sink, Spill, Uploader, UploadPolicy
+from estat.stage import Deadline, Spawn
 
 log = get_logger("estat.pipeline")
 
@@ -86,12 +87,20 @@ class Pipeline:
     def _on_cut(self, reason: str) -> None:
         self._m.batches_cut.labels(self.name, reason).inc()
 
-    def start(self, spawn: Spawn) -> None:
+    # -- Stage (estat.stage) -------------------------------------------------------
+    async def start(self, spawn: Spawn) -> None:
         self._batcher_task = spawn(
             f"batcher:{self.name}",
             run_batcher(self.queue, self.builder, self.inbox, self._on_cut),
         )
         self.uploader.start(spawn, f"uploader:{self.name}")
+
+    def close(self) -> None:
+        """No more events: the queue refuses (503 ``draining``)."""
+        self.queue.close()
+
+    async def join(self, deadline: Deadline) -> int:
+        return await self.drain(deadline.at)
 
     def pending_events(self) -> int:
         """Accepted events not yet stored: queued, batching, waiting or uploading."""

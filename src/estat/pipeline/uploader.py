@@ -27,10 +27,10 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from estat.clock import Clock
 from estat.errors import DeliveryError, RetryableDeliveryError
@@ -39,11 +39,9 @@ from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pipeline.gate import LakeGate
 from estat.retry import RetryPolicy
+from estat.stage import Spawn
 
 log = get_logger("estat.uploader")
-
-#: starts a supervised task (``estat.ops.tasks.Supervisor.spawn``)
-Spawn = Callable[[str, Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 class Sink(Protocol):
