@@ -1,28 +1,23 @@
-"""Composition root: builds every stage from ``Settings``, runs them, and
-shuts them down in order.
+"""Composition root: builds every stage from ``Settings`` and wires them.
 
 Start: the DLQ recovers, the lake is checked with one bounded request
-(``LAKE_STARTUP_CHECK``), then every long-running task starts under one
-``Supervisor`` and the listener opens.
+(``LAKE_STARTUP_CHECK``), then the ``Runtime`` starts the stages layer by
+layer under one ``Supervisor``: the metrics flush, the two pipelines, the
+DLQ replayer, and last the listener.
 
-Shutdown order (SIGTERM/SIGINT, or a stage that failed): readiness goes
-false; the listener stops accepting and lets requests in progress finish;
-the event queue is closed and flushed into batches; uploads finish within
-``SHUTDOWN_TIMEOUT``; whatever could not be stored by then is spilled to the
-DLQ, or counted and logged. Exit status 0 when every accepted event was
-stored or saved and no stage failed; 1 otherwise.
+Shutdown (SIGTERM/SIGINT, or a stage that failed; ``estat.process`` handles
+the signals): readiness goes false and the runtime stops the stages in
+reverse: the listener lets requests in progress finish, the replayer ends
+its file, the pipelines flush and upload within ``SHUTDOWN_TIMEOUT`` and
+spill the rest to the DLQ, or count and log what they could not save.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import resource
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
-import uvloop
 from pydantic import SecretStr
 
 from estat.clock import Clock, SystemClock
@@ -34,6 +29,7 @@ from estat.errors import DeliveryError
 from estat.ingest.events import Cors, EventRecord, EventsRoute, Limits
 from estat.ingest.http import HttpLimits, HttpServer, http_compiled
 from estat.ingest.identity import TokenVerifier
+from estat.ingest.listener import Listener
 from estat.ingest.ratelimit import (
     MemoryRateLimiter,
     RateLimiter,
@@ -49,7 +45,9 @@ from estat.ingest.routes import (
 )
 from estat.lake.keys import KeyMaker
 from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
-from estat.ops.logging import Sampler, get_logger, setup_logging
+from estat.ops.fds import default_max_connections
+from estat.ops.flush import MetricsFlusher
+from estat.ops.logging import Sampler, get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.pipeline.gate import LakeGate
@@ -58,13 +56,11 @@ from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Sink, UploadPolicy
 from estat.runtime import Runtime
 from estat.settings import Settings
-from estat.stage import Deadline, Spawn
+from estat.stage import Deadline
 
 log = get_logger("estat.app")
 
-METRICS_FLUSH_SECONDS = 0.5
 LAKE_CHECK_MAX_SECONDS = 5.0
-HTTP_DRAIN_GRACE = 2.0
 
 
 def build_sink(settings: Settings) -> ObjectStoreSink:
@@ -105,27 +101,6 @@ def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-#: descriptors kept for everything that is not a client connection
-FD_RESERVE = 128
-
-
-def raise_nofile_limit() -> int:
-    """Raise the open-file limit to its hard limit; returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 1 << 20)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft
-
-
-def default_max_connections() -> int:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, (soft - FD_RESERVE) * 3 // 4)
-
-
 def build_limiter(settings: Settings, clock: Clock, metrics: Metrics) -> RateLimiter:
     """Redis when configured (every replica shares it); else, under
     ``--workers N``, the supervisor's shared limiter (one limit for the
@@ -153,65 +128,6 @@ class QueuePublisher:
 
     def publish(self, records: list[EventRecord]) -> None:
         self._queue.put_many(records)
-
-
-class Listener:
-    """The ingest listener as a stage: binds at start (an address in use
-    fails the start), stops accepting at close, and at join lets requests in
-    progress, deferred answers included, finish within ``HTTP_DRAIN_GRACE``."""
-
-    name = "listener"
-
-    def __init__(
-        self, http: HttpServer, host: str, port: int, *, reuse_port: bool, grace: float
-    ) -> None:
-        self.http = http
-        self.host, self.port = host, port
-        self.reuse_port = reuse_port
-        self.grace = min(HTTP_DRAIN_GRACE, grace)
-        self.address: tuple[str, int] | None = None
-
-    async def start(self, spawn: Spawn) -> None:
-        self.address = await self.http.start(self.host, self.port, reuse_port=self.reuse_port)
-
-    def close(self) -> None:
-        self.http.draining = True
-
-    async def join(self, deadline: Deadline) -> int:
-        grace = min(self.grace, deadline.left())
-        await self.http.drain(grace=grace)
-        if self.http.tasks:  # answers still being worked on (rate-limit lookups)
-            await asyncio.wait(set(self.http.tasks), timeout=grace)
-        return 0
-
-
-class MetricsFlusher:
-    """Folds the hot-path tallies into the metrics every half second."""
-
-    name = "metrics-flush"
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._m = metrics
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self, spawn: Spawn) -> None:
-        self._task = spawn("metrics-flush", self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(METRICS_FLUSH_SECONDS)
-            self._m.flush()
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def join(self, deadline: Deadline) -> int:
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._m.flush()
-        return 0
 
 
 class LakeCheckFailed(Exception):
@@ -454,46 +370,3 @@ class App:
             durationMs=round((self.clock.monotonic() - t0) * 1000, 1),
         )
         return unsaved
-
-
-async def _serve(settings: Settings, reuse_port: bool) -> int:
-    raise_nofile_limit()
-    app = App(settings, reuse_port=reuse_port)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, app.request_stop)
-    # blocked by the CLI from the start, so a signal that arrived during
-    # start-up is delivered now, to the handler, instead of killing the process
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-    try:
-        await app.start()
-    except OSError as e:
-        log.error("cannot listen", addr=settings.http_addr, error=str(e))
-        return 2
-    except LakeCheckFailed as e:
-        log.error("LAKE_STARTUP_CHECK=require: not starting", errorClass=e.error.error_class)
-        return 2
-    await app.wait_for_stop()
-    # The handlers stay installed: a second SIGTERM (systemd and `docker stop`
-    # signal every process of the group; an impatient operator) must not cut
-    # the drain short.
-    unsaved = await app.shutdown()
-    # Drained: a late signal must not turn this clean exit into a kill. The
-    # loop's handlers would fall back to the default action when it closes.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-        signal.signal(sig, signal.SIG_IGN)
-    if unsaved or app.supervisor.failed:
-        log.error(
-            "exiting with an error",
-            unsavedEvents=unsaved,
-            failedStages=list(app.supervisor.failed),
-        )
-        return 1
-    return 0
-
-
-def serve(settings: Settings, *, reuse_port: bool = False) -> int:
-    """Run one estat process until SIGTERM/SIGINT; exit status 0 after a drain."""
-    setup_logging(settings.log_level, pretty=settings.log_pretty, env=settings.deploy_env)
-    return uvloop.run(_serve(settings, reuse_port))

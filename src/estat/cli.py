@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"estat: {e}", file=sys.stderr)
         return 2
     if workers == 1:
-        from estat.app import serve
+        from estat.process import serve
 
         return serve(settings, reuse_port=args.reuse_port)
     from estat.supervisor import run_workers
