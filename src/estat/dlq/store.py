@@ -55,7 +55,7 @@ MAGIC = b"ESTATDLQ1\n"
 DATA = ".dlq"
 CLAIM = ".dlq.claim"
 TMP = ".tmp-"
-LEGACY_DATA = ".gz"
+LEGACY_DATA = ".gz"  # the flat layout of earlier versions: see estat.dlq.legacy
 LEGACY_META = ".json"
 LEGACY_CLAIM = ".gz.claim"
 _BUCKET = re.compile(r"^\d{8}T\d{4}$")
@@ -135,7 +135,7 @@ class DiskStore:
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         self._meta_encoder = msgspec.json.Encoder()
-        self._meta_decoder = msgspec.json.Decoder(Meta)
+        self.meta_decoder = msgspec.json.Decoder(Meta)
         #: directory entries a pick reads once it has a candidate (partial scan)
         self.scan_limit = SCAN_LIMIT
         self._buckets: list[str] = []
@@ -163,7 +163,7 @@ class DiskStore:
         if end < 0:
             return b"", None
         try:
-            meta: Meta | None = self._meta_decoder.decode(blob[len(MAGIC) : end])
+            meta: Meta | None = self.meta_decoder.decode(blob[len(MAGIC) : end])
         except (msgspec.DecodeError, msgspec.ValidationError):
             meta = None
         return blob[end + 1 :], meta
@@ -179,18 +179,18 @@ class DiskStore:
         committed = False
         try:
             try:
-                _write_synced(tmp, blob)
+                write_synced(tmp, blob)
             except FileNotFoundError:
                 # a new bucket (the top directory itself is never created
                 # here: a DLQ_DIR that vanished must fail, not be re-made)
                 with contextlib.suppress(FileExistsError):
                     bdir.mkdir()
-                _write_synced(tmp, blob)
+                write_synced(tmp, blob)
             crash_point("dlq.after_temp_write")
             os.rename(tmp, self._path(bucket, stem, DATA))
             committed = True
             crash_point("dlq.after_rename")
-            _fsync_dir(bdir)
+            fsync_dir(bdir)
         except OSError:
             if committed:  # only the directory fsync failed: the rename stands
                 return Entry(bucket, stem, created_ns, meta.events, len(blob))
@@ -348,7 +348,9 @@ class DiskStore:
                     legacy.append(n[: -len(LEGACY_DATA)])
                 elif n.endswith(LEGACY_META):
                     legacy_meta.add(n[: -len(LEGACY_META)])
-        out["legacy_migrated"] = self._migrate(legacy, legacy_meta)
+        from estat.dlq.legacy import migrate_flat  # the flat layout of earlier versions
+
+        out["legacy_migrated"] = migrate_flat(self, legacy, legacy_meta)
         return out
 
     def _recover_bucket(self, bucket: str, out: dict[str, int]) -> None:
@@ -365,51 +367,12 @@ class DiskStore:
                         os.rename(d.path, bdir / (n[: -len(CLAIM)] + DATA))
                     out["claims_released"] += 1
 
-    def _migrate(self, stems: list[str], metas: set[str]) -> int:
-        """Rewrite flat-layout pairs as bucketed ``.dlq`` files (a crash
-        midway can only replay a batch twice, under its own key)."""
-        done: list[str] = []
-        touched: set[str] = set()
-        for stem in stems:
-            e = parse_stem(stem)
-            data_path = self.root / (stem + LEGACY_DATA)
-            if e is None:
-                continue
-            data = data_path.read_bytes()
-            meta: Meta | None = None
-            if stem in metas:
-                with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError):
-                    meta = self._meta_decoder.decode(
-                        (self.root / (stem + LEGACY_META)).read_bytes()
-                    )
-            # torn metadata: the bytes are kept without a header, and replay
-            # quarantines them under DLQ_PREFIX as ``missing_metadata``
-            blob = self.encode(data, meta) if meta is not None else data
-            bucket = bucket_of(e.created_ns)
-            bdir = self.root / bucket
-            bdir.mkdir(exist_ok=True)
-            new_stem = self.new_stem(e.created_ns, e.events, len(blob))
-            tmp = bdir / f"{TMP}{new_stem}{DATA}"
-            _write_synced(tmp, blob)
-            os.rename(tmp, bdir / (new_stem + DATA))
-            touched.add(bucket)
-            done.append(stem)
-        for bucket in touched:
-            _fsync_dir(self.root / bucket)
-        for stem in done:
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / (stem + LEGACY_DATA)).unlink()
-        for stem in metas:
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / (stem + LEGACY_META)).unlink()
-        return len(done)
-
 
 def _recent(mtime_ns: int) -> bool:
     return time.time_ns() - mtime_ns < MTIME_SLACK_NS
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -421,7 +384,7 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
