@@ -26,7 +26,8 @@ from estat.dlq.queue import DeadLetterQueue
 from estat.dlq.replayer import Replayer
 from estat.dlq.store import DiskStore
 from estat.errors import DeliveryError
-from estat.ingest.events import Cors, EventRecord, EventsRoute, Limits
+from estat.ingest.cors import Cors
+from estat.ingest.events import EventsRoute, Limits
 from estat.ingest.http import HttpLimits, HttpServer, http_compiled
 from estat.ingest.identity import TokenVerifier
 from estat.ingest.listener import Listener
@@ -45,6 +46,7 @@ from estat.ingest.routes import (
 )
 from estat.lake.keys import KeyMaker
 from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
+from estat.model import EventRecord
 from estat.ops.fds import default_max_connections
 from estat.ops.flush import MetricsFlusher
 from estat.ops.logging import Sampler, get_logger

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 
 @dataclass(slots=True)
 class Batch:
@@ -41,3 +43,21 @@ class EncodedBatch:
     first_ts: int
     last_ts: int
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+class EventRecord(msgspec.Struct, gc=False):
+    """One accepted event: *the* event of estat. It is the line of the
+    ``events`` lake dataset, and what the bus, the event store and the
+    destinations derive from."""
+
+    event_id: str
+    event_name: str
+    event_version: str
+    occurred_at: str
+    received_at: str
+    member_id: str | None
+    anonymous_id: str | None
+    properties: msgspec.Raw
+    source: str
+    ip: str
+    user_agent: str

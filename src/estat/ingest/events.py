@@ -19,93 +19,24 @@ import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from time import time
-from typing import Annotated, Any, Protocol
+from typing import Protocol
 
 import msgspec
 
 from estat.errors import Overloaded
+from estat.ingest.cors import Cors
 from estat.ingest.http import Deferred, HttpConnection, count_overloaded
 from estat.ingest.identity import InvalidToken, TokenVerifier
 from estat.ingest.ip import client_ip
 from estat.ingest.ratelimit import Decision, RateLimiter
+from estat.ingest.schema import ClientBatch, batch_type
+from estat.model import EventRecord
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 
 log = get_logger("estat.events")
 
 _JSON = b"content-type: application/json\r\n"
-
-
-Scalar = None | bool | int | float | str
-
-
-def nested(depth: int) -> Any:
-    """JSON values nesting at most ``depth`` objects/arrays: the decoder
-    enforces the properties depth cap while it parses."""
-    t: Any = Scalar
-    for _ in range(depth - 1):
-        t = Scalar | list[t] | dict[str, t]
-    return t
-
-
-class ClientEvent(msgspec.Struct):
-    """One client event (the documented shape; see ``batch_type``)."""
-
-    eventId: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    eventName: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
-    eventVersion: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
-    occurredAt: Annotated[str, msgspec.Meta(max_length=64)] | None = None
-    properties: dict[str, Any] | None = None
-
-
-class ClientBatch(msgspec.Struct):
-    events: list[ClientEvent] = []
-    anonymousId: Annotated[str, msgspec.Meta(max_length=128)] | None = None
-
-
-EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-EventName = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
-EventVersion = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
-OccurredAt = Annotated[str, msgspec.Meta(max_length=64)]
-AnonymousId = Annotated[str, msgspec.Meta(max_length=128)]
-
-
-def batch_type(max_depth: int) -> Any:
-    """The request type, with properties nesting at most ``max_depth`` levels
-    (``ClientBatch`` with the depth cap, enforced by the decoder)."""
-    event = msgspec.defstruct(
-        "ClientEvent",
-        [
-            ("eventId", EventId),
-            ("eventName", EventName),
-            ("eventVersion", EventVersion | None, None),
-            ("occurredAt", OccurredAt | None, None),
-            ("properties", dict[str, nested(max_depth)] | None, None),  # type: ignore[misc]
-        ],
-    )
-    return msgspec.defstruct(
-        "ClientBatch",
-        [
-            ("events", list[event], msgspec.field(default_factory=list)),  # type: ignore[valid-type]
-            ("anonymousId", AnonymousId | None, None),
-        ],
-    )
-
-
-class EventRecord(msgspec.Struct, gc=False):
-    """One accepted event as stored in the ``events`` dataset."""
-
-    event_id: str
-    event_name: str
-    event_version: str
-    occurred_at: str
-    received_at: str
-    member_id: str | None
-    anonymous_id: str | None
-    properties: msgspec.Raw
-    source: str
-    ip: str
-    user_agent: str
 
 
 class Publisher(Protocol):
@@ -134,35 +65,6 @@ class Limits(msgspec.Struct, frozen=True):
     max_ratio: int = 100
     max_event_size: int = 32 * 1024
     max_depth: int = 8
-
-
-class Cors:
-    """CORS answers for ingest routes (never credentials)."""
-
-    def __init__(self, origins: frozenset[str] | None, methods: bytes) -> None:
-        self.origins = origins
-        self.methods = methods
-
-    def headers(self, origin: bytes | None) -> bytes:
-        if self.origins is None:
-            return b"access-control-allow-origin: *\r\n"
-        if origin is not None and origin.decode("latin-1") in self.origins:
-            return b"access-control-allow-origin: " + origin + b"\r\nvary: Origin\r\n"
-        return b"vary: Origin\r\n"
-
-    def preflight(self, c: HttpConnection) -> None:
-        h = c.headers
-        allow = h.get("access-control-request-headers") or b"content-type"
-        c.respond(
-            204,
-            b"",
-            self.headers(h.get("origin"))
-            + b"access-control-allow-methods: "
-            + self.methods
-            + b"\r\naccess-control-allow-headers: "
-            + allow
-            + b"\r\naccess-control-max-age: 86400\r\n",
-        )
 
 
 def _iso(dt: datetime) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from estat import __version__
-from estat.ingest.events import ClientBatch, ClientEvent
+from estat.ingest.schema import batch_type
 
 ERROR_CODES = {
     "ANALYTICS_INGEST_EMPTY_BATCH": (400, "events is empty or missing"),
@@ -75,8 +75,9 @@ def _error(description: str, codes: list[str]) -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
+    batch = batch_type(None)  # the decoder's type, properties as any object
     _, components = msgspec.json.schema_components(
-        [ClientBatch, ClientEvent], ref_template="#/components/schemas/{name}"
+        [batch], ref_template="#/components/schemas/{name}"
     )
     by_status: dict[int, list[str]] = {}
     for code, (status, _) in ERROR_CODES.items():

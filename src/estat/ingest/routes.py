@@ -9,7 +9,7 @@ from typing import Final
 import orjson
 
 from estat.ingest import ip as _ip
-from estat.ingest.events import Cors
+from estat.ingest.cors import Cors
 from estat.ingest.http import HttpConnection
 from estat.ingest.ip import client_ip
 from estat.ops.metrics import CONTENT_TYPE, Metrics
