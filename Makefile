@@ -13,7 +13,7 @@ NATIVE_SRC := $(shell python3 scripts/build_native.py --list)
 NATIVE_MODE := $(if $(filter 0,$(ESTAT_NATIVE)),pure,compiled)
 NATIVE_STAMP := build/native/.built-$(NATIVE_MODE)
 
-.PHONY: install install-test run test test-pure bench-instructions bench-dlq-million check lint fmt typecheck imports bench docs clean native
+.PHONY: install install-test run test test-fast test-pure bench-instructions bench-dlq-million check lint fmt typecheck imports bench docs clean native
 
 # what running needs (and the compiler of the hot path); install-test adds the test toolchain
 install: $(STAMP) $(NATIVE_STAMP)
@@ -46,6 +46,11 @@ test: install-test
 	@bash scripts/test-deps.sh
 	$(PY) -m pytest -q
 	@$(MAKE) --no-print-directory test-pure
+
+# The inner loop: unit and contract tests on fakes and the in-process
+# listener, no subprocess (about a minute); `make test` runs everything.
+test-fast: install-test
+	$(PY) -m pytest -q -m "not e2e" --ignore=tests/e2e
 
 # The per-request modules as plain Python too (what runs without the compiled
 # build): their unit tests against a copy of the sources without the .so files.

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from estat.clock import SystemClock
 from estat.codec import decode
 from tests.dlq.test_dlq import ERR, batch, make
+
+pytestmark = pytest.mark.e2e
 
 
 def estat(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
