@@ -51,8 +51,9 @@ class _Drop:
 def feed_estat(n: int) -> None:
     from prometheus_client import CollectorRegistry
 
-    from estat.ingest.http import HttpConnection, HttpLimits, HttpServer
+    from estat.ingest.http import HttpConnection
     from estat.ingest.routes import CollectRoute
+    from estat.ingest.server import HttpLimits, HttpServer
     from estat.ops.metrics import Metrics
     from estat.pipeline.queue import EventQueue
 

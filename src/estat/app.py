@@ -28,7 +28,7 @@ from estat.dlq.store import DiskStore
 from estat.errors import DeliveryError
 from estat.ingest.cors import Cors
 from estat.ingest.events import EventsRoute, Limits
-from estat.ingest.http import HttpLimits, HttpServer, http_compiled
+from estat.ingest.http import http_compiled
 from estat.ingest.identity import TokenVerifier
 from estat.ingest.listener import Listener
 from estat.ingest.ratelimit import (
@@ -44,6 +44,7 @@ from estat.ingest.routes import (
     OpenAPIRoute,
     ReadyRoute,
 )
+from estat.ingest.server import HttpLimits, HttpServer
 from estat.lake.keys import KeyMaker
 from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
 from estat.model import EventRecord

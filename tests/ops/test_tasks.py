@@ -63,7 +63,7 @@ async def test_tasks_may_end_once_stopping() -> None:
 
 
 async def test_a_failing_listener_tick_is_a_stage_failure_and_keeps_ticking() -> None:
-    from estat.ingest.http import HttpLimits, HttpServer
+    from estat.ingest.server import HttpLimits, HttpServer
     from estat.ops.logging import Sampler
 
     m = Metrics(CollectorRegistry())

@@ -24,8 +24,9 @@ from typing import Protocol
 import msgspec
 
 from estat.errors import Overloaded
+from estat.ingest.answers import count_overloaded
 from estat.ingest.cors import Cors
-from estat.ingest.http import Deferred, HttpConnection, count_overloaded
+from estat.ingest.http import Deferred, HttpConnection
 from estat.ingest.identity import InvalidToken, TokenVerifier
 from estat.ingest.ip import client_ip
 from estat.ingest.ratelimit import Decision, RateLimiter

@@ -23,46 +23,21 @@ Handlers run on the event loop and must not block; each calls
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from email.utils import formatdate
-from typing import Any, Final, Protocol, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
 from estat.errors import Overloaded
-from estat.ops.hist import FastHistogram
+from estat.ingest.answers import CONTINUE, JSON_HDR, count_overloaded
 from estat.ops.logging import get_logger
-from estat.ops.metrics import Metrics
+
+if TYPE_CHECKING:
+    from estat.ingest.server import HttpServer, Mount
 
 log = get_logger("estat.http")
-
-_REASONS = {
-    100: "Continue",
-    200: "OK",
-    204: "No Content",
-    400: "Bad Request",
-    403: "Forbidden",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    415: "Unsupported Media Type",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-}
-_STATUS_LINES: Final = {s: f"HTTP/1.1 {s} {r}\r\n".encode() for s, r in _REASONS.items()}
-_CONN_KEEP: Final = b"connection: keep-alive\r\n"
-_CONN_CLOSE: Final = b"connection: close\r\n"
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Headers the routes read, by lower-case name; every other header is only
 # counted against the size limit. ``_names`` maps each spelling seen on the
@@ -122,251 +97,10 @@ class Route(Protocol):
     def handle(self, c: HttpConnection) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class HttpLimits:
-    max_head: int = 16384
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    keepalive_timeout: float = 75.0
-    #: open connections at most; above it the oldest idle keep-alive
-    #: connection is closed, or the new one when none is idle
-    max_connections: int = 10_000
-
-
-class _Mount:
-    """A route plus its hot-path statistics (answers by status, latency)."""
-
-    __slots__ = ("counts", "flushed", "handle", "latency", "max_body_digits", "route")
-
-    def __init__(self, route: Route | None, metrics: Metrics) -> None:
-        self.route = route
-        self.max_body_digits = len(str(route.max_body)) if route is not None else 1
-        # the bound method, looked up once instead of per request
-        self.handle: Callable[[HttpConnection], None] | None = (
-            route.handle if route is not None else None
-        )
-        self.counts: dict[int, int] = {}
-        self.flushed: dict[int, int] = {}
-        name = route.name if route is not None else "other"
-        self.latency: FastHistogram = metrics.fast_histogram(metrics.http_duration.labels(name))
-
-
-def count_overloaded(m: Metrics, route: str, e: Overloaded) -> None:
-    """Count one 503 by its cause (the seed's queue-full counter keeps its meaning)."""
-    if e.kind == "queue_full":
-        m.http_queue_full.inc()
-    else:
-        m.http_refused.labels(route, e.kind).inc()
-
-
 class _Abort(Exception):
     """Raised from a parser callback after the answer is written: stops parsing."""
 
 
-class HttpServer:
-    def __init__(
-        self,
-        routes: Mapping[bytes, Route],
-        *,
-        limits: HttpLimits,
-        metrics: Metrics,
-        log_sample: Callable[[], bool] = lambda: True,
-    ) -> None:
-        self.mounts = {path: _Mount(r, metrics) for path, r in routes.items()}
-        self.unknown = _Mount(None, metrics)
-        self.limits = limits
-        self.metrics = metrics
-        self.log_sample = log_sample
-        # open connections, oldest first (a dict keeps insertion order)
-        self.connections: dict[HttpConnection, None] = {}
-        self.draining = False
-        self.now = time.monotonic()
-        self.date_line = b""
-        self.empty_answers: dict[tuple[int, bytes, bool], bytes] = {}
-        self._server: asyncio.base_events.Server | None = None
-        self._tick_handle: asyncio.TimerHandle | None = None
-        self._all_closed: asyncio.Event | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.connections_shed = 0  # closed or refused for the connection cap
-        self._shed_flushed = 0
-        #: told when the listener's own periodic work fails (the supervisor)
-        self.on_failure: Callable[[str, BaseException], None] | None = None
-        self._update_date()
-        metrics.add_flusher(self._flush)
-
-    def render(self, status: int, body: bytes, headers: bytes, keep: bool, method: bytes) -> bytes:
-        """One answer's bytes. Answers without a body are cached for the current second."""
-        if not body:
-            ckey = (status, headers, keep)
-            data = self.empty_answers.get(ckey)
-            if data is None:
-                data = b"".join(
-                    (
-                        _STATUS_LINES[status],
-                        self.date_line,
-                        _CONN_KEEP if keep else _CONN_CLOSE,
-                        headers,
-                        b"content-length: 0\r\n\r\n",
-                    )
-                )
-                if len(self.empty_answers) < 64:  # headers may vary (Retry-After ...)
-                    self.empty_answers[ckey] = data
-            return data
-        return b"".join(
-            (
-                _STATUS_LINES[status],
-                self.date_line,
-                _CONN_KEEP if keep else _CONN_CLOSE,
-                headers,
-                b"content-length: %d\r\n\r\n" % len(body),
-                b"" if method == b"HEAD" else body,
-            )
-        )
-
-    def admit(self, c: HttpConnection) -> bool:
-        """A new connection: make room under ``max_connections`` by closing
-        the oldest idle keep-alive connection; False (close the new one at
-        once) when every connection is busy."""
-        conns = self.connections
-        if len(conns) < self.limits.max_connections:
-            conns[c] = None
-            return True
-        self.connections_shed += 1
-        idle = [x for x in conns if not x.busy()]
-        if not idle:
-            return False
-        oldest = min(idle, key=lambda x: x.seen_at)  # ties: the oldest connection
-        oldest.close()
-        conns.pop(oldest, None)
-        conns[c] = None
-        return True
-
-    def forget(self, c: HttpConnection) -> None:
-        self.connections.pop(c, None)
-        if self._all_closed is not None and not self.connections:
-            self._all_closed.set()
-
-    def _flush(self) -> None:
-        """Fold the per-route answer counts into the metrics.
-
-        ``http_requests_total`` is every answer; the accepted and too-large
-        counts are the 200s and 413s of ingest routes: one count per request
-        on the hot path, the seed metrics derived from it, so they cannot
-        disagree. 503s are counted by cause where they are made
-        (``count_overloaded``).
-        """
-        m = self.metrics
-        requests = accepted = too_large = 0
-        for mount in (*self.mounts.values(), self.unknown):
-            name = mount.route.name if mount.route is not None else "other"
-            for status, n in list(mount.counts.items()):
-                delta = n - mount.flushed.get(status, 0)
-                if not delta:
-                    continue
-                mount.flushed[status] = n
-                m.http_responses.labels(name, str(status)).inc(delta)
-                requests += delta
-                if mount.route is None or not mount.route.ingest:
-                    continue
-                if status == 200:
-                    accepted += delta
-                elif status == 413:
-                    too_large += delta
-        for counter, delta in (
-            (m.http_requests, requests),
-            (m.http_accepted, accepted),
-            (m.http_too_large, too_large),
-        ):
-            if delta:
-                counter.inc(delta)
-        m.http_connections.set(len(self.connections))
-        shed = self.connections_shed - self._shed_flushed
-        if shed:
-            m.http_connections_shed.inc(shed)
-            self._shed_flushed += shed
-
-    # -- lifecycle -----------------------------------------------------------
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: HttpConnection(self),
-            host=host,
-            port=port,
-            reuse_port=reuse_port,
-            backlog=2048,
-        )
-        self._tick()
-        # uvloop's Server.sockets is a list, not the tuple the stubs promise
-        sock = cast(Any, self._server).sockets[0]
-        addr = sock.getsockname()
-        return str(addr[0]), int(addr[1])
-
-    def _update_date(self) -> None:
-        self.date_line = b"date: " + formatdate(usegmt=True).encode() + b"\r\nserver: estat\r\n"
-        # answers without a body, fully rendered for the current second
-        self.empty_answers = {}
-
-    def _tick(self) -> None:
-        """Once a second: refresh the Date header and enforce the deadlines.
-
-        The hot path only moves each connection's phase (head, body, idle)
-        and its answer count; a connection whose phase has not moved for the
-        phase's timeout gets 408 (head or body) or a quiet close (idle).
-        """
-        loop = asyncio.get_running_loop()
-        now = self.now = loop.time()
-        # the next tick first: an error below must not end the chain
-        self._tick_handle = loop.call_at(now + 1.0, self._tick)
-        try:
-            self._update_date()
-            lim = self.limits
-            expired = []
-            for c in self.connections:
-                state = (c.answered, c.in_head, c.in_request)
-                if state != c.seen_state:
-                    c.seen_state = state
-                    c.seen_at = now
-                    continue
-                if c.in_head or (c.answered == 0 and not c.in_request and not c._pending):
-                    # the head deadline runs from accept: a connection that
-                    # never sends a byte is closed after HTTP_HEADER_TIMEOUT
-                    limit = lim.header_timeout
-                elif c.in_request:
-                    limit = lim.body_timeout
-                else:
-                    limit = lim.keepalive_timeout
-                if now - c.seen_at >= limit:
-                    expired.append(c)
-            for c in expired:
-                c.on_deadline()
-        except Exception as e:
-            if self.on_failure is None:
-                raise
-            self.on_failure("listener", e)
-
-    async def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def drain(self, grace: float) -> None:
-        """Stop reading new requests: close idle connections now, busy ones
-        after their answer; abort what is still open after ``grace`` seconds."""
-        self.draining = True
-        await self.stop_accepting()
-        for c in list(self.connections):
-            if not c.busy():
-                c.close()
-        if self.connections:
-            self._all_closed = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), grace)
-        for c in list(self.connections):
-            c.abort()
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-
-
-_JSON_HDR: Final = b"content-type: application/json\r\n"
 _perf: Final = time.perf_counter
 
 
@@ -397,7 +131,7 @@ class Deferred:
         counts[status] = counts.get(status, 0) + 1
         self.mount.latency.observe(_perf() - self.started)
         self.keep = self.keep_alive and not close and not c.server.draining
-        self.data = c.server.render(status, body, headers, self.keep, self.method)
+        self.data = c.server.answers.render(status, body, headers, self.keep, self.method)
         c._flush()
 
 
@@ -461,7 +195,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_read = 0
         self.body_parts: list[bytes] = []
         self._body_size = 0
-        self.mount: _Mount = server.unknown
+        self.mount: Mount = server.unknown
         self.route: Route | None = None
         self.method = b""
         self.path = b""
@@ -645,7 +379,7 @@ class HttpConnection(asyncio.Protocol):
         precheck = getattr(route, "precheck", None)
         if precheck is not None and not precheck(self):
             raise _Abort  # it answered (with close: the body is never read)
-        self.transport.write(_CONTINUE)
+        self.transport.write(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self._in_trailer = False
@@ -705,9 +439,9 @@ class HttpConnection(asyncio.Protocol):
         counts[status] = counts.get(status, 0) + 1
         mount.latency.observe(_perf() - self._started)
         keep = self.keep_alive and not close and not server.draining
-        data = None if body else server.empty_answers.get((status, headers, keep))
+        data = None if body else server.answers.empty.get((status, headers, keep))
         if data is None:
-            data = server.render(status, body, headers, keep, self.method)
+            data = server.answers.render(status, body, headers, keep, self.method)
         self.in_request = False
         if self._pending:  # an earlier request's answer is still being worked on
             d = Deferred(self)
@@ -752,9 +486,9 @@ class HttpConnection(asyncio.Protocol):
             )
         except Exception:
             log.exception("handler failed", route=name)
-            d.respond(500, b'{"code":"INTERNAL","message":"internal error"}', _JSON_HDR, close=True)
+            d.respond(500, b'{"code":"INTERNAL","message":"internal error"}', JSON_HDR, close=True)
         if d.data is None:
-            d.respond(500, b'{"code":"INTERNAL","message":"no answer"}', _JSON_HDR, close=True)
+            d.respond(500, b'{"code":"INTERNAL","message":"no answer"}', JSON_HDR, close=True)
 
     def _flush(self) -> None:
         pending = self._pending
@@ -778,7 +512,7 @@ class HttpConnection(asyncio.Protocol):
         body = getattr(self.route, "too_large_body", None)
         if body is not None:
             self.in_head = False
-            self.respond(413, body, _JSON_HDR, close=True)
+            self.respond(413, body, JSON_HDR, close=True)
             return
         self._error(413, "BODY_TOO_LARGE", "request body too large", close=True)
 
@@ -787,7 +521,7 @@ class HttpConnection(asyncio.Protocol):
         self.respond(
             status,
             b'{"code":"%s","message":"%s"}' % (code.encode(), message.encode()),
-            _JSON_HDR,
+            JSON_HDR,
             close=close,
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from estat.ingest.http import HttpServer
+from estat.ingest.server import HttpServer
 from estat.stage import Deadline, Spawn
 
 #: longest wait for requests in progress when the listener stops
