@@ -41,3 +41,23 @@ def test_the_depth_cap_is_in_the_decoder() -> None:
     except msgspec.ValidationError:
         return
     raise AssertionError("properties deeper than the cap were accepted")
+
+
+def test_error_codes_are_registered_documented_and_served() -> None:
+    import re
+    from pathlib import Path
+
+    from estat.ingest.codes import ERROR_CODES
+
+    root = Path(__file__).resolve().parents[2]
+    used = set(
+        re.findall(
+            r'"(ANALYTICS_INGEST_[A-Z_]+)"', (root / "src/estat/ingest/events.py").read_text()
+        )
+    )
+    assert used <= set(ERROR_CODES)  # the route raises registered codes only
+    doc = (root / "docs" / "api.md").read_text()
+    for code in ERROR_CODES:
+        assert f"`{code}`" in doc, code
+    served = render().decode()
+    assert all(code in served for code in ERROR_CODES)

@@ -25,6 +25,7 @@ import msgspec
 
 from estat.errors import Overloaded
 from estat.ingest.answers import count_overloaded
+from estat.ingest.codes import Rejected
 from estat.ingest.cors import Cors
 from estat.ingest.http import Deferred, HttpConnection
 from estat.ingest.identity import InvalidToken, TokenVerifier
@@ -48,15 +49,6 @@ class Publisher(Protocol):
     """
 
     def publish(self, records: list[EventRecord]) -> None: ...
-
-
-class Rejected(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: bytes = b"") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 class Limits(msgspec.Struct, frozen=True):
@@ -166,7 +158,7 @@ class EventsRoute:
         type and the content coding (415)."""
         if c.method != b"POST":
             raise Rejected(
-                405, "ANALYTICS_INGEST_METHOD_NOT_ALLOWED", "use POST", b"allow: POST, OPTIONS\r\n"
+                "ANALYTICS_INGEST_METHOD_NOT_ALLOWED", "use POST", b"allow: POST, OPTIONS\r\n"
             )
         h = c.headers
         ctype = h.get("content-type")
@@ -174,14 +166,12 @@ class EventsRoute:
             media = ctype.split(b";", 1)[0].strip().lower()
             if media not in (b"application/json", b"text/plain", b""):
                 raise Rejected(
-                    415,
                     "ANALYTICS_INGEST_UNSUPPORTED_MEDIA_TYPE",
                     "send application/json or text/plain",
                 )
         encoding = h.get("content-encoding")
         if encoding is not None and encoding.strip().lower() not in (b"gzip", b"identity", b""):
             raise Rejected(
-                415,
                 "ANALYTICS_INGEST_UNSUPPORTED_ENCODING",
                 "Content-Encoding must be gzip or identity",
             )
@@ -196,20 +186,19 @@ class EventsRoute:
             batch = self._decoder.decode(body)
         except UnicodeDecodeError:
             raise Rejected(
-                400, "ANALYTICS_INGEST_INVALID_ENCODING", "the body is not valid UTF-8"
+                "ANALYTICS_INGEST_INVALID_ENCODING", "the body is not valid UTF-8"
             ) from None
         except msgspec.ValidationError as e:
-            raise Rejected(400, "ANALYTICS_INGEST_INVALID_EVENT", str(e)[:200]) from None
+            raise Rejected("ANALYTICS_INGEST_INVALID_EVENT", str(e)[:200]) from None
         except (msgspec.DecodeError, RecursionError, ValueError):
             raise Rejected(
-                400, "ANALYTICS_INGEST_MALFORMED_JSON", "the body is not valid JSON"
+                "ANALYTICS_INGEST_MALFORMED_JSON", "the body is not valid JSON"
             ) from None
         n = len(batch.events)
         if n == 0:
-            raise Rejected(400, "ANALYTICS_INGEST_EMPTY_BATCH", "events is empty")
+            raise Rejected("ANALYTICS_INGEST_EMPTY_BATCH", "events is empty")
         if n > self.limits.max_batch:
             raise Rejected(
-                400,
                 "ANALYTICS_INGEST_BATCH_LIMIT_EXCEEDED",
                 f"at most {self.limits.max_batch} events per request",
             )
@@ -220,14 +209,13 @@ class EventsRoute:
                 member = self._verifier.member_id(auth)
             except InvalidToken as e:
                 raise Rejected(
-                    401, "ANALYTICS_INGEST_INVALID_TOKEN", f"invalid bearer token: {e}"
+                    "ANALYTICS_INGEST_INVALID_TOKEN", f"invalid bearer token: {e}"
                 ) from None
         if not batch.anonymousId:
             header = h.get("x-anonymous-id")
             batch.anonymousId = header.decode("utf-8", "replace")[:128] if header else None
         if member is None and not batch.anonymousId:
             raise Rejected(
-                400,
                 "ANALYTICS_INGEST_ANONYMOUS_ID_REQUIRED",
                 "send anonymousId or X-Anonymous-Id, or a member token",
             )
@@ -241,17 +229,14 @@ class EventsRoute:
             out = d.decompress(body, cap + 1)
         except zlib.error:
             raise Rejected(
-                400, "ANALYTICS_INGEST_INVALID_ENCODING", "the gzip body is corrupt"
+                "ANALYTICS_INGEST_INVALID_ENCODING", "the gzip body is corrupt"
             ) from None
         if len(out) > cap:
-            raise Rejected(
-                413, "ANALYTICS_INGEST_BODY_TOO_LARGE", "the decompressed body is too large"
-            )
+            raise Rejected("ANALYTICS_INGEST_BODY_TOO_LARGE", "the decompressed body is too large")
         if not d.eof:
-            raise Rejected(400, "ANALYTICS_INGEST_INVALID_ENCODING", "the gzip body is truncated")
+            raise Rejected("ANALYTICS_INGEST_INVALID_ENCODING", "the gzip body is truncated")
         if d.unused_data:
             raise Rejected(
-                415,
                 "ANALYTICS_INGEST_UNSUPPORTED_ENCODING",
                 "one gzip member expected (stacked encodings are not supported)",
             )
@@ -272,7 +257,6 @@ class EventsRoute:
             if not decision.allowed:
                 self._m.analytics_rate_limited.inc()
                 raise Rejected(
-                    429,
                     "ANALYTICS_INGEST_RATE_LIMIT_EXCEEDED",
                     "too many requests",
                     b"retry-after: %d\r\n" % decision.retry_after,
@@ -304,7 +288,7 @@ class EventsRoute:
             if bad:
                 self._m.analytics_not_allowed.inc()
                 raise Rejected(
-                    400, "ANALYTICS_INGEST_EVENT_NOT_ALLOWED", f"event not allowed: {bad[0][:100]}"
+                    "ANALYTICS_INGEST_EVENT_NOT_ALLOWED", f"event not allowed: {bad[0][:100]}"
                 )
         now = datetime.fromtimestamp(self._time(), UTC)
         received = _iso(now)
@@ -323,7 +307,6 @@ class EventsRoute:
                 except (ValueError, OverflowError):
                     # not ISO-8601, or no UTC instant (9999-12-31T23:59:59-14:00)
                     raise Rejected(
-                        400,
                         "ANALYTICS_INGEST_INVALID_EVENT",
                         f"occurredAt is not an ISO-8601 instant: {e.eventId}",
                     ) from None
@@ -342,13 +325,11 @@ class EventsRoute:
                 raw = encode(props)
             except (UnicodeEncodeError, OverflowError, TypeError):
                 raise Rejected(
-                    400,
                     "ANALYTICS_INGEST_INVALID_EVENT",
                     f"properties cannot be stored: {e.eventId}",
                 ) from None
             if len(raw) > max_size:
                 raise Rejected(
-                    400,
                     "ANALYTICS_INGEST_INVALID_EVENT",
                     f"properties larger than {max_size} bytes: {e.eventId}",
                 )
