@@ -196,6 +196,7 @@ class App:
                     self.pipeline.queue.put_line,
                     max_body=settings.max_body_size,
                     cors=Cors(settings.cors_origins, b"GET, POST, OPTIONS"),
+                    metrics=m,
                 ),
                 b"/api/v1/analytics/events": EventsRoute(
                     QueuePublisher(self.events_pipeline.queue),

@@ -149,6 +149,8 @@ class EventsRoute:
 
     def _reject(self, c: HttpConnection, cors: bytes, r: Rejected, *, close: bool = False) -> None:
         self._m.analytics_events.labels("rejected", r.code).inc()
+        if r.status == 413:
+            self._m.http_too_large.inc()
         c.respond(r.status, _error_body(r.code, r.message), _JSON + cors + r.headers, close=close)
 
     # -- synchronous part: transport, JSON, types, batch, identity -----------------
@@ -277,6 +279,7 @@ class EventsRoute:
             )
             return
         self._m.analytics_events.labels("accepted", "").inc(len(records))
+        self._m.http_accepted.inc()
         respond(200, b'{"acceptedCount":%d}' % len(records), _JSON + cors)
 
     def _records(

@@ -509,6 +509,8 @@ class HttpConnection(asyncio.Protocol):
                 t.resume_reading()
 
     def too_large(self) -> None:
+        if self.route is not None and self.route.ingest:
+            self.server.too_large += 1
         body = getattr(self.route, "too_large_body", None)
         if body is not None:
             self.in_head = False

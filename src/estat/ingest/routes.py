@@ -44,12 +44,26 @@ class CollectRoute:
         max_body: int,
         cors: Cors | None = None,
         clock: Callable[[], float] = time,
+        metrics: Metrics | None = None,
     ) -> None:
         self._put = put
+        # the route counts its own outcome (a plain int on the hot path,
+        # folded into http_requests_accepted_total with the other tallies)
+        self.accepted = 0
+        self._folded = 0
+        self._m = metrics
+        if metrics is not None:
+            metrics.add_flusher(self._fold)
         self.max_body = max_body
         self._time = clock
         self._cors = cors or Cors(None, b"GET, POST, OPTIONS")
         self._any_origin = self._cors.origins is None
+
+    def _fold(self) -> None:
+        delta = self.accepted - self._folded
+        if delta and self._m is not None:
+            self._m.http_accepted.inc(delta)
+            self._folded += delta
 
     def precheck(self, c: HttpConnection) -> bool:
         """Before ``100 Continue``: a method that gets 405 is answered now."""
@@ -91,6 +105,7 @@ class CollectRoute:
                 }
             )
         )
+        self.accepted += 1
         c.respond(200, b"", _CORS if self._any_origin else self._cors.headers(h.get("origin")))
 
 

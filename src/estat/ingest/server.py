@@ -72,6 +72,8 @@ class HttpServer:
         self._all_closed: asyncio.Event | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.connections_shed = 0  # closed or refused for the connection cap
+        self.too_large = 0  # ingest requests refused 413 by the size limits
+        self._too_large_flushed = 0
         self._shed_flushed = 0
         #: told when the listener's own periodic work fails (the supervisor)
         self.on_failure: Callable[[str, BaseException], None] | None = None
@@ -103,14 +105,14 @@ class HttpServer:
     def _flush(self) -> None:
         """Fold the per-route answer counts into the metrics.
 
-        ``http_requests_total`` is every answer; the accepted and too-large
-        counts are the 200s and 413s of ingest routes: one count per request
-        on the hot path, the seed metrics derived from it, so they cannot
-        disagree. 503s are counted by cause where they are made
-        (``count_overloaded``).
+        ``http_requests_total`` and ``http_responses_total`` are every answer
+        by route and status: transport facts. Business outcomes are counted
+        where they are decided: accepted events by the routes, bodies too
+        large by the connection that refuses them (``too_large``), 503s by
+        cause (``count_overloaded``).
         """
         m = self.metrics
-        requests = accepted = too_large = 0
+        requests = 0
         for mount in (*self.mounts.values(), self.unknown):
             name = mount.route.name if mount.route is not None else "other"
             for status, n in list(mount.counts.items()):
@@ -120,19 +122,12 @@ class HttpServer:
                 mount.flushed[status] = n
                 m.http_responses.labels(name, str(status)).inc(delta)
                 requests += delta
-                if mount.route is None or not mount.route.ingest:
-                    continue
-                if status == 200:
-                    accepted += delta
-                elif status == 413:
-                    too_large += delta
-        for counter, delta in (
-            (m.http_requests, requests),
-            (m.http_accepted, accepted),
-            (m.http_too_large, too_large),
-        ):
-            if delta:
-                counter.inc(delta)
+        if requests:
+            m.http_requests.inc(requests)
+        too_large = self.too_large - self._too_large_flushed
+        if too_large:
+            m.http_too_large.inc(too_large)
+            self._too_large_flushed += too_large
         m.http_connections.set(len(self.connections))
         shed = self.connections_shed - self._shed_flushed
         if shed:
