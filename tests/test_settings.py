@@ -167,3 +167,15 @@ def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ":pw@" not in out.stdout
     assert "AUTH_JWT_SECRET" in out.stdout
     assert "FLUSH_INTERVAL" in out.stdout
+
+
+def test_an_injected_environment_is_the_only_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_SIZE", "7")  # the process's environment is not read
+    s = load_settings({"BATCH_SIZE": "123", "FLUSH_INTERVAL": "3s"})
+    assert s.batch_size == 123
+    assert s.flush_interval == 3.0
+    assert load_settings({}).batch_size == 5000
+    with pytest.raises(ConfigError) as e:
+        load_settings({"HTTP_ADDR": ":99999"})
+    assert "HTTP_ADDR=':99999'" in str(e.value)
+    assert load_settings().batch_size == 7  # and the process's again without one

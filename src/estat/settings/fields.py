@@ -5,6 +5,8 @@ names and defaults are a contract (upper case, no prefix)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -15,7 +17,13 @@ from pydantic import (
     SecretStr,
     field_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from estat.settings.values import (
     BUCKET_RE,
@@ -27,8 +35,34 @@ from estat.settings.values import (
     parse_addr,
 )
 
+#: the environment ``load_settings(env=...)`` reads instead of the process's
+INJECTED_ENV: ContextVar[Mapping[str, str] | None] = ContextVar("estat_env", default=None)
+
+
+class _MappingSource(EnvSettingsSource):
+    """Environment variables from an injected mapping (tests, tools)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = INJECTED_ENV.get() or {}
+        return parse_env_vars(
+            env, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
 
 class Settings(BaseSettings):
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if INJECTED_ENV.get() is not None:  # only the mapping: no process environment, no .env
+            return (init_settings, _MappingSource(settings_cls))
+        return (init_settings, env_settings, dotenv_settings, file_secret_settings)
+
     model_config = SettingsConfigDict(
         env_file=".env",
         env_file_encoding="utf-8",

@@ -5,6 +5,7 @@ shows when values do not validate, and the generated reference."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import (
@@ -15,7 +16,7 @@ from pydantic import (
 )
 
 from estat.errors import ConfigError
-from estat.settings.fields import Settings
+from estat.settings.fields import INJECTED_ENV, Settings
 
 
 def env_name(field: str) -> str:
@@ -27,9 +28,11 @@ def env_name(field: str) -> str:
     return field.upper()
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build the settings; on bad values raise ``ConfigError`` naming every
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the process environment and ``.env`` (or only
+    from ``env`` when given); on bad values raise ``ConfigError`` naming every
     invalid variable (``ConfigError.problems``: variable → one line)."""
+    token = INJECTED_ENV.set(dict(env)) if env is not None else None
     try:
         return Settings(**overrides)
     except ValidationError as e:
@@ -40,6 +43,9 @@ def load_settings(**overrides: Any) -> Settings:
         lines = list(problems.values())
         text = lines[0] if len(lines) == 1 else "\n  ".join(["", *lines])
         raise ConfigError(f"invalid configuration: {text}", problems) from None
+    finally:
+        if token is not None:
+            INJECTED_ENV.reset(token)
 
 
 def _problem(err: Any) -> tuple[str, str]:
@@ -49,7 +55,7 @@ def _problem(err: Any) -> tuple[str, str]:
     info = Settings.model_fields.get(field)
     extra = info.json_schema_extra if info is not None else None
     accepts = extra.get("accepts") if isinstance(extra, dict) else None
-    raw = os.environ.get(name, err.get("input"))
+    raw = (INJECTED_ENV.get() or os.environ).get(name, err.get("input"))
     msg = str(err["msg"]).removeprefix("Value error, ")
     hint = f" (accepts {accepts})" if accepts else ""
     shown = "****" if name in SECRET_VARIABLES else repr(raw)
