@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from estat.clock import SystemClock
+from estat.clock import FakeClock
 from estat.codec import encode
 from estat.errors import DeliveryError, Overloaded, RetryableDeliveryError
 from estat.model import Batch, EncodedBatch
@@ -62,11 +62,12 @@ class World:
         self.failures: list[str] = []
         self.sup = Supervisor(self.m, self.failures.append)
         self.recovered = 0
+        self.clock = FakeClock()  # waits move it: no test here sleeps for real
         self.gate = LakeGate(
             threshold=threshold,
             probe_interval=probe,
             max_probe_interval=probe,
-            clock=SystemClock(),
+            clock=self.clock,
             metrics=self.m,
             on_recovered=self._recovered,
         )
@@ -80,7 +81,7 @@ class World:
             policy=POLICY,
             concurrency=1,
             executor=None,
-            clock=SystemClock(),
+            clock=self.clock,
             metrics=self.m,
             instance="t",
             encode=lambda data: self.encode(data),
@@ -94,11 +95,12 @@ class World:
     def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return self.sup.spawn(name, coro)
 
-    async def until(self, cond: Any, timeout: float = 5.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not cond():
-            assert asyncio.get_running_loop().time() < deadline, "condition never held"
-            await asyncio.sleep(0.01)
+    async def until(self, cond: Any, steps: int = 100_000) -> None:
+        for _ in range(steps):
+            if cond():
+                return
+            await asyncio.sleep(0)
+        raise AssertionError("condition never held")
 
     async def finish(self) -> None:
         self.sup.stopping()
@@ -124,10 +126,10 @@ async def test_failing_lake_opens_the_circuit_and_batches_go_straight_to_the_dlq
     assert len(w.sink.attempts) <= 3 + 2
     # the lake comes back: the next probe closes the circuit, uploads resume
     w.sink.always_fail = None
-    await asyncio.sleep(0.35)
+    w.clock.advance(0.35)  # the probe interval passes
     await w.inbox.put(batch("raw/after"))
-    await w.until(lambda: "raw/after" in w.sink.objects)
-    assert str(w.gate.breaker.state) == "closed"
+    await w.until(lambda: str(w.gate.breaker.state) == "closed")  # the probe succeeded
+    assert "raw/after" in w.sink.objects
     assert value(w.m, "lake_circuit_transitions_total", {"state": "closed"}) == 1
     assert w.recovered >= 1
     await w.finish()
@@ -147,8 +149,7 @@ async def test_dlq_unwritable_refuses_ingest_until_a_save_succeeds() -> None:
     assert e.value.retry_after == 5
     assert value(w.m, "pipeline_accepting") == 0
     calls = w.spill.calls
-    await asyncio.sleep(0.2)
-    assert w.spill.calls > calls  # the held batch keeps being retried
+    await w.until(lambda: w.spill.calls > calls)  # the held batch keeps being retried
     w.spill.works = True
     await w.until(lambda: w.gate.accepting)
     w.queue.put_line(b"{}")  # accepted again
@@ -169,7 +170,8 @@ async def test_a_panicking_sink_is_a_retryable_internal_error() -> None:
     w.sink.put = put  # type: ignore[method-assign]
     w.up.start(w.spawn)
     await w.inbox.put(batch("raw/p", 5))
-    await w.until(lambda: "raw/p" in w.sink.objects)
+    await w.until(lambda: value(w.m, "s3_events_stored_total") == 5)
+    assert "raw/p" in w.sink.objects
     assert value(w.m, "s3_put_errors_by_class_total", {"error_class": "internal"}) == 2
     assert value(w.m, "s3_events_stored_total") == 5
     await w.finish()
