@@ -4,12 +4,10 @@ names and defaults are a contract (upper case, no prefix)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AliasChoices,
@@ -26,10 +24,17 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from estat.settings.values import (
-    BUCKET_RE,
     DEFAULT_ALLOWLIST,
-    ORIGIN_RE,
+    Address,
+    BucketName,
     Duration,
+    EndpointUrl,
+    InstanceId,
+    KeyPrefix,
+    Origins,
+    PemPublicKey,
+    RedisUrl,
+    TimeZone,
     accepts,
     default_instance_id,
     parse_addr,
@@ -76,20 +81,20 @@ class Settings(BaseSettings):
     aws_region: str | None = Field(
         None, description="S3 region (S3 mode).", json_schema_extra=accepts("a region name")
     )
-    raw_bucket: str | None = Field(
+    raw_bucket: BucketName | None = Field(
         None,
         description="Bucket of the raw data lake. Unset: the embedded local lake under LAKE_DIR.",
         json_schema_extra=accepts("a bucket name"),
     )
-    raw_prefix: str = Field(
+    raw_prefix: KeyPrefix = Field(
         "raw", description="Key prefix of good data.", json_schema_extra=accepts("a key prefix")
     )
-    dlq_prefix: str = Field(
+    dlq_prefix: KeyPrefix = Field(
         "raw_dlq",
         description="Key prefix for data that cannot be encoded or validated (quarantine).",
         json_schema_extra=accepts("a key prefix"),
     )
-    s3_endpoint_url: str | None = Field(
+    s3_endpoint_url: EndpointUrl | None = Field(
         None,
         validation_alias=AliasChoices("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
         description="S3-compatible endpoint (MinIO, Ceph, moto...). AWS_ENDPOINT_URL is honoured too.",
@@ -129,14 +134,14 @@ class Settings(BaseSettings):
         description="At start, one bounded request checks the lake (bucket or directory). warn: log and report it in /ready and lake_healthy, and start anyway (the DLQ absorbs); require: exit with status 2 when the check fails.",
         json_schema_extra=accepts("warn or require"),
     )
-    partition_tz: str = Field(
+    partition_tz: TimeZone = Field(
         "UTC",
         description="Time zone of the dt=/hr= partitions of object keys.",
         json_schema_extra=accepts("an IANA time zone such as UTC or Asia/Seoul"),
     )
 
     # --- HTTP --------------------------------------------------------------
-    http_addr: str = Field(
+    http_addr: Address = Field(
         ":8080",
         description="Ingest listener address, host:port (empty host: all interfaces).",
         json_schema_extra=accepts("host:port, e.g. :8080 or 127.0.0.1:8080"),
@@ -224,7 +229,7 @@ class Settings(BaseSettings):
     )
 
     # --- client event API ------------------------------------------------------
-    events_prefix: str = Field(
+    events_prefix: KeyPrefix = Field(
         "events",
         description="Key prefix of the client events dataset (POST /api/v1/analytics/events).",
         json_schema_extra=accepts("a key prefix"),
@@ -287,7 +292,7 @@ class Settings(BaseSettings):
     analytics_rate_limit_window: Duration = Field(
         60.0, gt=0, description="Rate-limit window.", json_schema_extra=accepts("a duration")
     )
-    rate_limit_redis_url: SecretStr | None = Field(
+    rate_limit_redis_url: RedisUrl | None = Field(
         None,
         description="Redis shared by every replica for rate limits. Unset: the workers of one server share one in-memory limit (kept by the supervisor process).",
         json_schema_extra=accepts("redis://host:port/db"),
@@ -297,12 +302,12 @@ class Settings(BaseSettings):
         description="HS256 secret verifying `Authorization: Bearer` tokens (claim sub is the member id).",
         json_schema_extra=accepts("a secret string"),
     )
-    auth_jwt_public_key: SecretStr | None = Field(
+    auth_jwt_public_key: PemPublicKey | None = Field(
         None,
         description="PEM public key verifying RS256/ES256 bearer tokens (instead of AUTH_JWT_SECRET).",
         json_schema_extra=accepts("a PEM public key"),
     )
-    cors_allow_origins: str = Field(
+    cors_allow_origins: Origins = Field(
         "*",
         description="Origins allowed to send events from browsers (comma-separated, or *); no credentials.",
         json_schema_extra=accepts("* or origins separated by commas"),
@@ -338,7 +343,7 @@ class Settings(BaseSettings):
     )
 
     # --- process -----------------------------------------------------------
-    instance_id: str = Field(
+    instance_id: InstanceId = Field(
         default_factory=default_instance_id,
         description="Name of this instance in object keys. Default: host name plus a random suffix per start; each worker appends -w<N>.",
         json_schema_extra=accepts("letters, digits, '.', '-'"),
@@ -375,87 +380,6 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
-
-    @field_validator("partition_tz")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError) as e:
-            raise ValueError("unknown time zone") from e
-        return v
-
-    @field_validator("http_addr")
-    @classmethod
-    def _addr(cls, v: str) -> str:
-        parse_addr(v)
-        return v
-
-    @field_validator("instance_id")
-    @classmethod
-    def _instance(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9.-]{1,64}", v):
-            raise ValueError("must be 1-64 letters, digits, '.' or '-'")
-        return v
-
-    @field_validator("s3_endpoint_url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError("must be an http:// or https:// URL")
-        return v
-
-    @field_validator("rate_limit_redis_url")
-    @classmethod
-    def _redis(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not re.match(r"^(redis|rediss|unix)://", v.get_secret_value()):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return v
-
-    @field_validator("auth_jwt_public_key")
-    @classmethod
-    def _public_key(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None:
-            from cryptography.hazmat.primitives.asymmetric import ec, rsa
-            from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-            try:
-                key = load_pem_public_key(v.get_secret_value().encode())
-            except (ValueError, TypeError):
-                raise ValueError("not a PEM public key") from None
-            if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-                raise ValueError("must be an RSA (RS256) or EC P-256 (ES256) public key")
-        return v
-
-    @field_validator("cors_allow_origins")
-    @classmethod
-    def _origins(cls, v: str) -> str:
-        for origin in (o.strip() for o in v.split(",")):
-            if origin and origin != "*" and not ORIGIN_RE.fullmatch(origin):
-                raise ValueError(
-                    f"{origin!r} is not an origin: scheme://host[:port], e.g. https://shop.example"
-                )
-        return v
-
-    @field_validator("raw_bucket")
-    @classmethod
-    def _bucket(cls, v: str | None) -> str | None:
-        if v is not None and (
-            not BUCKET_RE.fullmatch(v) or ".." in v or re.fullmatch(r"[\d.]+", v)
-        ):
-            raise ValueError(
-                "not an S3 bucket name: 3-63 lower-case letters, digits, '.' or '-', "
-                "starting and ending with a letter or digit"
-            )
-        return v
-
-    @field_validator("raw_prefix", "dlq_prefix", "events_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        v = v.strip("/")
-        if not v or not re.fullmatch(r"[A-Za-z0-9._/=-]+", v):
-            raise ValueError("must be a non-empty key prefix of letters, digits, . _ - = /")
-        return v
 
     # --- derived -----------------------------------------------------------
     @property

@@ -7,10 +7,9 @@ import re
 import secrets
 import socket
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import (
-    BeforeValidator,
-)
+from pydantic import AfterValidator, BeforeValidator, SecretStr
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -74,3 +73,86 @@ def parse_addr(value: str) -> tuple[str, int]:
         raise ValueError(f"port {port} is out of range (0-65535)")
     host = host.strip("[]")
     return host or "0.0.0.0", int(port)
+
+
+# --- checked value types: each validates itself, wherever a field uses it ----------
+
+
+def _time_zone(v: str) -> str:
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError("unknown time zone") from e
+    return v
+
+
+def _address(v: str) -> str:
+    parse_addr(v)
+    return v
+
+
+def _instance(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.-]{1,64}", v):
+        raise ValueError("must be 1-64 letters, digits, '.' or '-'")
+    return v
+
+
+def _url(v: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError("must be an http:// or https:// URL")
+    return v
+
+
+def _redis(v: SecretStr) -> SecretStr:
+    if not re.match(r"^(redis|rediss|unix)://", v.get_secret_value()):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return v
+
+
+def _public_key(v: SecretStr) -> SecretStr:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(v.get_secret_value().encode())
+    except (ValueError, TypeError):
+        raise ValueError("not a PEM public key") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError("must be an RSA (RS256) or EC P-256 (ES256) public key")
+    return v
+
+
+def _origins(v: str) -> str:
+    for origin in (o.strip() for o in v.split(",")):
+        if origin and origin != "*" and not ORIGIN_RE.fullmatch(origin):
+            raise ValueError(
+                f"{origin!r} is not an origin: scheme://host[:port], e.g. https://shop.example"
+            )
+    return v
+
+
+def _bucket(v: str) -> str:
+    if not BUCKET_RE.fullmatch(v) or ".." in v or re.fullmatch(r"[\d.]+", v):
+        raise ValueError(
+            "not an S3 bucket name: 3-63 lower-case letters, digits, '.' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return v
+
+
+def _prefix(v: str) -> str:
+    v = v.strip("/")
+    if not v or not re.fullmatch(r"[A-Za-z0-9._/=-]+", v):
+        raise ValueError("must be a non-empty key prefix of letters, digits, . _ - = /")
+    return v
+
+
+TimeZone = Annotated[str, AfterValidator(_time_zone)]
+Address = Annotated[str, AfterValidator(_address)]
+InstanceId = Annotated[str, AfterValidator(_instance)]
+EndpointUrl = Annotated[str, AfterValidator(_url)]
+RedisUrl = Annotated[SecretStr, AfterValidator(_redis)]
+PemPublicKey = Annotated[SecretStr, AfterValidator(_public_key)]
+Origins = Annotated[str, AfterValidator(_origins)]
+BucketName = Annotated[str, AfterValidator(_bucket)]
+KeyPrefix = Annotated[str, AfterValidator(_prefix)]
