@@ -108,10 +108,6 @@ def bucket_of(created_ns: int) -> str:
     return time.strftime("%Y%m%dT%H%M", time.gmtime(created_ns // 1_000_000_000))
 
 
-class DLQFull(Exception):
-    """The batch alone is larger than the DLQ's capacity."""
-
-
 @dataclass(slots=True)
 class _Tally:
     mtime_ns: int

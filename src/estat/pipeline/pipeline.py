@@ -138,14 +138,13 @@ class Pipeline:
                 finished = await self.uploader.wait(left())
         # Whatever is still anywhere in the pipeline now is lost: the drain ran
         # out of time, or a stage failed and left events behind.
-        lost = len(self.queue) + self.builder.events + self.builder.handing_off
-        lost += sum(b.events for b in list(self.inbox._queue) if b is not None)  # type: ignore[attr-defined]
+        lost = self.pending_events()
         if not batcher.done():
             batcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, BaseException):
                 await batcher
         if not finished:
-            lost += await self.uploader.cancel()
+            await self.uploader.cancel()  # what the workers held is in ``lost`` already
         if lost:
             self._m.events_unsaved.inc(lost)
             log.error("shutdown deadline reached: events not stored", events=lost)

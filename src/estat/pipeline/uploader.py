@@ -180,15 +180,14 @@ class Uploader:
         _, pending = await asyncio.wait(self._tasks, timeout=max(0.0, timeout))
         return not pending
 
-    async def cancel(self) -> int:
-        """Cancel the workers still running; returns the events they held (lost)."""
-        lost = self.in_flight_events
+    async def cancel(self) -> None:
+        """Cancel the workers still running (the events they hold are
+        ``in_flight_events``, counted by the caller)."""
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, BaseException):
                 await t
-        return lost
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
