@@ -18,6 +18,8 @@ from typing import Any
 import boto3
 import pytest
 
+from tests.servers import NatsServer, PostgresServer
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -259,3 +261,25 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"compiled modules older than their source: {', '.join(stale)}; run `make install`",
             returncode=2,
         )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer(free_port())
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> str:
+    """A fresh empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer(free_port())
+    server.start()
+    yield server
+    server.destroy()

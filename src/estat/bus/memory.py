@@ -1,0 +1,134 @@
+"""The in-process bus (``MQ_PROVIDER=memory``, the embedded default).
+
+Bounded (``MQ_MEMORY_CAPACITY`` messages published and not yet acked):
+``publish`` raises ``BusError`` when full, so the publisher falls back to
+the source outbox. One consumer group per process; what it holds is lost if
+the process dies (the embedded setup's trade: the lake has every event, and
+a graceful stop drains the bus into the store first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message
+from estat.ops.logging import get_logger
+
+log = get_logger("estat.bus")
+
+
+class MemoryBus:
+    provider = "memory"
+
+    def __init__(self, capacity: int = 100_000, retry_delay: float = 1.0) -> None:
+        self.topic = TOPIC
+        self.capacity = capacity
+        self.retry_delay = retry_delay
+        self._new: deque[tuple[int, Message]] = deque()
+        self._deliveries: dict[int, int] = {}
+        self._unacked: dict[int, Message] = {}
+        self._later: list[tuple[float, int]] = []  # (due, seq) to deliver again
+        self._seq = itertools.count(1)
+        self.parked: list[tuple[Message, str]] = []
+        self._wake = asyncio.Event()
+        self.closed = False
+
+    async def start(self) -> None:
+        return None
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if self.closed:
+            raise BusError("the in-process bus is closed")
+        if len(self._unacked) + len(messages) > self.capacity:
+            raise BusError(f"the in-process bus is full ({self.capacity} messages)")
+        for m in messages:
+            seq = next(self._seq)
+            self._unacked[seq] = m
+            self._new.append((seq, m))
+        self._wake.set()
+
+    def consumer(self, name: str) -> MemoryConsumer:
+        return MemoryConsumer(self)
+
+    async def stats(self) -> BusStats:
+        return BusStats(len(self._unacked), len(self.parked))
+
+    async def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    # -- used by the consumer ---------------------------------------------------
+    def _take(self, n: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        now = time.monotonic()
+        while self._later and self._later[0][0] <= now and len(out) < n:
+            _, seq = heapq.heappop(self._later)
+            m = self._unacked.get(seq)
+            if m is not None:
+                out.append(self._deliver(seq, m, now))
+        while self._new and len(out) < n:
+            seq, m = self._new.popleft()
+            out.append(self._deliver(seq, m, now))
+        return out
+
+    def _deliver(self, seq: int, m: Message, now: float) -> Delivery:
+        d = self._deliveries[seq] = self._deliveries.get(seq, 0) + 1
+        return Delivery(m, d, seq, now)
+
+    def _settle(self, seq: int) -> None:
+        self._unacked.pop(seq, None)
+        self._deliveries.pop(seq, None)
+
+    def _again(self, seq: int, delay: float) -> None:
+        heapq.heappush(self._later, (time.monotonic() + delay, seq))
+        self._wake.set()
+
+
+class MemoryConsumer:
+    def __init__(self, bus: MemoryBus) -> None:
+        self.bus = bus
+        self._held: set[int] = set()
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        bus = self.bus
+        deadline = time.monotonic() + timeout
+        while True:
+            out = bus._take(max_messages)
+            if out:
+                self._held.update(d.handle for d in out)
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0 or bus.closed:
+                return []
+            if bus._later:
+                left = min(left, max(0.0, bus._later[0][0] - time.monotonic()))
+            bus._wake.clear()
+            try:
+                await asyncio.wait_for(bus._wake.wait(), left)
+            except TimeoutError:
+                pass
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            self._held.discard(d.handle)
+            self.bus._settle(d.handle)
+
+    async def retry(self, delivery: Delivery, error: str) -> None:
+        self._held.discard(delivery.handle)
+        self.bus._again(delivery.handle, self.bus.retry_delay)
+
+    async def park(self, delivery: Delivery, error: str) -> None:
+        self._held.discard(delivery.handle)
+        self.bus._settle(delivery.handle)
+        self.bus.parked.append((delivery.message, error))
+
+    async def close(self) -> None:
+        """What this consumer fetched and did not settle is delivered again."""
+        for seq in self._held:
+            self.bus._again(seq, 0.0)
+        self._held.clear()

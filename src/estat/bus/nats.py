@@ -1,0 +1,229 @@
+"""NATS JetStream (``MQ_PROVIDER=nats``).
+
+Stream ``<PREFIX>_USER_ACTIVITY`` on subject ``<prefix>.user-activity``,
+*interest* retention (a message stays until every consumer has acked it);
+one durable pull consumer per group (``MQ_CONSUMER_GROUP``), declared by
+publisher and consumer alike so that nothing published before the first
+consumer starts is dropped. Acks after commit; a retry is a nak with delay;
+after ``MQ_MAX_DELIVERIES`` the message is published to the parked stream
+(``<PREFIX>_USER_ACTIVITY_DLQ``, limits retention) and acked. A message not
+acked within ``MQ_CLAIM_IDLE`` (a consumer died) is delivered again.
+``Nats-Msg-Id`` is the event id, so JetStream drops a republished message
+within its duplicate window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import nats
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message, short
+
+
+class NatsBus:
+    provider = "nats"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "estat",
+        group: str = "estat-store",
+        claim_idle: float = 60.0,
+        retry_delay: float = 5.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self.topic = TOPIC
+        self.url = url
+        self.subject = f"{prefix}.{TOPIC}"
+        self.dlq_subject = f"{prefix}.{TOPIC}-dlq"
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", f"{prefix}_{TOPIC}").upper()
+        self.stream = base
+        self.dlq_stream = base + "_DLQ"
+        self.group = re.sub(r"[^A-Za-z0-9_-]", "_", group)
+        self.claim_idle = claim_idle
+        self.retry_delay = retry_delay
+        self.timeout = timeout
+        self._nc: Any = None
+        self._js: Any = None
+
+    async def _connect(self) -> Any:
+        if self._js is None:
+            try:
+                self._nc = await nats.connect(
+                    self.url,
+                    connect_timeout=self.timeout,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    allow_reconnect=True,
+                )
+            except (NatsError, OSError, asyncio.TimeoutError) as e:
+                raise BusError(short(e)) from e
+            self._js = self._nc.jetstream(timeout=self.timeout)
+        return self._js
+
+    async def start(self) -> None:
+        js = await self._connect()
+        try:
+            await _ensure_stream(
+                js, self.stream, [self.subject], api.RetentionPolicy.INTEREST
+            )
+            await _ensure_stream(js, self.dlq_stream, [self.dlq_subject], api.RetentionPolicy.LIMITS)
+            await js.add_consumer(
+                self.stream,
+                api.ConsumerConfig(
+                    durable_name=self.group,
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    ack_wait=self.claim_idle,
+                    max_deliver=-1,
+                    filter_subject=self.subject,
+                    max_ack_pending=20_000,
+                ),
+            )
+        except (NatsError, OSError, asyncio.TimeoutError) as e:
+            raise BusError(short(e)) from e
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        js = await self._connect()
+
+        async def one(m: Message) -> None:
+            headers = {
+                "Nats-Msg-Id": m.message_id,
+                "messageId": m.message_id,
+                "key": m.key,
+                "occurredAt": m.occurred_at,
+                **{"header." + k: v for k, v in m.headers.items()},
+            }
+            await js.publish(self.subject, m.payload, headers=headers, timeout=self.timeout)
+
+        try:
+            await asyncio.gather(*(one(m) for m in messages))
+        except (NatsError, OSError, asyncio.TimeoutError) as e:
+            raise BusError(short(e)) from e
+
+    def consumer(self, name: str) -> NatsConsumer:
+        return NatsConsumer(self)
+
+    async def stats(self) -> BusStats:
+        js = await self._connect()
+        try:
+            info = await js.consumer_info(self.stream, self.group)
+            dlq = await js.stream_info(self.dlq_stream)
+        except (NatsError, OSError, asyncio.TimeoutError) as e:
+            raise BusError(short(e)) from e
+        return BusStats(int(info.num_pending + info.num_ack_pending), int(dlq.state.messages))
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            try:
+                await self._nc.drain()
+            except (NatsError, OSError, asyncio.TimeoutError):
+                await self._nc.close()
+            self._nc = self._js = None
+
+
+async def _ensure_stream(
+    js: Any, name: str, subjects: list[str], retention: api.RetentionPolicy
+) -> None:
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        await js.add_stream(
+            api.StreamConfig(
+                name=name,
+                subjects=subjects,
+                retention=retention,
+                storage=api.StorageType.FILE,
+                duplicate_window=120,
+            )
+        )
+
+
+def _message(msg: Any) -> Message:
+    h = msg.headers or {}
+    return Message(
+        h.get("messageId", ""),
+        h.get("key", ""),
+        h.get("occurredAt", ""),
+        msg.data,
+        {k[7:]: v for k, v in h.items() if k.startswith("header.")},
+    )
+
+
+class NatsConsumer:
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
+        self._sub: Any = None
+
+    async def _subscription(self) -> Any:
+        if self._sub is None:
+            b = self.bus
+            js = await b._connect()
+            try:
+                self._sub = await js.pull_subscribe_bind(b.group, b.stream)
+            except (NatsError, OSError, asyncio.TimeoutError) as e:
+                raise BusError(short(e)) from e
+        return self._sub
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        sub = await self._subscription()
+        try:
+            msgs = await sub.fetch(max_messages, timeout=max(timeout, 0.05))
+        except NatsTimeout:
+            return []
+        except (NatsError, OSError, asyncio.TimeoutError) as e:
+            raise BusError(short(e)) from e
+        t = time.monotonic()
+        return [Delivery(_message(m), int(m.metadata.num_delivered), m, t) for m in msgs]
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        # acks confirmed by the server (concurrently): once ``ack`` returns,
+        # the messages are not delivered again
+        try:
+            await asyncio.gather(*(d.handle.ack_sync(timeout=self.bus.timeout) for d in deliveries))
+        except (NatsError, OSError, asyncio.TimeoutError) as e:
+            raise BusError(short(e)) from e
+
+    async def retry(self, delivery: Delivery, error: str) -> None:
+        try:
+            await delivery.handle.nak(delay=self.bus.retry_delay)
+        except (NatsError, OSError, asyncio.TimeoutError) as e:
+            raise BusError(short(e)) from e
+
+    async def park(self, delivery: Delivery, error: str) -> None:
+        b = self.bus
+        js = await b._connect()
+        m = delivery.message
+        try:
+            await js.publish(
+                b.dlq_subject,
+                m.payload,
+                headers={
+                    "messageId": m.message_id,
+                    "key": m.key,
+                    "error": error[:1000].replace("\r", " ").replace("\n", " "),
+                    "deliveries": str(delivery.deliveries),
+                    "group": b.group,
+                },
+            )
+            await delivery.handle.ack_sync(timeout=b.timeout)
+        except (NatsError, OSError, asyncio.TimeoutError) as e:
+            raise BusError(short(e)) from e
+
+    async def close(self) -> None:
+        """Unacked messages are delivered again after ``MQ_CLAIM_IDLE``."""
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except (NatsError, OSError, asyncio.TimeoutError):
+                pass
+            self._sub = None

@@ -1,0 +1,171 @@
+"""One database: the engine for ``DATABASE_URL``, the migrations, and the
+dialect's ``INSERT … ON CONFLICT DO NOTHING``.
+
+SQLite (the embedded default) runs in WAL mode with a busy timeout, so the
+worker processes of one server share the file; PostgreSQL runs through
+psycopg 3. Both are used synchronously, from the stage's own worker thread
+(``Database.run``): the statements are few and batched, and one thread per
+stage keeps the event loop free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+T = TypeVar("T")
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer estat: refusing to run on it."""
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` (and ``postgres://``) mean psycopg 3."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain) :]
+    return url
+
+
+def _json(value: Any) -> str:
+    """Properties and payloads arrive already encoded (a ``str``): passed
+    through; anything else is encoded with orjson."""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for logs and ``/ready``."""
+    return make_url(normalise_url(url)).render_as_string(hide_password=True)
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        self.url = normalise_url(url)
+        u = make_url(self.url)
+        self.dialect = u.get_backend_name()
+        if self.dialect == "sqlite":
+            if u.database and u.database != ":memory:":
+                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                self.url, poolclass=NullPool, json_serializer=_json
+            )
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        elif self.dialect == "postgresql":
+            self.engine = create_engine(
+                self.url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                pool_recycle=1800,
+                json_serializer=_json,
+                connect_args={"connect_timeout": 5},
+            )
+        else:
+            raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-db")
+
+    @property
+    def description(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @property
+    def skip_locked(self) -> bool:
+        return self.dialect == "postgresql"
+
+    def insert(self, table: Table) -> Any:
+        """The dialect's INSERT, which has ``on_conflict_do_nothing``."""
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn`` on this database's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+    # -- migrations ------------------------------------------------------------
+    def _config(self) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        return cfg
+
+    def head(self) -> str:
+        head = ScriptDirectory.from_config(self._config()).get_current_head()
+        assert head is not None
+        return head
+
+    def current(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def check_schema(self) -> None:
+        """Raise ``SchemaTooNew`` when the database is at a revision this
+        estat does not know (a newer estat migrated it)."""
+        current = self.current()
+        if current is None:
+            return
+        known = {s.revision for s in ScriptDirectory.from_config(self._config()).walk_revisions()}
+        if current not in known:
+            raise SchemaTooNew(
+                f"the database schema is at revision {current}, newer than this estat knows "
+                f"(head {self.head()}): upgrade estat, or point DATABASE_URL elsewhere"
+            )
+
+    def upgrade(self, revision: str = "head") -> None:
+        self.check_schema()
+        cfg = self._config()
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+
+    def downgrade(self, revision: str) -> None:
+        cfg = self._config()
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+
+    def upgrade_sql(self, revision: str = "head") -> str:
+        """The SQL ``upgrade`` would run from an empty database (``--sql``)."""
+        cfg = self._config()
+        out = io.StringIO()
+        cfg.output_buffer = out
+        command.upgrade(cfg, revision, sql=True)
+        return out.getvalue()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # autocommit at the driver; SQLAlchemy's "begin" event issues BEGIN
+    # IMMEDIATE, so a writer takes the lock up front and waits for it
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,213 @@
+"""The source outbox (``user_activity_source_outbox``): events that must
+reach the bus, durable in the database until they have.
+
+States (seed 004 §7-1): PENDING → PUBLISHED, PENDING → FAILED, FAILED →
+PUBLISHED, FAILED → FAILED. A row is *due* when it is PENDING with no
+``next_retry_at`` (or one that has passed), or FAILED with a
+``next_retry_at`` that has passed; FAILED with no ``next_retry_at`` is
+*parked* until an operator replays it.
+
+Relays *lease* due rows: one statement moves their ``next_retry_at`` a lease
+ahead and returns them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two
+relays never take one row; SQLite has a single writer). No transaction stays
+open while the bus is called; a relay that dies leaves its rows to come due
+again when the lease ends; one that stops releases them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Text, and_, cast, func, or_, select, update
+
+from estat.model import EventRecord
+from estat.retry import RetryPolicy
+from estat.store.db import Database
+from estat.store.rows import encode, outbox_row
+from estat.store.schema import ERROR_MAX, user_activity_source_outbox
+
+T = user_activity_source_outbox
+
+#: 10 s × 2^min(retry_count, 6): 10 s … 640 s, jittered
+OUTBOX_RETRY = RetryPolicy(base=10.0, cap=640.0, exponent_cap=6, jitter="equal")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    event_id: str
+    payload: bytes
+    retry_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    inserted: int
+    duplicates: int
+
+
+def utcnow(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def enqueue_rows(
+    conn: Connection,
+    records: Sequence[EventRecord],
+    *,
+    status: str = "PENDING",
+    next_retry_at: datetime | None = None,
+    last_error: str | None = None,
+    dialect: str | None = None,
+) -> Enqueued:
+    """Outbox rows for ``records`` on ``conn``, inside the caller's
+    transaction; an ``event_id`` already in the outbox is a duplicate."""
+    if not records:
+        return Enqueued(0, 0)
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    name = dialect or conn.dialect.name
+    ins = (postgresql.insert if name == "postgresql" else sqlite.insert)(T)
+    stmt = ins.on_conflict_do_nothing(index_elements=["event_id"]).returning(T.c.event_id)
+    rows: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        if rec.event_id in rows:
+            continue
+        row = outbox_row(rec, encode(rec))
+        row["status"] = status
+        row["next_retry_at"] = next_retry_at
+        row["last_error"] = last_error[:ERROR_MAX] if last_error else None
+        rows[rec.event_id] = row
+    inserted = len(conn.execute(stmt, list(rows.values())).all())
+    return Enqueued(inserted, len(records) - inserted)
+
+
+def _due(now: datetime) -> Any:
+    return or_(
+        and_(T.c.status == "PENDING", or_(T.c.next_retry_at.is_(None), T.c.next_retry_at <= now)),
+        and_(T.c.status == "FAILED", T.c.next_retry_at <= now),
+    )
+
+
+class SourceOutbox:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_attempts: int = 10,
+        lease_seconds: float = 60.0,
+        policy: RetryPolicy = OUTBOX_RETRY,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.db = db
+        self.max_attempts = max_attempts
+        self.lease = timedelta(seconds=lease_seconds)
+        self.policy = policy
+        self.rng = rng or random.Random()
+
+    # -- writing ---------------------------------------------------------------
+    def enqueue(
+        self,
+        records: Sequence[EventRecord],
+        *,
+        status: str = "PENDING",
+        next_retry_at: datetime | None = None,
+        last_error: str | None = None,
+    ) -> Enqueued:
+        with self.db.engine.begin() as conn:
+            return enqueue_rows(
+                conn,
+                records,
+                status=status,
+                next_retry_at=next_retry_at,
+                last_error=last_error,
+                dialect=self.db.dialect,
+            )
+
+    # -- the relay's side ------------------------------------------------------
+    def lease(self, limit: int, now: datetime) -> list[OutboxRow]:
+        ids = select(T.c.id).where(_due(now)).order_by(T.c.id).limit(limit)
+        if self.db.skip_locked:
+            ids = ids.with_for_update(skip_locked=True)
+        stmt = (
+            update(T)
+            .where(T.c.id.in_(ids.scalar_subquery()))
+            .values(next_retry_at=now + self.lease, updated_at=now)
+            .returning(T.c.id, T.c.event_id, cast(T.c.payload, Text), T.c.retry_count)
+        )
+        with self.db.engine.begin() as conn:
+            rows = conn.execute(stmt).all()
+        rows.sort(key=lambda r: r[0])
+        return [OutboxRow(r[0], r[1], r[2].encode("utf-8"), r[3]) for r in rows]
+
+    def mark_published(self, ids: Sequence[int], now: datetime) -> None:
+        if not ids:
+            return
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                update(T)
+                .where(T.c.id.in_(list(ids)))
+                .values(
+                    status="PUBLISHED",
+                    published_at=now,
+                    next_retry_at=None,
+                    last_error=None,
+                    updated_at=now,
+                )
+            )
+
+    def mark_failed(
+        self, rows: Sequence[OutboxRow], error: str, now: datetime, not_before: float = 0.0
+    ) -> tuple[int, int]:
+        """FAILED with ``retry_count + 1`` and the next try by the policy, or
+        parked (no ``next_retry_at``) once ``max_attempts`` are spent.
+        Returns (scheduled, parked)."""
+        scheduled = parked = 0
+        params = []
+        for r in rows:
+            attempts = r.retry_count + 1
+            if attempts >= self.max_attempts:
+                nxt = None
+                parked += 1
+            else:
+                nxt = now + timedelta(
+                    seconds=self.policy.delay(attempts, self.rng, not_before=not_before)
+                )
+                scheduled += 1
+            params.append({"i": r.id, "n": attempts, "at": nxt})
+        if params:
+            from sqlalchemy import bindparam
+
+            stmt = (
+                update(T)
+                .where(T.c.id == bindparam("i"))
+                .values(
+                    status="FAILED",
+                    retry_count=bindparam("n"),
+                    next_retry_at=bindparam("at"),
+                    last_error=error[:ERROR_MAX],
+                    updated_at=now,
+                )
+            )
+            with self.db.engine.begin() as conn:
+                conn.execute(stmt, params)
+        return scheduled, parked
+
+    def release(self, ids: Sequence[int], now: datetime) -> None:
+        """Leased rows this relay will not publish: due again at once."""
+        if not ids:
+            return
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                update(T).where(T.c.id.in_(list(ids))).values(next_retry_at=now, updated_at=now)
+            )
+
+    # -- reading ---------------------------------------------------------------
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """status → (rows, max retry_count)."""
+        stmt = select(T.c.status, func.count(), func.max(T.c.retry_count)).group_by(T.c.status)
+        with self.db.engine.connect() as conn:
+            return {s: (n, m or 0) for s, n, m in conn.execute(stmt)}

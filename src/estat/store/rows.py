@@ -1,0 +1,108 @@
+"""From *the* event (``EventRecord``) to the rows of the store's tables.
+
+The bus carries the record's JSON (the same line as the lake's); the event
+row takes its columns from it, and the columns seed 004 left empty
+(``session_id``, ``device_id``, ``platform``, ``app_version``, ``locale``,
+``request_path``, ``request_method``) from the event's properties when they
+are there, under either spelling (``sessionId`` or ``session_id``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from estat.model import EventRecord
+
+_decoder = msgspec.json.Decoder(EventRecord)
+_props = msgspec.json.Decoder(dict[str, Any])
+_encode = msgspec.json.encode
+
+#: column → the property names it is filled from, and its width
+_FROM_PROPERTIES: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    ("session_id", ("sessionId", "session_id"), 100),
+    ("device_id", ("deviceId", "device_id"), 100),
+    ("platform", ("platform",), 30),
+    ("app_version", ("appVersion", "app_version"), 30),
+    ("locale", ("locale",), 20),
+    ("request_path", ("requestPath", "request_path", "path"), 500),
+    ("request_method", ("requestMethod", "request_method", "method"), 10),
+)
+
+#: a member id that fits ``bigint``; others stay in the payload only
+_BIGINT = 2**63 - 1
+
+
+class BadPayload(ValueError):
+    """A bus message that is not an event: it can never be stored."""
+
+
+def decode(payload: bytes) -> EventRecord:
+    try:
+        rec = _decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise BadPayload(f"not an event: {str(e)[:200]}") from None
+    return rec
+
+
+def encode(record: EventRecord) -> bytes:
+    return _encode(record)
+
+
+def timestamp(iso: str) -> datetime:
+    try:
+        dt = datetime.fromisoformat(iso)
+    except ValueError:
+        raise BadPayload(f"occurred_at is not ISO-8601: {iso[:40]!r}") from None
+    return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def member_bigint(member_id: str | None) -> int | None:
+    """The member id as ``bigint`` when it is one (a JWT ``sub`` need not be)."""
+    if member_id is None:
+        return None
+    try:
+        n = int(member_id)
+    except ValueError:
+        return None
+    return n if -_BIGINT <= n <= _BIGINT else None
+
+
+def event_row(rec: EventRecord) -> dict[str, Any]:
+    raw = bytes(rec.properties)
+    row: dict[str, Any] = {
+        "event_id": rec.event_id,
+        "event_name": rec.event_name,
+        "event_version": rec.event_version[:20],
+        "occurred_at": timestamp(rec.occurred_at),
+        "member_id": member_bigint(rec.member_id),
+        "anonymous_id": rec.anonymous_id[:100] if rec.anonymous_id else None,
+        "source": rec.source,
+        "properties": raw.decode("utf-8"),
+    }
+    try:
+        props = _props.decode(raw) if raw else {}
+    except msgspec.DecodeError:
+        raise BadPayload("properties are not a JSON object") from None
+    for column, names, width in _FROM_PROPERTIES:
+        value = None
+        for name in names:
+            v = props.get(name)
+            if isinstance(v, str | int | float) and not isinstance(v, bool):
+                value = str(v)[:width]
+                break
+        row[column] = value
+    return row
+
+
+def outbox_row(rec: EventRecord, payload: bytes) -> dict[str, Any]:
+    return {
+        "event_id": rec.event_id,
+        "event_name": rec.event_name,
+        "event_version": rec.event_version[:20],
+        "occurred_at": timestamp(rec.occurred_at),
+        "member_id": member_bigint(rec.member_id),
+        "payload": payload.decode("utf-8"),
+    }

@@ -1,0 +1,119 @@
+"""The pipeline's tables, with seed 004's names, columns, states and indexes,
+so that the seed's SQL playbook runs unchanged on PostgreSQL.
+
+Types are portable: ``jsonb`` and ``timestamptz`` on PostgreSQL, JSON text
+and ISO timestamps on SQLite; ``bigserial`` keys are SQLite's integer rowid.
+The migration (``migrations/versions``) creates exactly these tables; a test
+compares the two.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+#: ``bigserial`` on PostgreSQL, the rowid on SQLite
+Id = BigInteger().with_variant(Integer(), "sqlite")
+Json = JSON().with_variant(JSONB(), "postgresql")
+Ts = DateTime(timezone=True)
+
+ERROR_MAX = 1000
+
+user_activity_event = Table(
+    "user_activity_event",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("event_name", String(100), nullable=False),
+    Column("event_version", String(20), nullable=False),
+    Column("occurred_at", Ts, nullable=False),
+    Column("member_id", BigInteger),
+    Column("anonymous_id", String(100)),
+    Column("session_id", String(100)),
+    Column("source", String(20), nullable=False),
+    Column("request_path", String(500)),
+    Column("request_method", String(10)),
+    Column("device_id", String(100)),
+    Column("platform", String(30)),
+    Column("app_version", String(30)),
+    Column("locale", String(20)),
+    Column("properties", Json, nullable=False, server_default=text("'{}'")),
+    Column("created_at", Ts, nullable=False, server_default=func.now()),
+    Index("idx_user_activity_event_member_occurred", "member_id", text("occurred_at DESC")),
+    Index("idx_user_activity_event_name_occurred", "event_name", text("occurred_at DESC")),
+    Index("idx_user_activity_event_occurred", text("occurred_at DESC")),
+)
+
+user_activity_source_outbox = Table(
+    "user_activity_source_outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("event_name", String(100), nullable=False),
+    Column("event_version", String(20), nullable=False),
+    Column("occurred_at", Ts, nullable=False),
+    Column("member_id", BigInteger),
+    Column("payload", Json, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("retry_count", Integer, nullable=False, server_default=text("0")),
+    Column("next_retry_at", Ts),
+    Column("last_error", String(ERROR_MAX)),
+    Column("published_at", Ts),
+    Column("created_at", Ts, nullable=False, server_default=func.now()),
+    Column("updated_at", Ts, nullable=False, server_default=func.now()),
+    Index("idx_user_activity_source_outbox_status_retry", "status", "next_retry_at", "id"),
+    Index("idx_user_activity_source_outbox_created", "created_at", "id"),
+)
+
+user_activity_dispatch_outbox = Table(
+    "user_activity_dispatch_outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+    Column("dispatch_target", String(30), nullable=False),
+    Column("payload", Json, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("retry_count", Integer, nullable=False, server_default=text("0")),
+    Column("next_retry_at", Ts),
+    Column("last_error", String(ERROR_MAX)),
+    Column("dispatched_at", Ts),
+    Column("created_at", Ts, nullable=False, server_default=func.now()),
+    Column("updated_at", Ts, nullable=False, server_default=func.now()),
+    UniqueConstraint(
+        "event_id", "dispatch_target", name="uk_user_activity_dispatch_outbox_event_target"
+    ),
+    Index("idx_user_activity_dispatch_outbox_status_retry", "status", "next_retry_at", "id"),
+    Index("idx_user_activity_dispatch_outbox_target_status", "dispatch_target", "status", "id"),
+)
+
+message_queue_trace_log = Table(
+    "message_queue_trace_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False),
+    Column("topic", String(200), nullable=False),
+    Column("provider", String(30), nullable=False),
+    Column("message_key", String(200)),
+    Column("consumer_group", String(100)),
+    Column("stage", String(30), nullable=False),
+    Column("processing_millis", BigInteger),
+    Column("error_message", String(ERROR_MAX)),
+    Column("created_at", Ts, nullable=False, server_default=func.now()),
+    Index("idx_message_queue_trace_log_message", "message_id", text("id DESC")),
+    Index("idx_message_queue_trace_log_topic_stage", "topic", "stage", text("id DESC")),
+)

@@ -1,0 +1,154 @@
+"""One contract, three buses: the in-process bus, a real Redis server
+(Streams) and a real nats-server (JetStream). Every test publishes unique
+ids and checks where each one ends up."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from estat.bus.base import Bus, BusError, Consumer, Delivery, Message
+from estat.bus.memory import MemoryBus
+from estat.bus.nats import NatsBus
+from estat.bus.redis_stream import RedisStreamBus
+from tests.conftest import RedisServer
+from tests.servers import NatsServer
+
+IDLE = 0.3  # MQ_CLAIM_IDLE / nak delay in these tests
+
+
+@pytest.fixture(params=["memory", "redis-stream", "nats"])
+async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    prefix = "t" + uuid.uuid4().hex[:8]
+    b: Bus
+    if request.param == "memory":
+        b = MemoryBus(capacity=1000, retry_delay=IDLE)
+    elif request.param == "redis-stream":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        b = RedisStreamBus(server.url, prefix=prefix, group="g", claim_idle=IDLE)
+    else:
+        nserver: NatsServer = request.getfixturevalue("nats_server")
+        b = NatsBus(nserver.url, prefix=prefix, group="g", claim_idle=1.0, retry_delay=IDLE)
+    await b.start()
+    yield b
+    await b.close()
+
+
+def msgs(n: int) -> list[Message]:
+    return [
+        Message(uuid.uuid4().hex, f"k{i}", "2026-01-01T00:00:00.000Z", b'{"i":%d}' % i, {"source": "CLIENT"})
+        for i in range(n)
+    ]
+
+
+async def drain(c: Consumer, want: int, timeout: float = 10.0) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        got += await c.fetch(want - len(got), 0.2)
+    return got
+
+
+async def test_published_messages_are_delivered_once_acked(bus: Bus) -> None:
+    sent = msgs(25)
+    await bus.publish(sent)
+    c = bus.consumer("c1")
+    got = await drain(c, 25)
+    assert sorted(d.message.message_id for d in got) == sorted(m.message_id for m in sent)
+    first = {d.message.message_id: d.message for d in got}[sent[3].message_id]
+    assert first == sent[3]  # payload, key, time and headers travel unchanged
+    assert all(d.deliveries == 1 for d in got)
+    await c.ack(got)
+    assert await c.fetch(10, 2 * IDLE + 1.2) == []  # nothing comes back after the ack
+    assert (await bus.stats()).pending == 0
+    await c.close()
+
+
+async def test_a_retried_message_comes_back_with_its_delivery_count(bus: Bus) -> None:
+    sent = msgs(3)
+    await bus.publish(sent)
+    c = bus.consumer("c1")
+    got = await drain(c, 3)
+    bad = next(d for d in got if d.message.message_id == sent[1].message_id)
+    await c.ack([d for d in got if d is not bad])
+    await c.retry(bad, "boom")
+    again = await drain(c, 1, timeout=10)
+    assert [d.message.message_id for d in again] == [sent[1].message_id]
+    assert again[0].deliveries == 2
+    await c.ack(again)
+    assert (await bus.stats()).pending == 0
+    await c.close()
+
+
+async def test_a_parked_message_leaves_the_flow_and_is_counted(bus: Bus) -> None:
+    sent = msgs(4)
+    await bus.publish(sent)
+    c = bus.consumer("c1")
+    got = await drain(c, 4)
+    bad = next(d for d in got if d.message.message_id == sent[0].message_id)
+    await c.park(bad, "poison")
+    await c.ack([d for d in got if d is not bad])
+    assert await c.fetch(10, 2 * IDLE + 1.2) == []
+    stats = await bus.stats()
+    assert (stats.pending, stats.parked) == (0, 1)
+    await c.close()
+
+
+async def test_what_a_dead_consumer_held_goes_to_a_live_one(bus: Bus) -> None:
+    sent = msgs(10)
+    await bus.publish(sent)
+    dead = bus.consumer("dead")
+    held = await drain(dead, 10)
+    assert len(held) == 10
+    await dead.close()  # never acked: for Redis and NATS as if the process had died
+    live = bus.consumer("live")
+    got = await drain(live, 10, timeout=15)
+    assert sorted(d.message.message_id for d in got) == sorted(m.message_id for m in sent)
+    assert all(d.deliveries >= 2 for d in got)
+    await live.ack(got)
+    assert (await bus.stats()).pending == 0
+    await live.close()
+
+
+async def test_redis_trim_never_drops_what_a_group_has_not_acked(redis_server: RedisServer) -> None:
+    prefix = "t" + uuid.uuid4().hex[:8]
+    a = RedisStreamBus(redis_server.url, prefix=prefix, group="a", claim_idle=IDLE)
+    b = RedisStreamBus(redis_server.url, prefix=prefix, group="b", claim_idle=IDLE)
+    await a.start()
+    await b.start()
+    sent = msgs(300)
+    await a.publish(sent)
+    ca, cb = a.consumer("x"), b.consumer("y")
+    got_a = await drain(ca, 300)
+    await ca.ack(got_a)  # group a is done, group b has read nothing
+    await a.trim()
+    got_b = await drain(cb, 300)
+    assert sorted(d.message.message_id for d in got_b) == sorted(m.message_id for m in sent)
+    await cb.ack(got_b)
+    await a.trim()
+    assert await a.redis.xlen(a.stream) < 300  # everything acked by both: trimmed
+    await a.close()
+    await b.close()
+
+
+async def test_an_unreachable_bus_raises_bus_error() -> None:
+    from tests.conftest import free_port
+
+    b = RedisStreamBus(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    with pytest.raises(BusError):
+        await b.publish(msgs(1))
+    await b.close()
+    n = NatsBus(f"nats://127.0.0.1:{free_port()}", timeout=0.5)
+    with pytest.raises(BusError):
+        await n.start()
+    await n.close()
+
+
+async def test_the_memory_bus_refuses_beyond_its_capacity() -> None:
+    b = MemoryBus(capacity=5)
+    await b.publish(msgs(5))
+    with pytest.raises(BusError):
+        await b.publish(msgs(1))

@@ -1,0 +1,126 @@
+"""Throwaway PostgreSQL and nats-server processes on free loopback ports,
+in temporary directories; the fixtures in ``conftest.py`` start and stop them."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+
+def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{what} did not start")
+
+
+def pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return found[-1]
+    exe = shutil.which(name)
+    if exe is None:
+        raise RuntimeError(f"PostgreSQL's {name} is not installed (make test installs it)")
+    return exe
+
+
+class PostgresServer:
+    """``initdb`` into a temporary directory, ``pg_ctl start`` on a free port.
+    As root, the server runs as the ``postgres`` user (it refuses root)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.dir = Path(tempfile.mkdtemp(prefix="estat-pg-"))
+        self.data = self.dir / "data"
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            self.user = "postgres"
+            pw = pwd.getpwnam(self.user)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(
+            list(args), check=True, user=self.user, cwd=self.dir, capture_output=True, timeout=120
+        )
+
+    def start(self) -> None:
+        if not self.data.exists():
+            self._run(pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+        self._run(
+            pg_bin("pg_ctl"),
+            "-D", str(self.data),
+            "-l", str(self.dir / "log"),
+            "-w",
+            "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off -c max_connections=200",
+            "start",
+        )
+
+    def restart_immediate(self) -> None:
+        """``pg_ctl restart -m immediate``: a crash and a recovery."""
+        self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "restart")
+
+    def stop(self, mode: str = "fast") -> None:
+        if self.data.exists():
+            try:
+                self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+            except subprocess.CalledProcessError:
+                pass
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def create_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+
+class NatsServer:
+    """nats-server with JetStream, its store in a temporary directory."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.dir = Path(tempfile.mkdtemp(prefix="estat-nats-"))
+        self.url = f"nats://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        if not os.path.exists(exe):
+            raise RuntimeError("nats-server is not installed (make test installs it)")
+        self.proc = subprocess.Popen(
+            [exe, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_port(self.port, "nats-server", self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
