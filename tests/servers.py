@@ -3,6 +3,7 @@ in temporary directories; the fixtures in ``conftest.py`` start and stop them.""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -29,7 +30,9 @@ def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes], timeout: flo
 
 
 def pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
+    found = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4])
+    )
     if found:
         return found[-1]
     exe = shutil.which(name)
@@ -60,13 +63,27 @@ class PostgresServer:
 
     def start(self) -> None:
         if not self.data.exists():
-            self._run(pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+            self._run(
+                pg_bin("initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
         self._run(
             pg_bin("pg_ctl"),
-            "-D", str(self.data),
-            "-l", str(self.dir / "log"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "log"),
             "-w",
-            "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off -c max_connections=200",
+            "-o",
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off -c max_connections=200",
             "start",
         )
 
@@ -76,10 +93,8 @@ class PostgresServer:
 
     def stop(self, mode: str = "fast") -> None:
         if self.data.exists():
-            try:
+            with contextlib.suppress(subprocess.CalledProcessError):
                 self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
-            except subprocess.CalledProcessError:
-                pass
 
     def destroy(self) -> None:
         self.stop("immediate")

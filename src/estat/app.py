@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import SecretStr
 
+from estat.activity.publisher import Publisher
+from estat.activity_app import ROLES, Activity
 from estat.clock import Clock, SystemClock
 from estat.codec import encode
 from estat.dlq.queue import DeadLetterQueue
@@ -28,7 +31,7 @@ from estat.dlq.store import DiskStore
 from estat.errors import DeliveryError
 from estat.ingest.cors import Cors
 from estat.ingest.events import EventsRoute, Limits
-from estat.ingest.http import http_compiled
+from estat.ingest.http import Route, http_compiled
 from estat.ingest.identity import TokenVerifier
 from estat.ingest.listener import Listener
 from estat.ingest.ratelimit import (
@@ -45,6 +48,7 @@ from estat.ingest.routes import (
     ReadyRoute,
 )
 from estat.ingest.server import HttpLimits, HttpServer
+from estat.ingest.server_events import ServerEventsRoute
 from estat.lake.keys import KeyMaker
 from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
 from estat.model import EventRecord
@@ -59,7 +63,7 @@ from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Sink, UploadPolicy
 from estat.runtime import Runtime
 from estat.settings import Settings
-from estat.stage import Deadline
+from estat.stage import Deadline, Stage
 
 log = get_logger("estat.app")
 
@@ -124,13 +128,21 @@ def build_limiter(settings: Settings, clock: Clock, metrics: Metrics) -> RateLim
 
 
 class QueuePublisher:
-    """The client events' hand-off: the events pipeline's queue, all or nothing."""
+    """The client events' hand-off, all or nothing: the events pipeline's
+    queue (the lake) and, when the bus is on, the publish queue."""
 
-    def __init__(self, queue: EventQueue) -> None:
+    def __init__(self, queue: EventQueue, bus: Publisher | None = None) -> None:
         self._queue = queue
+        self._bus = bus
 
     def publish(self, records: list[EventRecord]) -> None:
+        bus = self._bus
+        if bus is None:
+            self._queue.put_many(records)
+            return
+        bus.check_room(len(records))  # before the lake takes them: both or neither
         self._queue.put_many(records)
+        bus.put(records)
 
 
 class LakeCheckFailed(Exception):
@@ -150,6 +162,7 @@ class App:
         metrics: Metrics | None = None,
         reuse_port: bool = False,
         sink: Sink | None = None,
+        roles: Sequence[str] = ROLES,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
@@ -189,7 +202,35 @@ class App:
         )
         self.pipelines = (self.pipeline, self.events_pipeline)
         m = self.metrics
+        self.activity = (
+            Activity(settings, roles, m, self.clock) if settings.mq_provider != "none" else None
+        )
+        if settings.mq_provider == "none":
+            log.warning("message queue provider is none: skipping user activity publish")
         self.limiter = build_limiter(settings, self.clock, m)
+        limits = Limits(
+            max_batch=settings.analytics_max_batch_size,
+            max_body=settings.analytics_max_body_size,
+            max_decompressed=settings.analytics_max_decompressed_size,
+            max_ratio=settings.analytics_max_compression_ratio,
+            max_event_size=settings.analytics_max_event_size,
+            max_depth=settings.analytics_max_properties_depth,
+        )
+        verifier = TokenVerifier(
+            _secret(settings.auth_jwt_secret), _secret(settings.auth_jwt_public_key)
+        )
+        routes: dict[bytes, Route] = {}
+        if self.activity is not None:
+            routes[b"/api/v1/server-events"] = ServerEventsRoute(
+                self.activity.writer,
+                tokens=settings.server_tokens,
+                limits=limits,
+                allowlist=None,
+                limiter=self.limiter,
+                verifier=verifier,
+                cors=Cors(frozenset(), b"POST"),
+                metrics=m,
+            )
         self.http = HttpServer(
             {
                 b"/collect": CollectRoute(
@@ -199,20 +240,14 @@ class App:
                     metrics=m,
                 ),
                 b"/api/v1/analytics/events": EventsRoute(
-                    QueuePublisher(self.events_pipeline.queue),
-                    limits=Limits(
-                        max_batch=settings.analytics_max_batch_size,
-                        max_body=settings.analytics_max_body_size,
-                        max_decompressed=settings.analytics_max_decompressed_size,
-                        max_ratio=settings.analytics_max_compression_ratio,
-                        max_event_size=settings.analytics_max_event_size,
-                        max_depth=settings.analytics_max_properties_depth,
+                    QueuePublisher(
+                        self.events_pipeline.queue,
+                        self.activity.publisher if self.activity else None,
                     ),
+                    limits=limits,
                     allowlist=settings.allowlist,
                     limiter=self.limiter,
-                    verifier=TokenVerifier(
-                        _secret(settings.auth_jwt_secret), _secret(settings.auth_jwt_public_key)
-                    ),
+                    verifier=verifier,
                     cors=Cors(settings.cors_origins, b"POST, OPTIONS"),
                     metrics=m,
                 ),
@@ -220,6 +255,7 @@ class App:
                 b"/ready": ReadyRoute(self._ready),
                 b"/metrics": MetricsRoute(m),
                 b"/openapi.json": OpenAPIRoute(),
+                **routes,
             },
             limits=HttpLimits(
                 max_head=settings.http_max_header_size,
@@ -240,10 +276,17 @@ class App:
         )
         # started in this order (the flush loop first, the listener last),
         # stopped in reverse: nothing is closed before what feeds it
+        low: list[Stage] = []
+        middle: list[Stage] = []
+        high: list[Stage] = []
+        if self.activity is not None:
+            low, middle, high = self.activity.layers()
         self.runtime = Runtime(
             [
-                [MetricsFlusher(self.metrics)],
+                [MetricsFlusher(self.metrics), *low],
                 list(self.pipelines),
+                middle,
+                high,
                 [self.replayer],
                 [self.listener],
             ],
@@ -331,6 +374,8 @@ class App:
 
     async def start(self) -> tuple[str, int]:
         await self.dlq.start()
+        if self.activity is not None:
+            await self.activity.prepare()
         err = await self.check_lake()
         if err is not None and self.settings.lake_startup_check == "require":
             raise LakeCheckFailed(err)
@@ -365,6 +410,8 @@ class App:
         unsaved = await self.runtime.stop(Deadline(deadline, self.clock))
         await self.limiter.close()
         await self.sink.close()
+        if self.activity is not None:
+            await self.activity.close()
         self.metrics.flush()
         self._executor.shutdown(wait=False)
         self._dlq_executor.shutdown(wait=True)

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from estat import __version__
 from estat.errors import ConfigError
-from estat.settings import effective_config, load_settings, markdown_table, raw_config
+from estat.settings import (
+    Settings,
+    effective_config,
+    load_settings,
+    markdown_table,
+    raw_config,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +37,25 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="worker processes, 1 to 256 (default: one per available core); 1 runs a single process",
     )
+    s.add_argument(
+        "--roles",
+        default=None,
+        help="comma-separated roles of this process: ingest, relay, store (default: all three)",
+    )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    for role, text in (
+        ("relay", "publish the source outbox to the bus until SIGTERM/SIGINT"),
+        ("store", "store the bus's events in the database until SIGTERM/SIGINT"),
+    ):
+        sub.add_parser(role, help=text, description=text + " (same as serve --roles " + role + ")")
+    mg = sub.add_parser("migrate", help="migrate the database (DATABASE_URL) to this version")
+    mg.add_argument(
+        "action", nargs="?", default="upgrade", choices=["upgrade", "current", "downgrade"]
+    )
+    mg.add_argument(
+        "revision", nargs="?", default=None, help="target revision (downgrade: required)"
+    )
+    mg.add_argument("--sql", action="store_true", help="print the SQL of the upgrade, run nothing")
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     c.add_argument(
         "--markdown", action="store_true", help="print the configuration reference instead"
@@ -100,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         _print_rows(effective_config(settings), {})
         return 0
+    if args.command == "migrate":
+        return _migrate(settings, args)
+    if args.command in ("relay", "store"):
+        args.roles, args.workers, args.reuse_port = args.command, 1, False
     stale = stale_compiled_modules()
     if stale:
         print(
@@ -110,8 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # serve: hold SIGTERM/SIGINT until the handlers are installed (see app.serve)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    from estat.activity_app import parse_roles
     from estat.supervisor import MAX_WORKERS, AlreadyRunning, default_workers, lock_instance
 
+    try:
+        roles = parse_roles(args.roles)
+    except ValueError as e:
+        print(f"estat: {e}", file=sys.stderr)
+        return 2
+    if "ingest" not in roles:
+        from estat.process import serve
+
+        return serve(settings, roles=roles)
     workers = args.workers if args.workers is not None else default_workers()
     if not 1 <= workers <= MAX_WORKERS:
         print(f"estat: --workers must be from 1 to {MAX_WORKERS}", file=sys.stderr)
@@ -125,8 +163,41 @@ def main(argv: list[str] | None = None) -> int:
     if workers == 1:
         from estat.process import serve
 
-        return serve(settings, reuse_port=args.reuse_port)
+        return serve(settings, reuse_port=args.reuse_port, roles=roles)
     from estat.supervisor import run_workers
 
     assert lock is not None
-    return run_workers(settings, workers)
+    return run_workers(settings, workers, roles)
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from estat.store.db import Database, SchemaTooNew
+
+    db = Database(settings.database)
+    try:
+        if args.sql:
+            sys.stdout.write(db.upgrade_sql(args.revision or "head"))
+        elif args.action == "current":
+            print(f"{db.current() or 'empty'} (this estat: {db.head()}) {db.description}")
+        elif args.action == "downgrade":
+            if not args.revision:
+                print(
+                    "estat: migrate downgrade needs a revision (base: everything)", file=sys.stderr
+                )
+                return 2
+            db.downgrade(args.revision)
+            print(f"downgraded to {args.revision}")
+        else:
+            db.upgrade(args.revision or "head")
+            print(f"database at {db.current()}: {db.description}")
+    except SchemaTooNew as e:
+        print(f"estat: {e}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as e:
+        print(f"estat: database error: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    return 0

@@ -14,6 +14,7 @@ import signal
 
 import uvloop
 
+from estat.activity_app import ROLES, RolesApp, StartFailed
 from estat.app import App, LakeCheckFailed
 from estat.ops.fds import raise_nofile_limit
 from estat.ops.logging import get_logger, setup_logging
@@ -22,9 +23,13 @@ from estat.settings import Settings
 log = get_logger("estat.app")
 
 
-async def _serve(settings: Settings, reuse_port: bool) -> int:
+async def _serve(settings: Settings, reuse_port: bool, roles: tuple[str, ...]) -> int:
     raise_nofile_limit()
-    app = App(settings, reuse_port=reuse_port)
+    app: App | RolesApp = (
+        App(settings, reuse_port=reuse_port, roles=roles)
+        if "ingest" in roles
+        else RolesApp(settings, roles)
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
@@ -35,6 +40,9 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
         await app.start()
     except OSError as e:
         log.error("cannot listen", addr=settings.http_addr, error=str(e))
+        return 2
+    except StartFailed as e:
+        log.error("cannot start", error=str(e))
         return 2
     except LakeCheckFailed as e:
         log.error("LAKE_STARTUP_CHECK=require: not starting", errorClass=e.error.error_class)
@@ -59,7 +67,7 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     return 0
 
 
-def serve(settings: Settings, *, reuse_port: bool = False) -> int:
+def serve(settings: Settings, *, reuse_port: bool = False, roles: tuple[str, ...] = ROLES) -> int:
     """Run one estat process until SIGTERM/SIGINT; exit status 0 after a drain."""
     setup_logging(settings.log_level, pretty=settings.log_pretty, env=settings.deploy_env)
-    return uvloop.run(_serve(settings, reuse_port))
+    return uvloop.run(_serve(settings, reuse_port, roles))

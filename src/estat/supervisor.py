@@ -125,7 +125,9 @@ class _Worker:
         self.proc: subprocess.Popen[bytes] | None = None
 
 
-def run_workers(settings: Settings, n: int) -> int:
+def run_workers(
+    settings: Settings, n: int, roles: tuple[str, ...] = ("ingest", "relay", "store")
+) -> int:
     setup_logging(settings.log_level, pretty=settings.log_pretty, env=settings.deploy_env)
     mpdir = tempfile.mkdtemp(prefix="estat-metrics-")
     stopping = False
@@ -168,7 +170,17 @@ def run_workers(settings: Settings, n: int) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             w.proc = subprocess.Popen(
-                [sys.executable, "-m", "estat", "serve", "--workers", "1", "--reuse-port"],
+                [
+                    sys.executable,
+                    "-m",
+                    "estat",
+                    "serve",
+                    "--workers",
+                    "1",
+                    "--reuse-port",
+                    "--roles",
+                    ",".join(roles),
+                ],
                 env=env,
             )
         finally:

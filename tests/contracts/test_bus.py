@@ -39,7 +39,13 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
 
 def msgs(n: int) -> list[Message]:
     return [
-        Message(uuid.uuid4().hex, f"k{i}", "2026-01-01T00:00:00.000Z", b'{"i":%d}' % i, {"source": "CLIENT"})
+        Message(
+            uuid.uuid4().hex,
+            f"k{i}",
+            "2026-01-01T00:00:00.000Z",
+            b'{"i":%d}' % i,
+            {"source": "CLIENT"},
+        )
         for i in range(n)
     ]
 

@@ -10,6 +10,7 @@ a graceful stop drains the bus into the store first).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -108,10 +109,8 @@ class MemoryConsumer:
             if bus._later:
                 left = min(left, max(0.0, bus._later[0][0] - time.monotonic()))
             bus._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(bus._wake.wait(), left)
-            except TimeoutError:
-                pass
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:

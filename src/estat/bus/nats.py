@@ -15,6 +15,7 @@ within its duplicate window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Sequence
@@ -59,14 +60,18 @@ class NatsBus:
     async def _connect(self) -> Any:
         if self._js is None:
             try:
-                self._nc = await nats.connect(
-                    self.url,
-                    connect_timeout=self.timeout,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=1,
-                    allow_reconnect=True,
+                # bounded: nats-py retries a first connection as often as a reconnection
+                self._nc = await asyncio.wait_for(
+                    nats.connect(
+                        self.url,
+                        connect_timeout=self.timeout,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=1,
+                        allow_reconnect=True,
+                    ),
+                    self.timeout * 2,
                 )
-            except (NatsError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, NatsError, OSError) as e:
                 raise BusError(short(e)) from e
             self._js = self._nc.jetstream(timeout=self.timeout)
         return self._js
@@ -74,10 +79,10 @@ class NatsBus:
     async def start(self) -> None:
         js = await self._connect()
         try:
+            await _ensure_stream(js, self.stream, [self.subject], api.RetentionPolicy.INTEREST)
             await _ensure_stream(
-                js, self.stream, [self.subject], api.RetentionPolicy.INTEREST
+                js, self.dlq_stream, [self.dlq_subject], api.RetentionPolicy.LIMITS
             )
-            await _ensure_stream(js, self.dlq_stream, [self.dlq_subject], api.RetentionPolicy.LIMITS)
             await js.add_consumer(
                 self.stream,
                 api.ConsumerConfig(
@@ -89,7 +94,7 @@ class NatsBus:
                     max_ack_pending=20_000,
                 ),
             )
-        except (NatsError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
 
     async def publish(self, messages: Sequence[Message]) -> None:
@@ -107,7 +112,7 @@ class NatsBus:
 
         try:
             await asyncio.gather(*(one(m) for m in messages))
-        except (NatsError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
 
     def consumer(self, name: str) -> NatsConsumer:
@@ -118,7 +123,7 @@ class NatsBus:
         try:
             info = await js.consumer_info(self.stream, self.group)
             dlq = await js.stream_info(self.dlq_stream)
-        except (NatsError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
         return BusStats(int(info.num_pending + info.num_ack_pending), int(dlq.state.messages))
 
@@ -126,7 +131,7 @@ class NatsBus:
         if self._nc is not None:
             try:
                 await self._nc.drain()
-            except (NatsError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, NatsError, OSError):
                 await self._nc.close()
             self._nc = self._js = None
 
@@ -170,7 +175,7 @@ class NatsConsumer:
             js = await b._connect()
             try:
                 self._sub = await js.pull_subscribe_bind(b.group, b.stream)
-            except (NatsError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, NatsError, OSError) as e:
                 raise BusError(short(e)) from e
         return self._sub
 
@@ -180,7 +185,7 @@ class NatsConsumer:
             msgs = await sub.fetch(max_messages, timeout=max(timeout, 0.05))
         except NatsTimeout:
             return []
-        except (NatsError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
         t = time.monotonic()
         return [Delivery(_message(m), int(m.metadata.num_delivered), m, t) for m in msgs]
@@ -190,13 +195,13 @@ class NatsConsumer:
         # the messages are not delivered again
         try:
             await asyncio.gather(*(d.handle.ack_sync(timeout=self.bus.timeout) for d in deliveries))
-        except (NatsError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
 
     async def retry(self, delivery: Delivery, error: str) -> None:
         try:
             await delivery.handle.nak(delay=self.bus.retry_delay)
-        except (NatsError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
 
     async def park(self, delivery: Delivery, error: str) -> None:
@@ -216,14 +221,12 @@ class NatsConsumer:
                 },
             )
             await delivery.handle.ack_sync(timeout=b.timeout)
-        except (NatsError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
 
     async def close(self) -> None:
         """Unacked messages are delivered again after ``MQ_CLAIM_IDLE``."""
         if self._sub is not None:
-            try:
+            with contextlib.suppress(TimeoutError, NatsError, OSError):
                 await self._sub.unsubscribe()
-            except (NatsError, OSError, asyncio.TimeoutError):
-                pass
             self._sub = None

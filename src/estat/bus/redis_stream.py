@@ -42,9 +42,7 @@ def _fields(m: Message, topic: str) -> dict[str, Any]:
 
 
 def _message(fields: dict[bytes, bytes]) -> Message:
-    headers = {
-        k[7:].decode(): v.decode() for k, v in fields.items() if k.startswith(b"header.")
-    }
+    headers = {k[7:].decode(): v.decode() for k, v in fields.items() if k.startswith(b"header.")}
     return Message(
         fields.get(b"messageId", b"").decode(),
         fields.get(b"key", b"").decode(),
@@ -76,7 +74,7 @@ class RedisStreamBus:
         self.dlq = self.stream + ":dlq"
         self.group = group
         self.claim_idle_ms = int(claim_idle * 1000)
-        self.redis = aioredis.from_url(
+        self.redis: Any = aioredis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
         )
 

@@ -46,6 +46,18 @@ ERROR_CODES = {
         429,
         "over the rate limit for this identity; see Retry-After",
     ),
+    "SERVER_EVENTS_TOKEN_REQUIRED": (
+        401,
+        "server events: no Authorization: Bearer service token",
+    ),
+    "SERVER_EVENTS_TOKEN_INVALID": (
+        403,
+        "server events: the token is not in SERVER_EVENT_TOKENS (or none is configured)",
+    ),
+    "SERVER_EVENTS_IDENTITY_REQUIRED": (
+        400,
+        "server events: an event has neither memberId nor anonymousId",
+    ),
     "ANALYTICS_INGEST_UNAVAILABLE": (503, "the pipeline cannot accept events now; see Retry-After"),
 }
 

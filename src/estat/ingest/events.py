@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from time import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -180,7 +180,30 @@ class EventsRoute:
 
     def _parse(self, c: HttpConnection) -> tuple[ClientBatch, str | None]:
         h = c.headers
+        batch = self._decode(c)
+        member = None
+        auth = h.get("authorization")
+        if auth is not None:
+            try:
+                member = self._verifier.member_id(auth)
+            except InvalidToken as e:
+                raise Rejected(
+                    "ANALYTICS_INGEST_INVALID_TOKEN", f"invalid bearer token: {e}"
+                ) from None
+        if not batch.anonymousId:
+            header = h.get("x-anonymous-id")
+            batch.anonymousId = header.decode("utf-8", "replace")[:128] if header else None
+        if member is None and not batch.anonymousId:
+            raise Rejected(
+                "ANALYTICS_INGEST_ANONYMOUS_ID_REQUIRED",
+                "send anonymousId or X-Anonymous-Id, or a member token",
+            )
+        return batch, member
+
+    def _decode(self, c: HttpConnection) -> ClientBatch:
+        """The body (gunzipped) decoded and typed, with 1 to ``max_batch`` events."""
         body = c.body()
+        h = c.headers
         encoding = h.get("content-encoding")
         if encoding is not None and encoding.strip().lower() == b"gzip":
             body = self._gunzip(body)
@@ -204,24 +227,7 @@ class EventsRoute:
                 "ANALYTICS_INGEST_BATCH_LIMIT_EXCEEDED",
                 f"at most {self.limits.max_batch} events per request",
             )
-        member = None
-        auth = h.get("authorization")
-        if auth is not None:
-            try:
-                member = self._verifier.member_id(auth)
-            except InvalidToken as e:
-                raise Rejected(
-                    "ANALYTICS_INGEST_INVALID_TOKEN", f"invalid bearer token: {e}"
-                ) from None
-        if not batch.anonymousId:
-            header = h.get("x-anonymous-id")
-            batch.anonymousId = header.decode("utf-8", "replace")[:128] if header else None
-        if member is None and not batch.anonymousId:
-            raise Rejected(
-                "ANALYTICS_INGEST_ANONYMOUS_ID_REQUIRED",
-                "send anonymousId or X-Anonymous-Id, or a member token",
-            )
-        return batch, member
+        return batch
 
     def _gunzip(self, body: bytes) -> bytes:
         lim = self.limits
@@ -295,63 +301,72 @@ class EventsRoute:
                 )
         now = datetime.fromtimestamp(self._time(), UTC)
         received = _iso(now)
-        max_size = self.limits.max_event_size
-        out = []
-        encode = self._encoder.encode
         anon = batch.anonymousId
-        for e in batch.events:
-            occurred = e.occurredAt
-            if occurred:
-                try:
-                    when = _fromiso(occurred)
-                    # already canonical (UTC, milliseconds, Z): keep the text as sent
-                    if not (len(occurred) == 24 and occurred[23] == "Z" and occurred[19] == "."):
-                        occurred = _iso(when if when.tzinfo else when.replace(tzinfo=UTC))
-                except (ValueError, OverflowError):
-                    # not ISO-8601, or no UTC instant (9999-12-31T23:59:59-14:00)
-                    raise Rejected(
-                        "ANALYTICS_INGEST_INVALID_EVENT",
-                        f"occurredAt is not an ISO-8601 instant: {e.eventId}",
-                    ) from None
-            else:
-                occurred = received
-            props = e.properties
-            if props is None:
-                props = {}
-            else:
-                if None in props.values():
-                    props = {k: v for k, v in props.items() if v is not None}
-                if "" in props or any(map(str.isspace, props)):
-                    props = {k: v for k, v in props.items() if k.strip()}
-            props["source"] = "CLIENT"
+        record = self._record
+        return [record(e, member, anon, received, "CLIENT", ip, ua) for e in batch.events]
+
+    def _record(
+        self,
+        e: Any,
+        member: str | None,
+        anon: str | None,
+        received: str,
+        source: str,
+        ip: str,
+        ua: str,
+    ) -> EventRecord:
+        """One accepted event: defaults filled, properties cleaned and
+        encoded once, ``properties.source`` set."""
+        occurred = e.occurredAt
+        if occurred:
             try:
-                raw = encode(props)
-            except (UnicodeEncodeError, OverflowError, TypeError):
+                when = _fromiso(occurred)
+                # already canonical (UTC, milliseconds, Z): keep the text as sent
+                if not (len(occurred) == 24 and occurred[23] == "Z" and occurred[19] == "."):
+                    occurred = _iso(when if when.tzinfo else when.replace(tzinfo=UTC))
+            except (ValueError, OverflowError):
+                # not ISO-8601, or no UTC instant (9999-12-31T23:59:59-14:00)
                 raise Rejected(
                     "ANALYTICS_INGEST_INVALID_EVENT",
-                    f"properties cannot be stored: {e.eventId}",
+                    f"occurredAt is not an ISO-8601 instant: {e.eventId}",
                 ) from None
-            if len(raw) > max_size:
-                raise Rejected(
-                    "ANALYTICS_INGEST_INVALID_EVENT",
-                    f"properties larger than {max_size} bytes: {e.eventId}",
-                )
-            out.append(
-                EventRecord(
-                    e.eventId,
-                    e.eventName,
-                    e.eventVersion or "v1",
-                    occurred,
-                    received,
-                    member,
-                    anon,
-                    msgspec.Raw(raw),
-                    "CLIENT",
-                    ip,
-                    ua,
-                )
+        else:
+            occurred = received
+        props = e.properties
+        if props is None:
+            props = {}
+        else:
+            if None in props.values():
+                props = {k: v for k, v in props.items() if v is not None}
+            if "" in props or any(map(str.isspace, props)):
+                props = {k: v for k, v in props.items() if k.strip()}
+        props["source"] = source
+        try:
+            raw = self._encoder.encode(props)
+        except (UnicodeEncodeError, OverflowError, TypeError):
+            raise Rejected(
+                "ANALYTICS_INGEST_INVALID_EVENT",
+                f"properties cannot be stored: {e.eventId}",
+            ) from None
+        max_size = self.limits.max_event_size
+        if len(raw) > max_size:
+            raise Rejected(
+                "ANALYTICS_INGEST_INVALID_EVENT",
+                f"properties larger than {max_size} bytes: {e.eventId}",
             )
-        return out
+        return EventRecord(
+            e.eventId,
+            e.eventName,
+            e.eventVersion or "v1",
+            occurred,
+            received,
+            member,
+            anon,
+            msgspec.Raw(raw),
+            source,
+            ip,
+            ua,
+        )
 
 
 def _error_body(code: str, message: str) -> bytes:

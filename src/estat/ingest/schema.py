@@ -30,27 +30,35 @@ OccurredAt = Annotated[str, msgspec.Meta(max_length=64)]
 AnonymousId = Annotated[str, msgspec.Meta(max_length=128)]
 
 
-def batch_type(max_depth: int | None) -> Any:
+MemberId = int | Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+def batch_type(max_depth: int | None, *, server: bool = False) -> Any:
     """The request type: ``ClientBatch`` of ``ClientEvent``. With a
     ``max_depth``, properties nest at most that many levels, enforced by the
     decoder while it parses; with None, properties are any JSON object (the
-    OpenAPI document describes the cap in words instead of unrolling it)."""
+    OpenAPI document describes the cap in words instead of unrolling it).
+    ``server``: the server-event request, which adds ``memberId`` to the
+    batch and to each event (the event's wins)."""
+    member: list[Any] = [("memberId", MemberId | None, None)] if server else []
     properties: Any = dict[str, nested(max_depth)] if max_depth else dict[str, Any]  # type: ignore[misc]
     event = msgspec.defstruct(
-        "ClientEvent",
+        "ServerEvent" if server else "ClientEvent",
         [
             ("eventId", EventId),
             ("eventName", EventName),
             ("eventVersion", EventVersion | None, None),
             ("occurredAt", OccurredAt | None, None),
             ("properties", properties | None, None),
+            *member,
         ],
     )
     return msgspec.defstruct(
-        "ClientBatch",
+        "ServerBatch" if server else "ClientBatch",
         [
             ("events", list[event], msgspec.field(default_factory=list)),  # type: ignore[valid-type]
             ("anonymousId", AnonymousId | None, None),
+            *member,
         ],
     )
 

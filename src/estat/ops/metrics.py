@@ -281,6 +281,99 @@ class Metrics:
             mode="livemin",
         )
 
+        # -- seed 004 user-activity pipeline (Prometheus spelling of its names) --
+        self.outbox_enqueue = counter(
+            "analytics_user_activity_outbox_enqueue_total",
+            "Source outbox rows written, by result (inserted, duplicate, fail).",
+            ("result",),
+        )
+        self.outbox_publish = counter(
+            "analytics_user_activity_outbox_publish_total",
+            "Source outbox rows published to the bus by the relay, by result (success, fail).",
+            ("result",),
+        )
+        self.outbox_retry = counter(
+            "analytics_user_activity_outbox_retry_total",
+            "Source outbox rows that failed to publish: scheduled for a retry, or parked "
+            "(max attempts reached; replay by hand).",
+            ("result",),
+        )
+        self.dispatch_enqueue = counter(
+            "analytics_user_activity_dispatch_enqueue_total",
+            "Dispatch outbox rows written by the store consumer, by result and target.",
+            ("result", "target"),
+        )
+        self.mq_publish = counter(
+            "mq_publish_count_total",
+            "Messages handed to the bus, by result (success, fail).",
+            ("topic", "provider", "result"),
+        )
+        self.mq_consume = counter(
+            "mq_consume_count_total",
+            "Messages consumed from the bus, by result (success, fail: retried later, parked).",
+            ("topic", "provider", "result"),
+        )
+        self.mq_consume_latency = Histogram(
+            "mq_consume_latency_seconds",
+            "Time from fetching a batch of messages to acking it (store transaction included).",
+            ("topic", "provider"),
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.store_events = counter(
+            "store_events_total",
+            "Events the store consumer wrote to user_activity_event, by result "
+            "(inserted, duplicate, failed).",
+            ("result",),
+        )
+        self.source_outbox_rows = gauge(
+            "source_outbox_rows",
+            "Source outbox rows by status (PENDING, FAILED, PARKED, PUBLISHED); PARKED are "
+            "FAILED rows with no next retry.",
+            ("status",),
+            mode="livemostrecent",
+        )
+        self.dispatch_outbox_rows = gauge(
+            "dispatch_outbox_rows",
+            "Dispatch outbox rows by status and target.",
+            ("status", "target"),
+            mode="livemostrecent",
+        )
+        self.bus_pending = gauge(
+            "mq_pending_messages",
+            "Messages published and not yet acked by the store consumers' group.",
+            ("topic", "provider"),
+            mode="livemostrecent",
+        )
+        self.bus_parked = gauge(
+            "mq_parked_messages",
+            "Messages parked after MQ_MAX_DELIVERIES (<stream>:dlq).",
+            ("topic", "provider"),
+            mode="livemostrecent",
+        )
+        self.publish_queue_events = gauge(
+            "activity_publish_queue_events",
+            "Accepted client events waiting in memory to be published to the bus.",
+        )
+        self.publish_fallback = counter(
+            "activity_publish_fallback_total",
+            "Accepted client events that did not go straight to the bus, by where they went "
+            "(outbox: the source outbox as FAILED; spool: the local spool at shutdown; "
+            "held: kept in memory while the database was unreachable, per attempt).",
+            ("to",),
+        )
+        self.spool_events = gauge(
+            "activity_spool_events",
+            "Events in the local publish spool (written at shutdown with bus and database "
+            "down; published at the next start).",
+            mode="livemostrecent",
+        )
+        self.trace_rows = counter(
+            "mq_trace_rows_total",
+            "message_queue_trace_log rows written, and deleted by retention, by action.",
+            ("action",),
+        )
+
         self._flushers: list[Callable[[], None]] = []
 
     def add_flusher(self, fn: Callable[[], None]) -> None:

@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from estat.settings.activity import ActivityFields
 from estat.settings.values import (
     DEFAULT_ALLOWLIST,
     Address,
@@ -54,7 +55,7 @@ class _MappingSource(EnvSettingsSource):
         )
 
 
-class Settings(BaseSettings):
+class Settings(ActivityFields):
     @classmethod
     def settings_customise_sources(
         cls,
@@ -385,6 +386,16 @@ class Settings(BaseSettings):
     @property
     def lake_path(self) -> Path:
         return self.lake_dir if self.lake_dir is not None else self.data_dir / "lake"
+
+    @property
+    def database(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.data_dir / 'estat.db'}"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_dir / "spool"
 
     @property
     def dlq_path(self) -> Path:

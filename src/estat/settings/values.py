@@ -156,3 +156,47 @@ PemPublicKey = Annotated[SecretStr, AfterValidator(_public_key)]
 Origins = Annotated[str, AfterValidator(_origins)]
 BucketName = Annotated[str, AfterValidator(_bucket)]
 KeyPrefix = Annotated[str, AfterValidator(_prefix)]
+
+
+def _database(v: SecretStr) -> SecretStr:
+    if not re.match(r"^(sqlite|postgresql|postgres|postgresql\+psycopg)://", v.get_secret_value()):
+        raise ValueError(
+            "must be sqlite:///path, postgresql://user:pass@host:port/db or postgresql+psycopg://…"
+        )
+    return v
+
+
+def _nats(v: SecretStr) -> SecretStr:
+    if not re.match(r"^(nats|tls|ws|wss)://", v.get_secret_value()):
+        raise ValueError("must be a nats:// (or tls://) URL")
+    return v
+
+
+def _tokens(v: SecretStr) -> SecretStr:
+    for entry in (e.strip() for e in v.get_secret_value().split(",")):
+        if entry and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}:[0-9a-fA-F]{64}", entry):
+            raise ValueError(
+                "entries must be name:sha256hex (the SHA-256 of the token in hex), "
+                "separated by commas"
+            )
+    return v
+
+
+def _targets(v: str) -> str:
+    for t in (t.strip() for t in v.split(",")):
+        if t and not re.fullmatch(r"[A-Z][A-Z0-9_]{0,29}", t.upper()):
+            raise ValueError(f"{t!r} is not a destination name (letters, digits, _; 30 at most)")
+    return v
+
+
+def _mq_prefix(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,50}", v):
+        raise ValueError("must be 1-50 letters, digits, '_' or '-'")
+    return v
+
+
+DatabaseUrl = Annotated[SecretStr, AfterValidator(_database)]
+NatsUrl = Annotated[SecretStr, AfterValidator(_nats)]
+TokenHashes = Annotated[SecretStr, AfterValidator(_tokens)]
+Targets = Annotated[str, AfterValidator(_targets)]
+MqPrefix = Annotated[str, AfterValidator(_mq_prefix)]

@@ -66,9 +66,7 @@ class Database:
         if self.dialect == "sqlite":
             if u.database and u.database != ":memory:":
                 Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(
-                self.url, poolclass=NullPool, json_serializer=_json
-            )
+            self.engine: Engine = create_engine(self.url, poolclass=NullPool, json_serializer=_json)
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         elif self.dialect == "postgresql":

@@ -32,7 +32,7 @@ from estat.store.schema import ERROR_MAX, user_activity_source_outbox
 
 T = user_activity_source_outbox
 
-#: 10 s × 2^min(retry_count, 6): 10 s … 640 s, jittered
+#: 10 s x 2^min(retry_count, 6): 10 s … 640 s, jittered
 OUTBOX_RETRY = RetryPolicy(base=10.0, cap=640.0, exponent_cap=6, jitter="equal")
 
 
@@ -104,7 +104,7 @@ class SourceOutbox:
     ) -> None:
         self.db = db
         self.max_attempts = max_attempts
-        self.lease = timedelta(seconds=lease_seconds)
+        self.lease_for = timedelta(seconds=lease_seconds)
         self.policy = policy
         self.rng = rng or random.Random()
 
@@ -135,12 +135,11 @@ class SourceOutbox:
         stmt = (
             update(T)
             .where(T.c.id.in_(ids.scalar_subquery()))
-            .values(next_retry_at=now + self.lease, updated_at=now)
+            .values(next_retry_at=now + self.lease_for, updated_at=now)
             .returning(T.c.id, T.c.event_id, cast(T.c.payload, Text), T.c.retry_count)
         )
         with self.db.engine.begin() as conn:
-            rows = conn.execute(stmt).all()
-        rows.sort(key=lambda r: r[0])
+            rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r[0]))
         return [OutboxRow(r[0], r[1], r[2].encode("utf-8"), r[3]) for r in rows]
 
     def mark_published(self, ids: Sequence[int], now: datetime) -> None:

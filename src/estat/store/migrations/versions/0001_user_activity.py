@@ -8,6 +8,8 @@ Create Date: 2026-11-30
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
@@ -22,11 +24,11 @@ Json = sa.JSON().with_variant(JSONB(), "postgresql")
 Ts = sa.DateTime(timezone=True)
 
 
-def _id() -> sa.Column[int]:
+def _id() -> sa.Column[Any]:
     return sa.Column("id", Id, primary_key=True, autoincrement=True)
 
 
-def _outbox_state(finished: str) -> list[sa.Column[object]]:
+def _outbox_state(finished: str) -> list[sa.Column[Any]]:
     return [
         sa.Column("status", sa.String(20), nullable=False),
         sa.Column("retry_count", sa.Integer, nullable=False, server_default=sa.text("0")),

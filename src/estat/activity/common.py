@@ -1,0 +1,82 @@
+"""What the activity stages share: records as bus messages, database
+errors sorted into *transient* (retry the same work later) and *data* (this
+input can never be written), and the rescue of held events."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+from sqlalchemy.exc import (
+    DataError,
+    IntegrityError,
+    ProgrammingError,
+    SQLAlchemyError,
+    StatementError,
+)
+
+from estat.bus.base import Message
+from estat.dlq.store import fsync_dir, write_synced
+from estat.model import EventRecord
+from estat.store.rows import encode
+
+#: a transient database failure: retried with backoff, nothing is given up
+TRANSIENT_DB = (SQLAlchemyError, OSError)
+
+
+def is_data_error(e: BaseException) -> bool:
+    """The statement can never succeed with this input (a ``\\u0000`` that
+    jsonb rejects, a value out of range): split the batch, park the culprit."""
+    if isinstance(e, DataError | IntegrityError | ProgrammingError):
+        return True
+    return (
+        isinstance(e, StatementError)
+        and not getattr(e, "connection_invalidated", False)
+        and (e.orig is None or isinstance(e.orig, ValueError | TypeError | UnicodeError))
+    )
+
+
+def message_of(rec: EventRecord, payload: bytes | None = None) -> Message:
+    return Message(
+        rec.event_id,
+        rec.member_id or rec.anonymous_id or rec.event_id,
+        rec.occurred_at,
+        payload if payload is not None else encode(rec),
+        {"source": rec.source, "eventName": rec.event_name},
+    )
+
+
+class Spool:
+    """A crash-safe local spool of events (JSON Lines files committed by
+    rename, the DLQ's writer): where accepted events go at shutdown when
+    neither the bus nor the database takes them; published at the next start."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write(self, records: Sequence[EventRecord]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = b"".join(encode(r) + b"\n" for r in records)
+        stem = f"{time.time_ns()}-{len(records)}-{os.getpid()}"
+        tmp = self.root / f".{stem}.tmp"
+        write_synced(tmp, data)
+        final = self.root / f"{stem}.jsonl"
+        os.rename(tmp, final)
+        fsync_dir(self.root)
+        return final
+
+    def files(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(self.root.glob("*.jsonl"))
+
+    def count(self) -> int:
+        return sum(int(p.name.split("-")[1]) for p in self.files())
+
+    @staticmethod
+    def read(path: Path) -> list[EventRecord]:
+        dec = msgspec.json.Decoder(EventRecord)
+        return [dec.decode(line) for line in path.read_bytes().splitlines() if line.strip()]

@@ -1,0 +1,222 @@
+"""The store consumer: bus → ``user_activity_event`` (and the dispatch
+outbox), then ack.
+
+Reads batches (``STORE_BATCH_SIZE``), inserts with ``ON CONFLICT
+(event_id) DO NOTHING`` and, in the same transaction, one dispatch-outbox
+row per target for each newly inserted event; acks only after the commit.
+A message that cannot be stored (it does not decode; the database rejects
+its data, like a ``\\u0000`` in jsonb) never blocks its batch: the batch is
+split in halves until the bad one is alone; it is retried later and parked
+after ``MQ_MAX_DELIVERIES``. A database that is down is waited for (with
+backoff), holding the batch unacked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from estat.activity.common import TRANSIENT_DB, is_data_error
+from estat.bus.base import Bus, BusError, Consumer, Delivery, short
+from estat.clock import Clock
+from estat.ops.logging import get_logger
+from estat.ops.metrics import Metrics
+from estat.retry import RetryPolicy
+from estat.stage import Deadline, Spawn
+from estat.store.events import EventStore
+from estat.store.outbox import utcnow
+from estat.store.rows import BadPayload, decode, event_row
+from estat.store.trace import TraceLog
+
+log = get_logger("estat.store")
+
+DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
+BUS_RETRY = RetryPolicy(base=0.5, cap=30.0)
+
+
+class _Stopping(Exception):
+    pass
+
+
+class StoreConsumer:
+    name = "store"
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: EventStore,
+        *,
+        consumer_name: str,
+        batch_size: int,
+        max_deliveries: int,
+        metrics: Metrics,
+        clock: Clock,
+        trace: TraceLog | None = None,
+        poll: float = 1.0,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.consumer_name = consumer_name
+        self.batch_size = batch_size
+        self.max_deliveries = max_deliveries
+        self._m = metrics
+        self._clock = clock
+        self._trace = trace
+        self.poll = poll
+        self._consumer: Consumer | None = None
+        self._closing = False
+        self._deadline: Deadline | None = None
+        self._task: asyncio.Task[None] | None = None
+        labels = (bus.topic, bus.provider)
+        self._ok = metrics.mq_consume.labels(*labels, "success")
+        self._fail = metrics.mq_consume.labels(*labels, "fail")
+        self._parked = metrics.mq_consume.labels(*labels, "parked")
+        self._latency = metrics.mq_consume_latency.labels(*labels)
+
+    async def start(self, spawn: Spawn) -> None:
+        self._consumer = self.bus.consumer(self.consumer_name)
+        self._task = spawn("store", self._run())
+
+    def close(self) -> None:
+        self._closing = True
+
+    async def join(self, deadline: Deadline) -> int:
+        self._deadline = deadline
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), deadline.left())
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.close()
+        return 0
+
+    def _draining_in_process(self) -> bool:
+        """The in-process bus is lost with the process: a stopping consumer
+        keeps storing until it is empty (or the deadline)."""
+        return self.bus.provider == "memory"
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        failures = 0
+        while True:
+            if self._closing and not self._draining_in_process():
+                return
+            try:
+                batch = await self._consumer.fetch(
+                    self.batch_size, 0.05 if self._closing else self.poll
+                )
+                failures = 0
+            except BusError as e:
+                failures += 1
+                log.error("store: bus unavailable", error=str(e)[:300], attempt=failures)
+                if self._closing:
+                    return
+                await self._clock.sleep(BUS_RETRY.delay(failures))
+                continue
+            if not batch:
+                if self._closing:
+                    return
+                continue
+            try:
+                await self.handle(batch)
+            except _Stopping:
+                return
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Store ``batch`` and settle every delivery in it."""
+        assert self._consumer is not None
+        t0 = time.monotonic()
+        good: list[tuple[Delivery, dict[str, Any], str]] = []
+        for d in batch:
+            try:
+                rec = decode(d.message.payload)
+                good.append((d, event_row(rec), d.message.payload.decode("utf-8")))
+            except (BadPayload, UnicodeDecodeError, ValueError) as e:
+                await self._failed(d, f"bad payload: {e}")
+        if good:
+            await self._store(good)
+        self._latency.observe(time.monotonic() - t0)
+
+    async def _store(self, items: list[tuple[Delivery, dict[str, Any], str]]) -> None:
+        assert self._consumer is not None
+        attempt = 0
+        while True:
+            try:
+                stored = await self.store.db.run(
+                    lambda: self.store.store([i[1] for i in items], [i[2] for i in items])
+                )
+                break
+            except TRANSIENT_DB as e:
+                if is_data_error(e):
+                    if len(items) == 1:
+                        await self._failed(items[0][0], f"store rejected: {short(e)}")
+                        return
+                    half = len(items) // 2
+                    await self._store(items[:half])
+                    await self._store(items[half:])
+                    return
+                attempt += 1
+                self._m.store_events.labels("failed").inc(len(items))
+                log.error(
+                    "store: database unavailable: holding the batch unacked",
+                    events=len(items),
+                    error=short(e),
+                    attempt=attempt,
+                )
+                if self._closing and (self._deadline is None or self._deadline.left() < 1):
+                    raise _Stopping() from None
+                await self._clock.sleep(DB_RETRY.delay(attempt))
+        deliveries = [i[0] for i in items]
+        try:
+            await self._consumer.ack(deliveries)
+        except BusError as e:
+            # stored; the bus will deliver them again and they count as duplicates
+            log.warning("store: ack failed after commit", events=len(items), error=str(e)[:300])
+        self._m.store_events.labels("inserted").inc(len(stored.inserted))
+        if stored.duplicates:
+            self._m.store_events.labels("duplicate").inc(stored.duplicates)
+            log.info("duplicate user events skipped", events=stored.duplicates)
+        for target, n in stored.dispatch.items():
+            self._m.dispatch_enqueue.labels("inserted", target).inc(n)
+        for target in self.store.targets:
+            dup = len(stored.inserted) - stored.dispatch.get(target, 0)
+            if dup:
+                self._m.dispatch_enqueue.labels("duplicate", target).inc(dup)
+        self._ok.inc(len(items))
+        if self._trace is not None and self._trace.wants("CONSUME_SUCCESS"):
+            now = utcnow(self._clock.time())
+            for d in deliveries:
+                ms = int((time.monotonic() - d.received) * 1000)
+                self._trace.add("CONSUME_SUCCESS", d.message.message_id, d.message.key, now, ms)
+
+    async def _failed(self, d: Delivery, error: str) -> None:
+        assert self._consumer is not None
+        now = utcnow(self._clock.time())
+        ms = int((time.monotonic() - d.received) * 1000)
+        if self._trace is not None:
+            self._trace.add("CONSUME_FAIL", d.message.message_id, d.message.key, now, ms, error)
+        try:
+            if d.deliveries >= self.max_deliveries:
+                await self._consumer.park(d, error)
+                self._parked.inc()
+                log.error(
+                    "message queue consume failed: message parked",
+                    messageId=d.message.message_id,
+                    deliveries=d.deliveries,
+                    error=error[:300],
+                )
+            else:
+                await self._consumer.retry(d, error)
+                self._fail.inc()
+                log.warning(
+                    "message queue consume failed: retried later",
+                    messageId=d.message.message_id,
+                    deliveries=d.deliveries,
+                    error=error[:300],
+                )
+        except BusError as e:
+            log.error("store: could not settle a failed message", error=str(e)[:300])

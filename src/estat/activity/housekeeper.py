@@ -1,0 +1,158 @@
+"""The housekeeper: writes buffered trace rows every second, refreshes the
+backlog gauges (source and dispatch outbox by status, bus pending and
+parked) every ``BACKLOG_EVERY`` seconds, and deletes trace rows older than
+``MQ_TRACE_RETENTION`` in bounded batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from estat.activity.common import TRANSIENT_DB
+from estat.bus.base import Bus, BusError
+from estat.clock import Clock
+from estat.ops.logging import get_logger
+from estat.ops.metrics import Metrics
+from estat.stage import Deadline, Spawn
+from estat.store.db import Database
+from estat.store.outbox import utcnow
+from estat.store.schema import user_activity_dispatch_outbox, user_activity_source_outbox
+from estat.store.trace import TraceLog
+
+log = get_logger("estat.housekeeper")
+
+BACKLOG_EVERY = 10.0
+PURGE_EVERY = 600.0
+
+
+def backlog(db: Database) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """(source outbox rows by status, dispatch rows by (status, target));
+    FAILED rows with no next retry count as PARKED."""
+    s = user_activity_source_outbox
+    d = user_activity_dispatch_outbox
+    parked_s = (s.c.status == "FAILED") & s.c.next_retry_at.is_(None)
+    with db.engine.connect() as conn:
+        src: dict[str, int] = {"PENDING": 0, "FAILED": 0, "PARKED": 0, "PUBLISHED": 0}
+        for status, parked, n in conn.execute(
+            select(s.c.status, parked_s, func.count()).group_by(s.c.status, parked_s)
+        ):
+            src["PARKED" if parked else status] = n
+        dis: dict[tuple[str, str], int] = {}
+        for status, target, n in conn.execute(
+            select(d.c.status, d.c.dispatch_target, func.count()).group_by(
+                d.c.status, d.c.dispatch_target
+            )
+        ):
+            dis[(status, target)] = n
+    return src, dis
+
+
+class Housekeeper:
+    name = "housekeeper"
+
+    def __init__(
+        self,
+        db: Database,
+        bus: Bus | None,
+        trace: TraceLog | None,
+        *,
+        retention: float,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self.db = db
+        self.bus = bus
+        self.trace = trace
+        self.retention = retention
+        self._m = metrics
+        self._clock = clock
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self, spawn: Spawn) -> None:
+        self._task = spawn("housekeeper", self._run())
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    async def join(self, deadline: Deadline) -> int:
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), deadline.left())
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        await self.flush_traces()
+        return 0
+
+    async def flush_traces(self) -> None:
+        t = self.trace
+        if t is None or not t.buffered:
+            return
+        try:
+            n = await self.db.run(t.flush)
+            self._m.trace_rows.labels("written").inc(n)
+        except TRANSIENT_DB as e:
+            log.warning(
+                "trace log: write failed, kept for the next try",
+                rows=t.buffered,
+                error=str(e)[:200],
+            )
+
+    async def refresh_backlog(self) -> None:
+        try:
+            src, dis = await self.db.run(lambda: backlog(self.db))
+        except TRANSIENT_DB as e:
+            log.warning("backlog gauges: database unavailable", error=str(e)[:200])
+        else:
+            for status, n in src.items():
+                self._m.source_outbox_rows.labels(status).set(n)
+            for (status, target), n in dis.items():
+                self._m.dispatch_outbox_rows.labels(status, target).set(n)
+        if self.bus is not None:
+            try:
+                stats = await self.bus.stats()
+            except BusError as e:
+                log.warning("backlog gauges: bus unavailable", error=str(e)[:200])
+            else:
+                self._m.bus_pending.labels(self.bus.topic, self.bus.provider).set(stats.pending)
+                self._m.bus_parked.labels(self.bus.topic, self.bus.provider).set(stats.parked)
+
+    async def purge_traces(self) -> int:
+        if self.trace is None:
+            return 0
+        before = utcnow(self._clock.time()) - timedelta(seconds=self.retention)
+        total = 0
+        while not self._closing:
+            try:
+                n = await self.db.run(lambda: self.trace.purge(before) if self.trace else 0)
+            except TRANSIENT_DB as e:
+                log.warning("trace log: purge failed", error=str(e)[:200])
+                break
+            total += n
+            if n == 0:
+                break
+        if total:
+            self._m.trace_rows.labels("deleted").inc(total)
+        return total
+
+    async def _run(self) -> None:
+        next_backlog = 0.0
+        next_purge = self._clock.monotonic() + 5.0
+        while not self._closing:
+            now = self._clock.monotonic()
+            await self.flush_traces()
+            if now >= next_backlog:
+                next_backlog = now + BACKLOG_EVERY
+                await self.refresh_backlog()
+            if now >= next_purge:
+                next_purge = now + PURGE_EVERY
+                await self.purge_traces()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)

@@ -1,0 +1,242 @@
+"""The publisher: accepted client events → the bus, in batches, from a
+bounded in-memory queue (the HTTP answer never waits for the bus).
+
+Per batch: publish to the bus; if the bus refuses or is unreachable, write
+the batch to the source outbox as FAILED with a ``next_retry_at`` (the relay
+publishes it later) and skip the bus for a while (1 s doubling to 30 s), so
+a dead bus costs one timeout, not one per batch; if the database is
+unreachable too, keep the batch and try again with backoff. When the queue
+is full, ``check_room`` raises ``Overloaded`` and the API answers 503.
+
+At start, events spooled by an earlier stop are published first. On stop
+the queue is published until the deadline; what is left goes to the outbox,
+else to the spool (crash-safe files under ``DATA_DIR/spool``); only if that
+fails too is it counted lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+from estat.activity.common import TRANSIENT_DB, Spool, message_of
+from estat.bus.base import Bus, BusError, short
+from estat.clock import Clock
+from estat.errors import Overloaded
+from estat.model import EventRecord
+from estat.ops.logging import get_logger
+from estat.ops.metrics import Metrics
+from estat.retry import RetryPolicy
+from estat.stage import Deadline, Spawn
+from estat.store.outbox import OUTBOX_RETRY, SourceOutbox, utcnow
+from estat.store.trace import TraceLog
+
+log = get_logger("estat.publisher")
+
+DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
+BUS_SKIP = RetryPolicy(base=1.0, cap=30.0, jitter="none")
+
+
+class Publisher:
+    name = "publisher"
+
+    def __init__(
+        self,
+        bus: Bus,
+        outbox: SourceOutbox,
+        spool: Spool,
+        *,
+        capacity: int,
+        batch_size: int,
+        metrics: Metrics,
+        clock: Clock,
+        trace: TraceLog | None = None,
+        on_outbox: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.bus = bus
+        self.outbox = outbox
+        self.spool = spool
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self._m = metrics
+        self._clock = clock
+        self._trace = trace
+        self._on_outbox = on_outbox
+        self._queue: deque[EventRecord] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._bus_skip_until = 0.0
+        self._bus_failures = 0
+        labels = (bus.topic, bus.provider)
+        self._published = metrics.mq_publish.labels(*labels, "success")
+        self._failed = metrics.mq_publish.labels(*labels, "fail")
+
+    # -- the route's side ----------------------------------------------------------
+    def check_room(self, n: int) -> None:
+        if self._closing:
+            raise Overloaded("the publisher is stopping", 5, kind="draining")
+        if len(self._queue) + n > self.capacity:
+            raise Overloaded("the publish queue is full", 1, kind="queue_full")
+
+    def put(self, records: Sequence[EventRecord]) -> None:
+        self._queue.extend(records)
+        self._m.publish_queue_events.set(len(self._queue))
+        self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- stage ---------------------------------------------------------------------
+    async def start(self, spawn: Spawn) -> None:
+        self._m.spool_events.set(self.spool.count())
+        self._task = spawn("publisher", self._run())
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    async def join(self, deadline: Deadline) -> int:
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), deadline.left())
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        return await self._rescue()
+
+    async def _run(self) -> None:
+        await self._publish_spool()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            n = min(self.batch_size, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            try:
+                await self._deliver(batch)
+            except _Held:
+                self._queue.extendleft(reversed(batch))
+                return
+            except BaseException:
+                self._queue.extendleft(reversed(batch))
+                raise
+            self._m.publish_queue_events.set(len(self._queue))
+
+    async def _deliver(self, batch: list[EventRecord]) -> None:
+        attempt = 0
+        while True:
+            err = await self._to_bus(batch)
+            if err is None:
+                return
+            try:
+                await self._to_outbox(batch, err)
+                return
+            except TRANSIENT_DB as e:
+                attempt += 1
+                self._m.publish_fallback.labels("held").inc(len(batch))
+                log.error(
+                    "bus and database both unavailable: holding events",
+                    events=len(batch),
+                    queued=len(self._queue),
+                    busError=err,
+                    dbError=short(e),
+                )
+                if self._closing:
+                    raise _Held() from None
+                await self._clock.sleep(DB_RETRY.delay(attempt))
+
+    async def _to_bus(self, batch: list[EventRecord]) -> str | None:
+        """None when published; else why not."""
+        if self._clock.monotonic() < self._bus_skip_until:
+            return "bus skipped after a recent failure"
+        try:
+            await self.bus.publish([message_of(r) for r in batch])
+        except BusError as e:
+            self._failed.inc(len(batch))
+            self._bus_failures += 1
+            self._bus_skip_until = self._clock.monotonic() + BUS_SKIP.delay(self._bus_failures)
+            log.warning(
+                "bus publish failed: events go to the source outbox",
+                events=len(batch),
+                provider=self.bus.provider,
+                error=str(e)[:300],
+            )
+            return str(e)
+        self._bus_failures = 0
+        self._published.inc(len(batch))
+        if self._trace is not None and self._trace.wants("PUBLISH"):
+            now = utcnow(self._clock.time())
+            for r in batch:
+                self._trace.add("PUBLISH", r.event_id, message_of(r).key, now)
+        return None
+
+    async def _to_outbox(self, batch: list[EventRecord], error: str) -> None:
+        now = utcnow(self._clock.time())
+        due = now + timedelta(seconds=OUTBOX_RETRY.delay(1))
+        res = await self.outbox.db.run(
+            lambda: self.outbox.enqueue(
+                batch, status="FAILED", next_retry_at=due, last_error=f"publish failed: {error}"
+            )
+        )
+        self._m.outbox_enqueue.labels("inserted").inc(res.inserted)
+        if res.duplicates:
+            self._m.outbox_enqueue.labels("duplicate").inc(res.duplicates)
+        self._m.publish_fallback.labels("outbox").inc(len(batch))
+        self._on_outbox()
+
+    async def _publish_spool(self) -> None:
+        for path in self.spool.files():
+            records = Spool.read(path)
+            for i in range(0, len(records), self.batch_size):
+                await self._deliver(records[i : i + self.batch_size])
+            path.unlink()
+            log.info("spooled events published", file=path.name, events=len(records))
+            self._m.spool_events.set(self.spool.count())
+
+    async def _rescue(self) -> int:
+        """What is still queued at the end: to the outbox, else the spool."""
+        left = list(self._queue)
+        self._queue.clear()
+        self._m.publish_queue_events.set(0)
+        if not left:
+            return 0
+        try:
+            await self._to_outbox(left, "not published before shutdown")
+            log.warning(
+                "shutdown: unpublished events written to the source outbox", events=len(left)
+            )
+            return 0
+        except TRANSIENT_DB as e:
+            dberr = short(e)
+        try:
+            path = await asyncio.to_thread(self.spool.write, left)
+        except OSError as e:
+            self._m.publish_fallback.labels("lost").inc(len(left))
+            log.error(
+                "shutdown: events lost: bus, database and spool all failed",
+                events=len(left),
+                dbError=dberr,
+                spoolError=short(e),
+            )
+            return len(left)
+        self._m.publish_fallback.labels("spool").inc(len(left))
+        self._m.spool_events.set(self.spool.count())
+        log.warning(
+            "shutdown: bus and database unavailable: events spooled, published at the next start",
+            events=len(left),
+            file=path.name,
+            dbError=dberr,
+        )
+        return 0
+
+
+class _Held(Exception):
+    """Stopping while the batch could go nowhere: it goes back to the queue
+    and ``join`` rescues it."""

@@ -1,0 +1,154 @@
+"""The relay: source outbox → bus.
+
+Leases due rows in batches (``OutboxRelay.batch_size``), publishes them,
+marks them PUBLISHED with ``published_at`` (always), or FAILED with
+``retry_count + 1``, ``next_retry_at`` = now + 10 s x 2^min(retry_count, 6)
+(jittered) and ``last_error``; after ``OUTBOX_MAX_ATTEMPTS`` a row stays
+FAILED with no ``next_retry_at`` (parked) until an operator replays it. It
+polls when idle and is woken when this process writes outbox rows. Several
+relays share one outbox (``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from estat.activity.common import TRANSIENT_DB, message_of
+from estat.bus.base import Bus, BusError, Message
+from estat.clock import Clock
+from estat.ops.logging import get_logger
+from estat.ops.metrics import Metrics
+from estat.retry import RetryPolicy
+from estat.stage import Deadline, Spawn
+from estat.store.outbox import OutboxRow, SourceOutbox, utcnow
+from estat.store.rows import BadPayload, decode
+from estat.store.trace import TraceLog
+
+log = get_logger("estat.relay")
+
+DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
+
+
+def _message(row: OutboxRow) -> Message:
+    try:
+        return message_of(decode(row.payload), row.payload)
+    except BadPayload:
+        # published as it is: the store consumer parks it, visibly
+        return Message(row.event_id, row.event_id, "", row.payload, {"source": "SERVER"})
+
+
+class Relay:
+    name = "relay"
+
+    def __init__(
+        self,
+        outbox: SourceOutbox,
+        bus: Bus,
+        *,
+        batch_size: int,
+        poll_interval: float,
+        metrics: Metrics,
+        clock: Clock,
+        trace: TraceLog | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.bus = bus
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self._m = metrics
+        self._clock = clock
+        self._trace = trace
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self.paused = False
+
+    def notify(self) -> None:
+        """Rows were written: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def start(self, spawn: Spawn) -> None:
+        self._task = spawn("relay", self._run())
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    async def join(self, deadline: Deadline) -> int:
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), deadline.left())
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        return 0  # what is in the outbox is durable
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                n = await self.relay_once()
+                failures = 0
+            except TRANSIENT_DB as e:
+                failures += 1
+                log.error("relay: database unavailable", error=str(e)[:300], attempt=failures)
+                await self._wait(DB_RETRY.delay(failures))
+                continue
+            if n < self.batch_size:
+                await self._wait(self.poll_interval)
+
+    async def _wait(self, seconds: float) -> None:
+        if self._closing:
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def relay_once(self, limit: int | None = None) -> int:
+        """Lease one batch of due rows and publish it; the rows handled."""
+        db = self.outbox.db
+        now = utcnow(self._clock.time())
+        rows = await db.run(lambda: self.outbox.lease(limit or self.batch_size, now))
+        if not rows:
+            return 0
+        try:
+            await self.publish(rows)
+        except BaseException:
+            # cancelled, or the database failed while marking: due again
+            # when the lease ends (or now, if the database takes the release)
+            ids = [r.id for r in rows]
+            with contextlib.suppress(*TRANSIENT_DB):
+                await asyncio.shield(db.run(lambda: self.outbox.release(ids, now)))
+            raise
+        return len(rows)
+
+    async def publish(self, rows: list[OutboxRow]) -> tuple[int, int]:
+        """Publish leased ``rows`` and mark them; (published, failed)."""
+        db = self.outbox.db
+        try:
+            await self.bus.publish([_message(r) for r in rows])
+        except BusError as e:
+            err = f"publish failed: {e}"
+            now = utcnow(self._clock.time())
+            scheduled, parked = await db.run(lambda: self.outbox.mark_failed(rows, err, now))
+            self._m.outbox_publish.labels("fail").inc(len(rows))
+            self._m.mq_publish.labels(self.bus.topic, self.bus.provider, "fail").inc(len(rows))
+            self._m.outbox_retry.labels("scheduled").inc(scheduled)
+            if parked:
+                self._m.outbox_retry.labels("parked").inc(parked)
+                log.error(
+                    "relay: outbox rows parked after OUTBOX_MAX_ATTEMPTS: replay them once the bus is fixed",
+                    rows=parked,
+                    error=err[:300],
+                )
+            log.warning("relay: publish failed, rows rescheduled", rows=len(rows), error=err[:300])
+            return 0, len(rows)
+        now = utcnow(self._clock.time())
+        await db.run(lambda: self.outbox.mark_published([r.id for r in rows], now))
+        self._m.outbox_publish.labels("success").inc(len(rows))
+        self._m.mq_publish.labels(self.bus.topic, self.bus.provider, "success").inc(len(rows))
+        if self._trace is not None and self._trace.wants("PUBLISH"):
+            for r in rows:
+                self._trace.add("PUBLISH", r.event_id, None, now)
+        return len(rows), 0

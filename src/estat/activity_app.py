@@ -1,0 +1,253 @@
+"""Builds the user-activity pipeline from ``Settings``: database, bus,
+source outbox, trace log and the stages of the chosen roles (``ingest``:
+the publisher; ``relay``; ``store``; every role: the housekeeper).
+
+``App`` (``estat serve``) uses it next to the ingest stages;
+``RolesApp`` runs the roles without the HTTP listener (``estat relay``,
+``estat store``, ``estat serve --roles relay,store``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Sequence
+
+from estat.activity.common import TRANSIENT_DB, Spool
+from estat.activity.consumer import StoreConsumer
+from estat.activity.housekeeper import Housekeeper
+from estat.activity.publisher import Publisher
+from estat.activity.relay import Relay
+from estat.bus.base import Bus, BusError
+from estat.bus.memory import MemoryBus
+from estat.bus.nats import NatsBus
+from estat.bus.redis_stream import RedisStreamBus
+from estat.clock import Clock, SystemClock
+from estat.errors import Overloaded
+from estat.model import EventRecord
+from estat.ops.flush import MetricsFlusher
+from estat.ops.logging import get_logger
+from estat.ops.metrics import Metrics
+from estat.ops.tasks import Supervisor
+from estat.runtime import Runtime
+from estat.settings import Settings
+from estat.stage import Deadline, Stage
+from estat.store.db import Database, SchemaTooNew
+from estat.store.events import EventStore
+from estat.store.outbox import SourceOutbox
+from estat.store.trace import TraceLog
+
+log = get_logger("estat.activity")
+
+ROLES = ("ingest", "relay", "store")
+
+
+class StartFailed(Exception):
+    """The database or the bus could not be prepared; the message says why."""
+
+
+def parse_roles(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ROLES
+    roles = tuple(dict.fromkeys(r.strip() for r in text.split(",") if r.strip()))
+    bad = [r for r in roles if r not in ROLES]
+    if bad or not roles:
+        raise ValueError(f"unknown role {bad[0] if bad else ''!r}: roles are {', '.join(ROLES)}")
+    return roles
+
+
+def build_bus(s: Settings) -> Bus | None:
+    if s.mq_provider == "none":
+        return None
+    if s.mq_provider == "memory":
+        return MemoryBus(capacity=s.mq_memory_capacity, retry_delay=min(s.mq_claim_idle, 5.0))
+    if s.mq_provider == "redis-stream":
+        assert s.mq_redis_url is not None
+        return RedisStreamBus(
+            s.mq_redis_url.get_secret_value(),
+            prefix=s.mq_prefix,
+            group=s.mq_consumer_group,
+            claim_idle=s.mq_claim_idle,
+        )
+    assert s.mq_nats_url is not None
+    return NatsBus(
+        s.mq_nats_url.get_secret_value(),
+        prefix=s.mq_prefix,
+        group=s.mq_consumer_group,
+        claim_idle=s.mq_claim_idle,
+    )
+
+
+class OutboxCommit:
+    """The server-events route's writer: rows committed in the source outbox."""
+
+    def __init__(self, outbox: SourceOutbox, metrics: Metrics, on_commit: object) -> None:
+        self.outbox = outbox
+        self._m = metrics
+        self._on_commit = on_commit
+
+    async def commit(self, records: list[EventRecord]) -> tuple[int, int]:
+        try:
+            res = await self.outbox.db.run(lambda: self.outbox.enqueue(records))
+        except TRANSIENT_DB as e:
+            self._m.outbox_enqueue.labels("fail").inc(len(records))
+            log.error("source outbox write failed", events=len(records), error=str(e)[:300])
+            raise Overloaded("the event store is unavailable", 5, kind="store_unavailable") from e
+        self._m.outbox_enqueue.labels("inserted").inc(res.inserted)
+        if res.duplicates:
+            self._m.outbox_enqueue.labels("duplicate").inc(res.duplicates)
+        if callable(self._on_commit):
+            self._on_commit()
+        return res.inserted, res.duplicates
+
+
+class Activity:
+    def __init__(
+        self, settings: Settings, roles: Sequence[str], metrics: Metrics, clock: Clock
+    ) -> None:
+        s = settings
+        self.settings = s
+        self.roles = tuple(roles)
+        self.bus = build_bus(s)
+        self.db = Database(s.database)
+        self.outbox = SourceOutbox(
+            self.db, max_attempts=s.outbox_max_attempts, lease_seconds=s.outbox_lease
+        )
+        topic = self.bus.topic if self.bus else "user-activity"
+        provider = self.bus.provider if self.bus else "none"
+        self.trace = (
+            TraceLog(self.db, s.mq_trace, provider, topic, s.mq_consumer_group)
+            if s.mq_trace != "off"
+            else None
+        )
+        self.relay: Relay | None = None
+        self.publisher: Publisher | None = None
+        self.consumer: StoreConsumer | None = None
+        bus = self.bus
+        if bus is not None and "relay" in self.roles:
+            self.relay = Relay(
+                self.outbox,
+                bus,
+                batch_size=s.outbox_batch_size,
+                poll_interval=s.outbox_poll_interval,
+                metrics=metrics,
+                clock=clock,
+                trace=self.trace,
+            )
+        if bus is not None and "ingest" in self.roles:
+            self.publisher = Publisher(
+                bus,
+                self.outbox,
+                Spool(s.spool_path),
+                capacity=s.mq_publish_queue_size,
+                batch_size=s.mq_publish_batch_size,
+                metrics=metrics,
+                clock=clock,
+                trace=self.trace,
+                on_outbox=self.notify_relay,
+            )
+        if bus is not None and "store" in self.roles:
+            self.consumer = StoreConsumer(
+                bus,
+                EventStore(self.db, s.targets),
+                consumer_name=f"{s.instance_id}-{os.getpid()}",
+                batch_size=s.store_batch_size,
+                max_deliveries=s.mq_max_deliveries,
+                metrics=metrics,
+                clock=clock,
+                trace=self.trace,
+            )
+        self.housekeeper = Housekeeper(
+            self.db, bus, self.trace, retention=s.mq_trace_retention, metrics=metrics, clock=clock
+        )
+        self.writer = OutboxCommit(self.outbox, metrics, self.notify_relay)
+
+    def notify_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.notify()
+
+    async def prepare(self) -> None:
+        """Migrate (or check) the schema, declare the bus. Raises ``StartFailed``."""
+        db = self.db
+        try:
+            if self.settings.auto_migrate:
+                await db.run(db.upgrade)
+            else:
+                await db.run(db.check_schema)
+                current = await db.run(db.current)
+                if current != db.head():
+                    raise StartFailed(
+                        f"the database schema is at {current}, this estat needs {db.head()}: "
+                        "run `estat migrate` (AUTO_MIGRATE=false)"
+                    )
+        except SchemaTooNew as e:
+            raise StartFailed(str(e)) from e
+        except TRANSIENT_DB as e:
+            raise StartFailed(f"database {db.description} unavailable: {str(e)[:300]}") from e
+        if self.bus is None:
+            log.warning("message queue provider is none: skipping user activity publish")
+            return
+        try:
+            await self.bus.start()
+        except BusError as e:
+            if self.roles == ("ingest",) or "ingest" in self.roles:
+                # ingest must not depend on the bus: the outbox absorbs
+                log.error("bus unavailable at start: events go to the source outbox", error=str(e))
+            else:
+                raise StartFailed(f"bus unavailable: {e}") from e
+        log.info(
+            "user-activity pipeline ready",
+            database=db.description,
+            provider=self.bus.provider,
+            roles=",".join(self.roles),
+        )
+
+    def layers(self) -> tuple[list[Stage], list[Stage], list[Stage]]:
+        """(low: housekeeper, middle: store consumer, high: relay and publisher):
+        stopped high first, so the consumer drains what the relay and the
+        publisher put on an in-process bus."""
+        high: list[Stage] = [s for s in (self.publisher, self.relay) if s is not None]
+        middle: list[Stage] = [self.consumer] if self.consumer is not None else []
+        return [self.housekeeper], middle, high
+
+    async def close(self) -> None:
+        if self.bus is not None:
+            with contextlib.suppress(BusError):
+                await self.bus.close()
+        await asyncio.to_thread(self.db.close)
+
+
+class RolesApp:
+    """The relay and store roles without the ingest listener."""
+
+    def __init__(self, settings: Settings, roles: Sequence[str]) -> None:
+        self.settings = settings
+        self.clock = SystemClock()
+        self.metrics = Metrics()
+        self.activity = Activity(settings, roles, self.metrics, self.clock)
+        self._stop = asyncio.Event()
+        self.supervisor = Supervisor(self.metrics, lambda name: self._stop.set())
+        low, middle, high = self.activity.layers()
+        self.runtime = Runtime(
+            [[MetricsFlusher(self.metrics), *low], middle, high], self.supervisor, self.clock
+        )
+
+    async def start(self) -> None:
+        await self.activity.prepare()
+        await self.runtime.start()
+        log.info("estat started", roles=",".join(self.activity.roles), pid=os.getpid())
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> int:
+        deadline = Deadline.after(self.settings.shutdown_timeout, self.clock)
+        lost = await self.runtime.stop(deadline)
+        await self.activity.close()
+        self.metrics.flush()
+        log.info("shutdown complete", unsavedEvents=lost)
+        return lost

@@ -1,0 +1,173 @@
+"""The fields of the user-activity pipeline (seed 004): database, bus,
+publisher, relay, store consumer, trace log, server events. ``Settings``
+(``fields.py``) inherits them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings
+
+from estat.settings.values import (
+    DatabaseUrl,
+    Duration,
+    MqPrefix,
+    NatsUrl,
+    RedisUrl,
+    Targets,
+    TokenHashes,
+    accepts,
+)
+
+
+class ActivityFields(BaseSettings):
+    # --- event store ---------------------------------------------------------
+    database_url: DatabaseUrl | None = Field(
+        None,
+        description="Event store database. Default: sqlite:///$DATA_DIR/estat.db (WAL). PostgreSQL: postgresql://user:pass@host:port/db (psycopg 3).",
+        json_schema_extra=accepts("sqlite:///path or postgresql://user:pass@host:port/db"),
+    )
+    auto_migrate: bool = Field(
+        True,
+        description="Migrate the database to this version's schema at start (every role); false: refuse to start on an older schema (run `estat migrate`).",
+        json_schema_extra=accepts("true or false"),
+    )
+    # --- message bus ---------------------------------------------------------
+    mq_provider: Literal["memory", "redis-stream", "nats", "none"] = Field(
+        "memory",
+        description="Message bus between ingest and the event store. memory: in-process (embedded); none: client events go to the lake only.",
+        json_schema_extra=accepts("memory, redis-stream, nats or none"),
+    )
+    mq_redis_url: RedisUrl | None = Field(
+        None,
+        description="Redis for MQ_PROVIDER=redis-stream.",
+        json_schema_extra=accepts("redis://host:port/db"),
+    )
+    mq_nats_url: NatsUrl | None = Field(
+        None,
+        description="NATS server (JetStream enabled) for MQ_PROVIDER=nats.",
+        json_schema_extra=accepts("nats://host:port"),
+    )
+    mq_prefix: MqPrefix = Field(
+        "estat",
+        description="Prefix of the stream: <MQ_PREFIX>:user-activity (Redis), <MQ_PREFIX>.user-activity (NATS).",
+        json_schema_extra=accepts("letters, digits, '_' or '-'"),
+    )
+    mq_consumer_group: MqPrefix = Field(
+        "estat-store",
+        description="Consumer group (Redis) or durable consumer (NATS) of the store consumers.",
+        json_schema_extra=accepts("letters, digits, '_' or '-'"),
+    )
+    mq_claim_idle: Duration = Field(
+        60.0,
+        gt=0,
+        description="A message unacked this long (its consumer died) goes to another consumer; also the retry delay on Redis.",
+        json_schema_extra=accepts("a duration"),
+    )
+    mq_max_deliveries: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Deliveries of a message that cannot be stored before it is parked (<stream>:dlq).",
+        json_schema_extra=accepts("an integer from 1 to 1000"),
+    )
+    mq_memory_capacity: int = Field(
+        100_000,
+        ge=1,
+        description="Messages the in-process bus holds unacked; beyond, publishes fall back to the source outbox.",
+        json_schema_extra=accepts("a positive integer"),
+    )
+    mq_publish_queue_size: int = Field(
+        10_000,
+        ge=1,
+        description="Accepted client events waiting to be published; when full the API answers 503.",
+        json_schema_extra=accepts("a positive integer"),
+    )
+    mq_publish_batch_size: int = Field(
+        500,
+        ge=1,
+        le=10_000,
+        description="Events per bus publish.",
+        json_schema_extra=accepts("an integer from 1 to 10000"),
+    )
+    mq_trace: Literal["all", "failures", "off"] = Field(
+        "failures",
+        description="message_queue_trace_log rows: all (PUBLISH, CONSUME_SUCCESS, CONSUME_FAIL), failures (CONSUME_FAIL) or off.",
+        json_schema_extra=accepts("all, failures or off"),
+    )
+    mq_trace_retention: Duration = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Trace rows older than this are deleted (in bounded batches).",
+        json_schema_extra=accepts("a duration"),
+    )
+    # --- store consumer and relay -----------------------------------------------
+    store_batch_size: int = Field(
+        500,
+        ge=1,
+        le=5000,
+        description="Messages the store consumer reads and writes per transaction.",
+        json_schema_extra=accepts("an integer from 1 to 5000"),
+    )
+    outbox_batch_size: int = Field(
+        200,
+        ge=1,
+        le=1000,
+        description="Source outbox rows the relay leases and publishes at a time.",
+        json_schema_extra=accepts("an integer from 1 to 1000"),
+    )
+    outbox_poll_interval: Duration = Field(
+        1.0,
+        gt=0,
+        description="How often an idle relay looks for due outbox rows.",
+        json_schema_extra=accepts("a duration"),
+    )
+    outbox_lease: Duration = Field(
+        60.0,
+        gt=0,
+        description="How long leased outbox rows stay invisible to other relays (a relay that dies leaves them due after this).",
+        json_schema_extra=accepts("a duration"),
+    )
+    outbox_max_attempts: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="Publish attempts of a source outbox row before it is parked (FAILED, no next retry) until replayed.",
+        json_schema_extra=accepts("an integer from 1 to 1000"),
+    )
+    dispatch_targets: Targets = Field(
+        "",
+        description="Destinations the store consumer enqueues dispatch-outbox rows for (comma-separated, e.g. POSTHOG). Empty: none.",
+        json_schema_extra=accepts("names separated by commas"),
+    )
+    # --- server events -----------------------------------------------------------
+    server_event_tokens: TokenHashes | None = Field(
+        None,
+        description="Service tokens for POST /api/v1/server-events: name:sha256hex entries (the SHA-256 of each token), comma-separated. Unset: the route answers 403.",
+        json_schema_extra=accepts("name:sha256hex,name:sha256hex"),
+    )
+
+    @model_validator(mode="after")
+    def _bus_url(self) -> ActivityFields:
+        if self.mq_provider == "redis-stream" and self.mq_redis_url is None:
+            raise ValueError("MQ_PROVIDER=redis-stream needs MQ_REDIS_URL")
+        if self.mq_provider == "nats" and self.mq_nats_url is None:
+            raise ValueError("MQ_PROVIDER=nats needs MQ_NATS_URL")
+        return self
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t.strip().upper() for t in self.dispatch_targets.split(",") if t.strip())
+
+    @property
+    def server_tokens(self) -> dict[str, str]:
+        """sha256 hex (lower case) → token name."""
+        if self.server_event_tokens is None:
+            return {}
+        out = {}
+        for entry in self.server_event_tokens.get_secret_value().split(","):
+            if entry.strip():
+                name, digest = entry.strip().split(":", 1)
+                out[digest.lower()] = name
+        return out
