@@ -18,6 +18,7 @@ from typing import Any
 import boto3
 import pytest
 
+from estat.store.db import Database
 from tests.servers import NatsServer, PostgresServer
 
 
@@ -104,7 +105,10 @@ def _aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 class EstatProcess:
     """``estat serve`` as a real subprocess."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], workers: int = 1) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], workers: int = 1, args: list[str] | None = None
+    ) -> None:
+        self.args = args
         self.port = free_port()
         self.workdir = workdir
         self.env = {
@@ -125,14 +129,17 @@ class EstatProcess:
     def start(self, wait: bool = True) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._logf = self.log.open("wb")
+        args = self.args or ["serve", "--workers", str(self.workers)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "estat", "serve", "--workers", str(self.workers)],
+            [sys.executable, "-m", "estat", *args],
             cwd=self.workdir,
             env=self.env,
             stdout=self._logf,
             stderr=subprocess.STDOUT,
         )
-        if wait:
+        if wait and self.args and self.args[0] != "serve":
+            self.wait_log("estat started")
+        elif wait:
             wait_http(self.url + "/health", timeout=60)
             if self.workers > 1:
                 # every worker must be listening before load is spread
@@ -180,8 +187,10 @@ def parse_metrics(text: str) -> dict[str, float]:
 def estat_factory(tmp_path: Path) -> Iterator[object]:
     procs: list[EstatProcess] = []
 
-    def make(env: dict[str, str] | None = None, workers: int = 1) -> EstatProcess:
-        p = EstatProcess(tmp_path, env or {}, workers)
+    def make(
+        env: dict[str, str] | None = None, workers: int = 1, args: list[str] | None = None
+    ) -> EstatProcess:
+        p = EstatProcess(tmp_path, env or {}, workers, args)
         procs.append(p)
         return p
 
@@ -283,3 +292,17 @@ def nats_server() -> Iterator[NatsServer]:
     server.start()
     yield server
     server.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated database on each engine: SQLite in a temp file, a fresh
+    database on the session's real PostgreSQL server."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'estat.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    d = Database(url)
+    d.upgrade()
+    yield d
+    d.close()

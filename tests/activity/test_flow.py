@@ -1,0 +1,222 @@
+"""The stages of the user-activity pipeline on real parts: SQLite or a real
+PostgreSQL server, the in-process bus or a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+from sqlalchemy import select
+
+from estat.activity.common import Spool
+from estat.activity.consumer import StoreConsumer
+from estat.activity.publisher import Publisher
+from estat.activity.relay import Relay
+from estat.bus.base import Message
+from estat.bus.memory import MemoryBus
+from estat.bus.redis_stream import RedisStreamBus
+from estat.clock import FakeClock, SystemClock
+from estat.model import EventRecord
+from estat.ops.metrics import Metrics
+from estat.ops.tasks import Supervisor
+from estat.stage import Deadline
+from estat.store.db import Database
+from estat.store.events import EventStore
+from estat.store.outbox import SourceOutbox
+from estat.store.rows import encode
+from estat.store.schema import user_activity_event
+from estat.store.trace import TraceLog, traces
+from tests.conftest import RedisServer, free_port
+
+
+def rec(props: bytes = b'{"source":"CLIENT"}') -> EventRecord:
+    return EventRecord(
+        uuid.uuid4().hex,
+        "ui.page.viewed",
+        "v1",
+        "2026-11-30T10:00:00.000Z",
+        "2026-11-30T10:00:01.000Z",
+        None,
+        "anon-1",
+        msgspec.Raw(props),
+        "CLIENT",
+        "127.0.0.1",
+        "ua",
+    )
+
+
+def stored_ids(db: Database) -> list[str]:
+    with db.engine.connect() as conn:
+        return [r[0] for r in conn.execute(select(user_activity_event.c.event_id))]
+
+
+def value(m: Metrics, name: str, **labels: str) -> float:
+    v = m.registry.get_sample_value(name, labels)
+    return v or 0.0
+
+
+@pytest.fixture
+def supervisor() -> Supervisor:
+    return Supervisor(Metrics(), lambda name: None)
+
+
+async def run_until(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_poison_message_is_isolated_retried_and_parked_while_the_rest_is_stored(
+    db: Database,
+) -> None:
+    m = Metrics()
+    bus = MemoryBus(retry_delay=0.01)
+    trace = TraceLog(db, "all", bus.provider, bus.topic, "g")
+    consumer = StoreConsumer(
+        bus,
+        EventStore(db),
+        consumer_name="c",
+        batch_size=100,
+        max_deliveries=3,
+        metrics=m,
+        clock=SystemClock(),
+        trace=trace,
+        poll=0.05,
+    )
+    good = [rec() for _ in range(40)]
+    # PostgreSQL's jsonb refuses \u0000; a payload that is not an event fails everywhere
+    poison = rec(b'{"note":"a\\u0000b"}')
+    not_event = Message("junk-1", "k", "", b"not json at all")
+    msgs = [Message(r.event_id, "k", r.occurred_at, encode(r)) for r in good + [poison]]
+    await bus.publish(msgs[:20] + [not_event] + msgs[20:])
+    sup = Supervisor(m, lambda name: None)
+    await consumer.start(sup.spawn)
+    want = {r.event_id for r in good} | ({poison.event_id} if db.dialect == "sqlite" else set())
+    await run_until(lambda: len(bus.parked) == (2 if db.dialect == "postgresql" else 1))
+    consumer.close()
+    await consumer.join(Deadline.after(5, SystemClock()))
+    assert sorted(stored_ids(db)) == sorted(want)
+    parked_ids = {p[0].message_id for p in bus.parked}
+    assert "junk-1" in parked_ids
+    assert (poison.event_id in parked_ids) == (db.dialect == "postgresql")
+    assert value(
+        m, "mq_consume_count_total", topic="user-activity", provider="memory", result="parked"
+    ) == len(parked_ids)
+    assert value(
+        m, "mq_consume_count_total", topic="user-activity", provider="memory", result="fail"
+    ) == 2 * len(parked_ids)
+    assert value(m, "store_events_total", result="inserted") == len(want)
+    await asyncio.to_thread(trace.flush)
+    fails = traces(db, "junk-1", 10)
+    assert [t["stage"] for t in fails] == ["CONSUME_FAIL"] * 3
+    assert len(traces(db, good[0].event_id, 10)) == 1  # CONSUME_SUCCESS
+
+
+async def test_bus_down_goes_to_the_outbox_and_the_relay_publishes_once_it_is_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Publisher → (Redis down) → outbox FAILED → relay → Redis → store: every id once."""
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    db.upgrade()
+    m = Metrics()
+    clock = FakeClock()
+    dead = RedisStreamBus(
+        f"redis://127.0.0.1:{free_port()}/0", prefix="p" + uuid.uuid4().hex[:6], timeout=0.3
+    )
+    outbox = SourceOutbox(db)
+    pub = Publisher(
+        dead,
+        outbox,
+        Spool(tmp_path / "spool"),
+        capacity=1000,
+        batch_size=50,
+        metrics=m,
+        clock=clock,
+    )
+    sup = Supervisor(m, lambda name: None)
+    await pub.start(sup.spawn)
+    records = [rec() for _ in range(120)]
+    pub.check_room(len(records))
+    pub.put(records)
+    await run_until(
+        lambda: pub.queued == 0 and value(m, "activity_publish_fallback_total", to="outbox") == 120
+    )
+    pub.close()
+    assert await pub.join(Deadline.after(5, SystemClock())) == 0
+    counts = outbox.counts()
+    assert counts["FAILED"][0] == 120
+    # the bus comes back (a live Redis); rows are due after their backoff
+    live = RedisStreamBus(redis_server.url, prefix=dead.stream.split(":")[0], group="g")
+    await live.start()
+    relay = Relay(outbox, live, batch_size=50, poll_interval=0.05, metrics=m, clock=clock)
+    clock.advance(60)
+    while await relay.relay_once():
+        pass
+    assert outbox.counts()["PUBLISHED"][0] == 120
+    consumer = StoreConsumer(
+        live,
+        EventStore(db),
+        consumer_name="c",
+        batch_size=100,
+        max_deliveries=3,
+        metrics=m,
+        clock=SystemClock(),
+        poll=0.05,
+    )
+    await consumer.start(sup.spawn)
+    await run_until(lambda: len(stored_ids(db)) == 120)
+    consumer.close()
+    await consumer.join(Deadline.after(5, SystemClock()))
+    assert sorted(stored_ids(db)) == sorted(r.event_id for r in records)
+    assert value(m, "analytics_user_activity_outbox_publish_total", result="success") == 120
+    await live.close()
+    await dead.close()
+    db.close()
+
+
+async def test_stopping_with_bus_and_database_down_spools_and_the_next_start_publishes(
+    tmp_path: Path,
+) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    db.upgrade()
+    m = Metrics()
+    dead_bus = RedisStreamBus(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    broken = Database(f"postgresql://nobody@127.0.0.1:{free_port()}/x")  # nothing listens
+    spool = Spool(tmp_path / "spool")
+    pub = Publisher(
+        dead_bus,
+        SourceOutbox(broken),
+        spool,
+        capacity=1000,
+        batch_size=50,
+        metrics=m,
+        clock=FakeClock(),
+    )
+    sup = Supervisor(m, lambda name: None)
+    records = [rec() for _ in range(30)]
+    pub.put(records)
+    await pub.start(sup.spawn)
+    await asyncio.sleep(0.5)
+    pub.close()
+    assert await pub.join(Deadline.after(3, SystemClock())) == 0
+    assert spool.count() == 30
+    assert value(m, "activity_publish_fallback_total", to="spool") == 30
+    # next start: a bus that works (in-process) takes the spooled events
+    bus = MemoryBus()
+    pub2 = Publisher(
+        bus, SourceOutbox(db), spool, capacity=1000, batch_size=50, metrics=m, clock=FakeClock()
+    )
+    await pub2.start(sup.spawn)
+    await run_until(lambda: spool.count() == 0)
+    pub2.close()
+    await pub2.join(Deadline.after(3, SystemClock()))
+    assert (await bus.stats()).pending == 30
+    await dead_bus.close()
+    broken.close()
+    db.close()

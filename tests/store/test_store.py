@@ -1,0 +1,232 @@
+"""The event store's contract on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+from sqlalchemy import func, inspect, select, text
+
+from estat.activity.common import is_data_error
+from estat.model import EventRecord
+from estat.store.db import Database, SchemaTooNew
+from estat.store.events import EventStore
+from estat.store.outbox import SourceOutbox
+from estat.store.rows import encode, event_row
+from estat.store.schema import (
+    user_activity_dispatch_outbox,
+    user_activity_event,
+    user_activity_source_outbox,
+)
+
+TABLES = {
+    "user_activity_event",
+    "user_activity_source_outbox",
+    "user_activity_dispatch_outbox",
+    "message_queue_trace_log",
+}
+
+
+def rec(
+    eid: str | None = None, props: bytes = b'{"source":"CLIENT"}', member: str | None = None
+) -> EventRecord:
+    return EventRecord(
+        eid or uuid.uuid4().hex,
+        "ui.page.viewed",
+        "v1",
+        "2026-11-30T10:00:00.000Z",
+        "2026-11-30T10:00:01.000Z",
+        member,
+        "anon-1",
+        msgspec.Raw(props),
+        "CLIENT",
+        "127.0.0.1",
+        "ua",
+    )
+
+
+def store_all(store: EventStore, records: list[EventRecord]):  # type: ignore[no-untyped-def]
+    return store.store([event_row(r) for r in records], [encode(r).decode() for r in records])
+
+
+def count(db: Database, table: object) -> int:
+    with db.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())  # type: ignore[arg-type]
+
+
+def test_migrations_go_up_and_down(db: Database) -> None:
+    assert set(inspect(db.engine).get_table_names()) >= TABLES
+    assert db.current() == db.head()
+    db.downgrade("base")
+    assert not TABLES & set(inspect(db.engine).get_table_names())
+    db.upgrade()
+    assert set(inspect(db.engine).get_table_names()) >= TABLES
+    idx = {i["name"] for i in inspect(db.engine).get_indexes("user_activity_event")}
+    assert {"idx_user_activity_event_member_occurred", "idx_user_activity_event_occurred"} <= idx
+
+
+def test_a_schema_newer_than_this_estat_is_refused(db: Database) -> None:
+    with db.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaTooNew):
+        db.upgrade()
+
+
+def test_one_row_per_event_id_and_dispatch_rows_for_new_events_only(db: Database) -> None:
+    store = EventStore(db, ["POSTHOG", "WEBHOOK"])
+    a, b, c = (rec() for _ in range(3))
+    first = store_all(store, [a, b, a])  # a twice in one batch
+    assert sorted(first.inserted) == sorted([a.event_id, b.event_id])
+    assert first.duplicates == 1
+    assert first.dispatch == {"POSTHOG": 2, "WEBHOOK": 2}
+    second = store_all(store, [b, c])  # b again in a later batch
+    assert second.inserted == [c.event_id]
+    assert second.duplicates == 1
+    assert count(db, user_activity_event) == 3
+    assert count(db, user_activity_dispatch_outbox) == 6
+    with db.engine.connect() as conn:
+        dup = conn.execute(
+            text(
+                "SELECT event_id, COUNT(*) FROM user_activity_event GROUP BY event_id HAVING COUNT(*) > 1"
+            )
+        ).all()
+    assert dup == []
+
+
+def test_columns_are_filled_from_the_properties(db: Database) -> None:
+    store = EventStore(db)
+    r = rec(
+        props=b'{"sessionId":"s-1","deviceId":"d-9","platform":"web","appVersion":"1.2.3","locale":"ko-KR","path":"/home","method":"GET","source":"CLIENT"}',
+        member="42",
+    )
+    store_all(store, [r])
+    with db.engine.connect() as conn:
+        row = conn.execute(select(user_activity_event)).mappings().one()
+    assert (row["session_id"], row["device_id"], row["platform"], row["app_version"]) == (
+        "s-1",
+        "d-9",
+        "web",
+        "1.2.3",
+    )
+    assert (row["locale"], row["request_path"], row["request_method"]) == ("ko-KR", "/home", "GET")
+    assert row["member_id"] == 42
+    assert row["source"] == "CLIENT"
+    assert row["properties"]["sessionId"] == "s-1"
+
+
+def test_a_nul_character_is_a_data_error_on_postgresql(db: Database) -> None:
+    store = EventStore(db)
+    bad = rec(props=b'{"note":"a\\u0000b"}')
+    if db.dialect == "sqlite":
+        store_all(store, [bad])  # SQLite keeps it
+        return
+    with pytest.raises(Exception) as info:
+        store_all(store, [bad])
+    assert is_data_error(info.value)
+    assert count(db, user_activity_event) == 0
+
+
+def test_outbox_states_backoff_and_parking(db: Database) -> None:
+    outbox = SourceOutbox(db, max_attempts=3, lease_seconds=60)
+    records = [rec() for _ in range(5)]
+    res = outbox.enqueue(records + records[:1])
+    assert (res.inserted, res.duplicates) == (5, 1)
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    leased = outbox.lease(3, now)
+    assert len(leased) == 3
+    assert len(outbox.lease(10, now)) == 2  # the other three are leased
+    assert outbox.lease(10, now) == []
+    outbox.mark_published([r.id for r in leased[:2]], now)
+    scheduled, parked = outbox.mark_failed(leased[2:], "boom", now)
+    assert (scheduled, parked) == (1, 0)
+    with db.engine.connect() as conn:
+        row = (
+            conn.execute(
+                select(user_activity_source_outbox).where(
+                    user_activity_source_outbox.c.id == leased[2].id
+                )
+            )
+            .mappings()
+            .one()
+        )
+    assert row["status"] == "FAILED" and row["retry_count"] == 1 and row["last_error"] == "boom"
+    wait = row["next_retry_at"].replace(tzinfo=UTC) - now
+    assert timedelta(seconds=5) <= wait <= timedelta(seconds=10)  # 10 s, equal jitter
+    # fails twice more: parked, never due again
+    later = now + timedelta(hours=1)
+    for _ in range(2):
+        again = [r for r in outbox.lease(10, later) if r.id == leased[2].id]
+        assert again
+        outbox.mark_failed(again, "boom", later)
+        later += timedelta(hours=1)
+    assert all(r.id != leased[2].id for r in outbox.lease(10, later + timedelta(days=30)))
+    counts = outbox.counts()
+    assert counts["PUBLISHED"][0] == 2
+    assert counts["FAILED"] == (1, 3)
+
+
+def test_two_relays_never_lease_one_row(db: Database) -> None:
+    if db.dialect == "sqlite":
+        pytest.skip("SQLite has a single writer")
+    outbox = SourceOutbox(db)
+    outbox.enqueue([rec() for _ in range(400)])
+    now = datetime.now(UTC)
+    got: list[list[int]] = [[], []]
+
+    def relay(i: int) -> None:
+        while rows := outbox.lease(7, now):
+            got[i] += [r.id for r in rows]
+
+    threads = [threading.Thread(target=relay, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got[0]) + len(got[1]) == 400
+    assert not set(got[0]) & set(got[1])
+    assert got[0] and got[1]
+
+
+SEED_QUERIES = [
+    """SELECT event_name, COUNT(*) AS cnt
+FROM user_activity_event
+WHERE occurred_at >= NOW() - INTERVAL '30 minutes'
+GROUP BY event_name
+ORDER BY cnt DESC;""",
+    """SELECT event_id, COUNT(*) AS dup_cnt
+FROM user_activity_event
+GROUP BY event_id
+HAVING COUNT(*) > 1;""",
+    """SELECT status, COUNT(*) AS cnt, MAX(retry_count) AS max_retry
+FROM user_activity_source_outbox
+GROUP BY status;""",
+    """SELECT id, event_id, status, retry_count, next_retry_at, last_error, updated_at
+FROM user_activity_source_outbox
+WHERE status IN ('PENDING', 'FAILED')
+ORDER BY id ASC
+LIMIT 200;""",
+    """SELECT dispatch_target, status, COUNT(*) AS cnt
+FROM user_activity_dispatch_outbox
+GROUP BY dispatch_target, status
+ORDER BY dispatch_target, status;""",
+]
+
+
+def test_the_seed_004_sql_playbook_runs_unchanged_on_postgresql(db: Database) -> None:
+    if db.dialect != "postgresql":
+        pytest.skip("the playbook is PostgreSQL SQL")
+    store = EventStore(db, ["POSTHOG"])
+    r = rec()
+    r.occurred_at = datetime.now(UTC).isoformat()
+    store_all(store, [r])
+    SourceOutbox(db).enqueue([rec()])
+    with db.engine.connect() as conn:
+        results = [conn.exec_driver_sql(q).all() for q in SEED_QUERIES]
+    assert results[0] == [("ui.page.viewed", 1)]
+    assert results[1] == []
+    assert results[2] == [("PENDING", 1, 0)]
+    assert len(results[3]) == 1
+    assert results[4] == [("POSTHOG", "PENDING", 1)]
