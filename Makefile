@@ -50,6 +50,7 @@ test: install-test
 # The inner loop: unit and contract tests on fakes and the in-process
 # listener, no subprocess (about a minute); `make test` runs everything.
 test-fast: install-test
+	@bash scripts/test-deps.sh
 	$(PY) -m pytest -q -m "not e2e" --ignore=tests/e2e
 
 # The per-request modules as plain Python too (what runs without the compiled

@@ -93,8 +93,8 @@ async def test_a_poison_message_is_isolated_retried_and_parked_while_the_rest_is
     # PostgreSQL's jsonb refuses \u0000; a payload that is not an event fails everywhere
     poison = rec(b'{"note":"a\\u0000b"}')
     not_event = Message("junk-1", "k", "", b"not json at all")
-    msgs = [Message(r.event_id, "k", r.occurred_at, encode(r)) for r in good + [poison]]
-    await bus.publish(msgs[:20] + [not_event] + msgs[20:])
+    msgs = [Message(r.event_id, "k", r.occurred_at, encode(r)) for r in [*good, poison]]
+    await bus.publish([*msgs[:20], not_event, *msgs[20:]])
     sup = Supervisor(m, lambda name: None)
     await consumer.start(sup.spawn)
     want = {r.event_id for r in good} | ({poison.event_id} if db.dialect == "sqlite" else set())

@@ -98,7 +98,7 @@ def test_embedded_setup_stores_client_and_server_events_once(
     assert p.stop() == 0
     assert sorted(sqlite_ids(db)) == want
     with sqlite3.connect(db) as conn:
-        member, source, session = conn.execute(
+        member, source, _session = conn.execute(
             "SELECT member_id, source, session_id FROM user_activity_event WHERE event_id = ?",
             (server_ids[0],),
         ).fetchone()

@@ -16,7 +16,25 @@ import msgspec
 
 from estat.model import EventRecord
 
-_decoder = msgspec.json.Decoder(EventRecord)
+
+class _Payload(msgspec.Struct, kw_only=True):
+    """An event as the bus carries it; the fields a service writing the
+    outbox by hand may leave out have defaults."""
+
+    event_id: str
+    event_name: str
+    event_version: str = "v1"
+    occurred_at: str
+    received_at: str = ""
+    member_id: str | int | None = None
+    anonymous_id: str | None = None
+    properties: msgspec.Raw = msgspec.Raw(b"{}")
+    source: str = "SERVER"
+    ip: str = ""
+    user_agent: str = ""
+
+
+_decoder = msgspec.json.Decoder(_Payload)
 _props = msgspec.json.Decoder(dict[str, Any])
 _encode = msgspec.json.encode
 
@@ -41,10 +59,22 @@ class BadPayload(ValueError):
 
 def decode(payload: bytes) -> EventRecord:
     try:
-        rec = _decoder.decode(payload)
+        p = _decoder.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise BadPayload(f"not an event: {str(e)[:200]}") from None
-    return rec
+    return EventRecord(
+        p.event_id,
+        p.event_name,
+        p.event_version,
+        p.occurred_at,
+        p.received_at or p.occurred_at,
+        None if p.member_id is None else str(p.member_id),
+        p.anonymous_id,
+        p.properties,
+        p.source,
+        p.ip,
+        p.user_agent,
+    )
 
 
 def encode(record: EventRecord) -> bytes:
