@@ -200,7 +200,10 @@ def estat_factory(tmp_path: Path) -> Iterator[object]:
 
 
 class RedisServer:
-    def __init__(self, port: int, workdir: Path) -> None:
+    def __init__(self, port: int, workdir: Path, persist: bool = False) -> None:
+        """``persist``: every write in an fsynced append-only file, so a
+        restart keeps the streams (how a bus Redis must run)."""
+        self.persist = persist
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
         self.workdir = workdir
@@ -220,7 +223,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
             ],

@@ -57,8 +57,15 @@ class PostgresServer:
         self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
     def _run(self, *args: str) -> None:
+        # no pipes: the server started by pg_ctl would inherit and hold them
         subprocess.run(
-            list(args), check=True, user=self.user, cwd=self.dir, capture_output=True, timeout=120
+            list(args),
+            check=True,
+            user=self.user,
+            cwd=self.dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
         )
 
     def start(self) -> None:
@@ -89,7 +96,17 @@ class PostgresServer:
 
     def restart_immediate(self) -> None:
         """``pg_ctl restart -m immediate``: a crash and a recovery."""
-        self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "restart")
+        self._run(
+            pg_bin("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "log"),
+            "-m",
+            "immediate",
+            "-w",
+            "restart",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         if self.data.exists():

@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         ("store", "store the bus's events in the database until SIGTERM/SIGINT"),
     ):
         sub.add_parser(role, help=text, description=text + " (same as serve --roles " + role + ")")
+    ob = sub.add_parser("outbox", help="the source outbox: summary, replay FAILED rows")
+    osub = ob.add_subparsers(dest="outbox_command", required=True)
+    osub.add_parser("summary", help="pendingCount, failedCount, publishedCount, maxRetryCount")
+    orp = osub.add_parser(
+        "replay", help="make FAILED rows (parked ones too) due now; the relay publishes them"
+    )
+    orp.add_argument("--limit", type=int, default=100, help="at most N rows, oldest first")
     mg = sub.add_parser("migrate", help="migrate the database (DATABASE_URL) to this version")
     mg.add_argument(
         "action", nargs="?", default="upgrade", choices=["upgrade", "current", "downgrade"]
@@ -124,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         _print_rows(effective_config(settings), {})
         return 0
+    if args.command == "outbox":
+        from estat.outboxctl import run_outbox_command
+
+        return run_outbox_command(settings, args)
     if args.command == "migrate":
         return _migrate(settings, args)
     if args.command in ("relay", "store"):

@@ -248,6 +248,7 @@ def test_the_transactional_outbox_commits_or_rolls_back_with_the_callers_transac
         "memberId": 42,
         "properties": {"orderId": 9},
     }
+
     def failing_business_change() -> None:
         with db.engine.begin() as conn:
             enqueue(conn, [ev])

@@ -210,3 +210,18 @@ class SourceOutbox:
         stmt = select(T.c.status, func.count(), func.max(T.c.retry_count)).group_by(T.c.status)
         with self.db.engine.connect() as conn:
             return {s: (n, m or 0) for s, n, m in conn.execute(stmt)}
+
+
+def requeue_failed(db: Database, limit: int, now: datetime) -> int:
+    """FAILED rows (parked or waiting for their backoff), oldest first: due
+    now, for the relay to publish (``estat outbox replay``). Their
+    ``retry_count`` is kept; a parked row gets one more attempt."""
+    ids = (
+        select(T.c.id).where(T.c.status == "FAILED").order_by(T.c.id).limit(limit).scalar_subquery()
+    )
+    with db.engine.begin() as conn:
+        return int(
+            conn.execute(
+                update(T).where(T.c.id.in_(ids)).values(next_retry_at=now, updated_at=now)
+            ).rowcount
+        )
