@@ -19,7 +19,7 @@ from estat.bus.redis_stream import RedisStreamBus
 from estat.clock import SystemClock
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
-from estat.stage import Deadline
+from estat.stage import Deadline, Stage
 from estat.store.db import Database
 from estat.store.events import EventStore
 from estat.store.outbox import SourceOutbox
@@ -163,7 +163,8 @@ async def test_two_relays_and_two_store_consumers_publish_and_store_each_event_o
         for i in (0, 1)
     ]
     stores = [consumer(buses[i], dbs[i], ms[i], name=f"c{i}") for i in (2, 3)]
-    for s in (*stores, *relays):
+    stages: list[Stage] = [*stores, *relays]
+    for s in stages:
         await s.start(sup.spawn)
     await run_until(lambda: len(stored(dbs[0])) >= len(records), timeout=60)
     await stop_all(sup, *relays, *stores)
