@@ -80,11 +80,11 @@ def test_one_row_per_event_id_and_dispatch_rows_for_new_events_only(db: Database
     store = EventStore(db, ["POSTHOG", "WEBHOOK"])
     a, b, c = (rec() for _ in range(3))
     first = store_all(store, [a, b, a])  # a twice in one batch
-    assert sorted(first.inserted) == sorted([a.event_id, b.event_id])
+    assert first.inserted == 2
     assert first.duplicates == 1
     assert first.dispatch == {"POSTHOG": 2, "WEBHOOK": 2}
     second = store_all(store, [b, c])  # b again in a later batch
-    assert second.inserted == [c.event_id]
+    assert second.inserted == 1
     assert second.duplicates == 1
     assert count(db, user_activity_event) == 3
     assert count(db, user_activity_dispatch_outbox) == 6

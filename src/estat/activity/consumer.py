@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from estat.activity.common import TRANSIENT_DB, is_data_error
@@ -38,6 +39,14 @@ BUS_RETRY = RetryPolicy(base=0.5, cap=30.0)
 
 class _Stopping(Exception):
     pass
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A fetched batch, decoded: the rows to store, and what cannot be."""
+
+    good: list[tuple[Delivery, dict[str, Any], str]]
+    bad: list[tuple[Delivery, str]]
 
 
 class StoreConsumer:
@@ -100,45 +109,82 @@ class StoreConsumer:
         return self.bus.provider == "memory"
 
     async def _run(self) -> None:
+        """Two steps in a pipeline: the reader fetches and decodes the next
+        batch while the writer stores and acks the current one, so the bus
+        and the database work at the same time. At most one batch waits
+        between them; a stop lets the reader finish its fetch and the writer
+        store what was read."""
+        ready: asyncio.Queue[_Prepared | BaseException | None] = asyncio.Queue(maxsize=1)
+        reader = asyncio.ensure_future(self._read(ready))
+        try:
+            while True:
+                item = await ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                try:
+                    await self._write(item)
+                except _Stopping:
+                    return
+        finally:
+            if not reader.done():
+                reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read(self, ready: asyncio.Queue[_Prepared | BaseException | None]) -> None:
         assert self._consumer is not None
         failures = 0
-        while True:
-            if self._closing and not self._draining_in_process():
-                return
-            try:
-                batch = await self._consumer.fetch(
-                    self.batch_size, 0.05 if self._closing else self.poll
-                )
-                failures = 0
-            except BusError as e:
-                failures += 1
-                log.error("store: bus unavailable", error=str(e)[:300], attempt=failures)
-                if self._closing:
-                    return
-                await self._clock.sleep(BUS_RETRY.delay(failures))
-                continue
-            if not batch:
-                if self._closing:
-                    return
-                continue
-            try:
-                await self.handle(batch)
-            except _Stopping:
-                return
+        try:
+            while True:
+                if self._closing and not self._draining_in_process():
+                    break
+                try:
+                    batch = await self._consumer.fetch(
+                        self.batch_size, 0.05 if self._closing else self.poll
+                    )
+                    failures = 0
+                except BusError as e:
+                    failures += 1
+                    log.error("store: bus unavailable", error=str(e)[:300], attempt=failures)
+                    if self._closing:
+                        break
+                    await self._clock.sleep(BUS_RETRY.delay(failures))
+                    continue
+                if not batch:
+                    if self._closing:
+                        break
+                    continue
+                await ready.put(self._prepare(batch))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # to the writer, which fails the stage
+            await ready.put(e)
+            return
+        await ready.put(None)
 
-    async def handle(self, batch: Sequence[Delivery]) -> None:
-        """Store ``batch`` and settle every delivery in it."""
-        assert self._consumer is not None
-        t0 = time.monotonic()
+    def _prepare(self, batch: Sequence[Delivery]) -> _Prepared:
         good: list[tuple[Delivery, dict[str, Any], str]] = []
+        bad: list[tuple[Delivery, str]] = []
         for d in batch:
             try:
                 rec = decode(d.message.payload)
                 good.append((d, event_row(rec), d.message.payload.decode("utf-8")))
             except (BadPayload, UnicodeDecodeError, ValueError) as e:
-                await self._failed(d, f"bad payload: {e}")
-        if good:
-            await self._store(good)
+                bad.append((d, f"bad payload: {e}"))
+        return _Prepared(good, bad)
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Store ``batch`` and settle every delivery in it."""
+        await self._write(self._prepare(batch))
+
+    async def _write(self, p: _Prepared) -> None:
+        first = p.good[0][0] if p.good else p.bad[0][0] if p.bad else None
+        t0 = first.received if first is not None and first.received else time.monotonic()
+        for d, err in p.bad:
+            await self._failed(d, err)
+        if p.good:
+            await self._store(p.good)
         self._latency.observe(time.monotonic() - t0)
 
     async def _store(self, items: list[tuple[Delivery, dict[str, Any], str]]) -> None:
@@ -176,14 +222,14 @@ class StoreConsumer:
         except BusError as e:
             # stored; the bus will deliver them again and they count as duplicates
             log.warning("store: ack failed after commit", events=len(items), error=str(e)[:300])
-        self._m.store_events.labels("inserted").inc(len(stored.inserted))
+        self._m.store_events.labels("inserted").inc(stored.inserted)
         if stored.duplicates:
             self._m.store_events.labels("duplicate").inc(stored.duplicates)
-            log.info("duplicate user events skipped", events=stored.duplicates)
+            log.debug("duplicate user events skipped", events=stored.duplicates)
         for target, n in stored.dispatch.items():
             self._m.dispatch_enqueue.labels("inserted", target).inc(n)
         for target in self.store.targets:
-            dup = len(stored.inserted) - stored.dispatch.get(target, 0)
+            dup = stored.inserted - stored.dispatch.get(target, 0)
             if dup:
                 self._m.dispatch_enqueue.labels("duplicate", target).inc(dup)
         self._ok.inc(len(items))

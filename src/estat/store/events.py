@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from estat.store.db import Database
 from estat.store.schema import user_activity_dispatch_outbox, user_activity_event
@@ -16,7 +18,7 @@ from estat.store.schema import user_activity_dispatch_outbox, user_activity_even
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    inserted: list[str]  # event ids inserted by this call
+    inserted: int  # events inserted by this call
     duplicates: int
     dispatch: dict[str, int]  # dispatch-outbox rows inserted, by target
 
@@ -50,6 +52,8 @@ class EventStore:
         for i, row in enumerate(rows):
             seen.setdefault(row["event_id"], i)
         unique = [rows[i] for i in seen.values()]
+        if self.db.dialect == "postgresql" and unique:
+            return self._copy_in(conn, unique, [payloads[i] for i in seen.values()], len(rows))
         inserted = [r[0] for r in conn.execute(self._insert, unique)] if unique else []
         per_target: dict[str, int] = {}
         if self.targets and inserted:
@@ -65,4 +69,77 @@ class EventStore:
             ]
             for (target,) in conn.execute(self._dispatch, dispatch):
                 per_target[target] = per_target.get(target, 0) + 1
-        return Stored(inserted, len(rows) - len(inserted), per_target)
+        return Stored(len(inserted), len(rows) - len(inserted), per_target)
+
+    def _copy_in(
+        self, conn: Connection, rows: list[dict[str, Any]], payloads: list[str], total: int
+    ) -> Stored:
+        """PostgreSQL: ``COPY`` the batch into a session-local staging table,
+        then one ``INSERT … SELECT … ON CONFLICT (event_id) DO NOTHING`` that
+        also writes the new events' dispatch rows. A multi-row ``VALUES``
+        costs about 8 times as much here: psycopg re-parses every long
+        statement's placeholders (docs/benchmarks.md)."""
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        try:
+            with raw.cursor() as cur:  # type: ignore[attr-defined]
+                cur.execute(_STAGING)
+                with cur.copy(_COPY) as cp:
+                    for row, payload in zip(rows, payloads, strict=True):
+                        cp.write_row([row[c] for c in _COLUMNS] + [payload])
+                cur.execute(_MOVE, {"targets": list(self.targets)})
+                counted = cur.fetchall()
+        except psycopg.Error as e:
+            raise DBAPIError.instance("COPY user_activity_event", None, e, psycopg.Error) from e
+        inserted = 0
+        per_target: dict[str, int] = {}
+        for target, n in counted:
+            if target is None:
+                inserted = int(n)
+            else:
+                per_target[target] = int(n)
+        return Stored(inserted, total - inserted, per_target)
+
+
+_COLUMNS = (
+    "event_id",
+    "event_name",
+    "event_version",
+    "occurred_at",
+    "member_id",
+    "anonymous_id",
+    "session_id",
+    "source",
+    "request_path",
+    "request_method",
+    "device_id",
+    "platform",
+    "app_version",
+    "locale",
+    "properties",
+)
+_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS estat_event_staging "
+    "(LIKE user_activity_event INCLUDING DEFAULTS, payload text) ON COMMIT DELETE ROWS"
+)
+_COPY = (
+    "COPY estat_event_staging (event_id, event_name, event_version, occurred_at, member_id, "
+    "anonymous_id, session_id, source, request_path, request_method, device_id, platform, "
+    "app_version, locale, properties, payload) FROM STDIN"
+)
+_MOVE = (
+    "WITH ins AS (INSERT INTO user_activity_event (event_id, event_name, event_version, "
+    "occurred_at, member_id, anonymous_id, session_id, source, request_path, request_method, "
+    "device_id, platform, app_version, locale, properties) "
+    "SELECT event_id, event_name, event_version, occurred_at, member_id, anonymous_id, "
+    "session_id, source, request_path, request_method, device_id, platform, app_version, "
+    "locale, properties FROM estat_event_staging "
+    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id), "
+    "dis AS (INSERT INTO user_activity_dispatch_outbox (event_id, dispatch_target, payload, status) "
+    "SELECT s.event_id, t.target, s.payload::jsonb, 'PENDING' "
+    "FROM ins JOIN estat_event_staging s USING (event_id) "
+    "CROSS JOIN unnest(%(targets)s::text[]) AS t(target) "
+    "ON CONFLICT (event_id, dispatch_target) DO NOTHING RETURNING dispatch_target) "
+    "SELECT NULL, count(*) FROM ins "
+    "UNION ALL SELECT dispatch_target, count(*) FROM dis GROUP BY dispatch_target"
+)

@@ -35,7 +35,29 @@ class _Payload(msgspec.Struct, kw_only=True):
 
 
 _decoder = msgspec.json.Decoder(_Payload)
-_props = msgspec.json.Decoder(dict[str, Any])
+
+
+class _Context(msgspec.Struct):
+    """The properties that fill columns; every other key is skipped by the
+    decoder without being built."""
+
+    sessionId: Any = None
+    session_id: Any = None
+    deviceId: Any = None
+    device_id: Any = None
+    platform: Any = None
+    appVersion: Any = None
+    app_version: Any = None
+    locale: Any = None
+    requestPath: Any = None
+    request_path: Any = None
+    path: Any = None
+    requestMethod: Any = None
+    request_method: Any = None
+    method: Any = None
+
+
+_context = msgspec.json.Decoder(_Context)
 _encode = msgspec.json.encode
 
 #: column → the property names it is filled from, and its width
@@ -113,13 +135,13 @@ def event_row(rec: EventRecord) -> dict[str, Any]:
         "properties": raw.decode("utf-8"),
     }
     try:
-        props = _props.decode(raw) if raw else {}
+        ctx = _context.decode(raw) if raw else _Context()
     except msgspec.DecodeError:
         raise BadPayload("properties are not a JSON object") from None
     for column, names, width in _FROM_PROPERTIES:
         value = None
         for name in names:
-            v = props.get(name)
+            v = getattr(ctx, name)
             if isinstance(v, str | int | float) and not isinstance(v, bool):
                 value = str(v)[:width]
                 break
