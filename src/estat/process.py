@@ -10,7 +10,10 @@ could not start (2).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import signal
+import sys
 
 import uvloop
 
@@ -67,7 +70,27 @@ async def _serve(settings: Settings, reuse_port: bool, roles: tuple[str, ...]) -
     return 0
 
 
+def _die_with_supervisor() -> None:
+    """A worker of ``--workers N`` gets SIGTERM (a drain) when its supervisor
+    dies, even by SIGKILL: no orphan keeps the port (Linux)."""
+    parent = os.environ.get("ESTAT_SUPERVISOR_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def serve(settings: Settings, *, reuse_port: bool = False, roles: tuple[str, ...] = ROLES) -> int:
     """Run one estat process until SIGTERM/SIGINT; exit status 0 after a drain."""
     setup_logging(settings.log_level, pretty=settings.log_pretty, env=settings.deploy_env)
+    if reuse_port:
+        _die_with_supervisor()
     return uvloop.run(_serve(settings, reuse_port, roles))

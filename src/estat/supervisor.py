@@ -163,6 +163,7 @@ def run_workers(
             INSTANCE_ID=instance,
             ESTAT_WORKER_INDEX=str(w.index),
             ESTAT_RATE_LIMIT_SOCKET=limits_socket,
+            ESTAT_SUPERVISOR_PID=str(os.getpid()),
         )
         # the worker starts with SIGTERM/SIGINT blocked (the mask is inherited)
         # and takes them once its handlers are installed: a signal during its

@@ -136,3 +136,34 @@ def test_the_open_file_limit_is_raised_to_its_hard_limit(tmp_path: Path) -> None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_workers_drain_and_exit_when_their_supervisor_is_killed(estat_factory: Any) -> None:
+    """SIGKILL to the supervisor leaves no orphan worker holding the port."""
+    import json
+
+    p: EstatProcess = estat_factory({}, workers=2)
+    p.start()
+    workers = [
+        json.loads(line)["pid"]
+        for line in p.log.read_text().splitlines()
+        if line.startswith("{") and '"worker started"' in line
+    ]
+    assert len(workers) == 2
+    assert p.proc is not None
+    p.proc.kill()
+    p.proc.wait(10)
+    deadline = time.monotonic() + 30
+    alive = list(workers)
+    while alive and time.monotonic() < deadline:
+        alive = [w for w in alive if Path(f"/proc/{w}").exists() and "Z" not in _state(w)]
+        time.sleep(0.1)
+    assert alive == []
+    assert p.log.read_text().count('"shutdown complete"') == 2  # each drained
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except OSError:
+        return "Z"
