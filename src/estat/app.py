@@ -341,6 +341,10 @@ class App:
             "lake": self.lake_status(),
             "dlq": "ok" if self.gate.accepting else "unwritable",
         }
+        if self.activity is not None:
+            # reported, not required: the source outbox absorbs a bus outage
+            detail["database"] = self.activity.housekeeper.database_status
+            detail["bus"] = self.activity.housekeeper.bus_status
         if failed:
             detail["failedStages"] = list(failed)
         ready = not self.draining and room and self.gate.accepting and not failed

@@ -72,6 +72,9 @@ class Housekeeper:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        #: the last refresh's verdicts, for ``/ready``: "ok" or "unavailable: …"
+        self.database_status = "unchecked"
+        self.bus_status = "unchecked" if bus is not None else "off"
 
     async def start(self, spawn: Spawn) -> None:
         self._task = spawn("housekeeper", self._run())
@@ -108,8 +111,10 @@ class Housekeeper:
         try:
             src, dis = await self.db.run(lambda: backlog(self.db))
         except TRANSIENT_DB as e:
+            self.database_status = f"unavailable: {type(e).__name__}"
             log.warning("backlog gauges: database unavailable", error=str(e)[:200])
         else:
+            self.database_status = "ok"
             for status, n in src.items():
                 self._m.source_outbox_rows.labels(status).set(n)
             for (status, target), n in dis.items():
@@ -118,8 +123,10 @@ class Housekeeper:
             try:
                 stats = await self.bus.stats()
             except BusError as e:
+                self.bus_status = "unavailable"
                 log.warning("backlog gauges: bus unavailable", error=str(e)[:200])
             else:
+                self.bus_status = "ok"
                 self._m.bus_pending.labels(self.bus.topic, self.bus.provider).set(stats.pending)
                 self._m.bus_parked.labels(self.bus.topic, self.bus.provider).set(stats.parked)
 

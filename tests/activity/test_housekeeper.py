@@ -1,0 +1,70 @@
+"""The housekeeper: backlog gauges from the real tables, trace retention."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select
+
+from estat.activity.housekeeper import Housekeeper
+from estat.bus.base import Message
+from estat.bus.memory import MemoryBus
+from estat.clock import FakeClock
+from estat.ops.metrics import Metrics
+from estat.store.db import Database
+from estat.store.outbox import SourceOutbox
+from estat.store.schema import message_queue_trace_log
+from estat.store.trace import TraceLog
+from tests.activity.test_flow import rec, value
+
+
+async def test_backlog_gauges_count_rows_by_status_and_parked_apart(db: Database) -> None:
+    m = Metrics()
+    bus = MemoryBus()
+    await bus.publish([Message("a", "k", "", b"{}"), Message("b", "k", "", b"{}")])
+    outbox = SourceOutbox(db, max_attempts=1)
+    outbox.enqueue([rec() for _ in range(5)])
+    now = datetime.now(UTC)
+    leased = outbox.lease(3, now)
+    outbox.mark_published([leased[0].id], now)
+    outbox.mark_failed(leased[1:], "boom", now)  # max_attempts 1: parked
+    hk = Housekeeper(db, bus, None, retention=60, metrics=m, clock=FakeClock())
+    await hk.refresh_backlog()
+    assert value(m, "source_outbox_rows", status="PENDING") == 2
+    assert value(m, "source_outbox_rows", status="PUBLISHED") == 1
+    assert value(m, "source_outbox_rows", status="PARKED") == 2
+    assert value(m, "source_outbox_rows", status="FAILED") == 0
+    assert value(m, "mq_pending_messages", topic="user-activity", provider="memory") == 2
+    assert (hk.database_status, hk.bus_status) == ("ok", "ok")
+
+
+async def test_trace_rows_older_than_the_retention_are_deleted_in_batches(db: Database) -> None:
+    m = Metrics()
+    clock = FakeClock()
+    trace = TraceLog(db, "all", "memory", "user-activity", "g")
+    old = datetime.fromtimestamp(clock.time(), UTC) - timedelta(days=8)
+    new = datetime.fromtimestamp(clock.time(), UTC) - timedelta(days=1)
+    for i in range(120):
+        trace.add("CONSUME_SUCCESS", f"old-{i}", "k", old, 3)
+    for i in range(7):
+        trace.add("CONSUME_FAIL", f"new-{i}", "k", new, 3, "boom")
+    assert trace.flush() == 127
+    hk = Housekeeper(db, None, trace, retention=7 * 86400, metrics=m, clock=clock)
+    assert await hk.purge_traces() == 120
+    with db.engine.connect() as conn:
+        left = conn.execute(select(func.count()).select_from(message_queue_trace_log)).scalar_one()
+    assert left == 7
+    assert value(m, "mq_trace_rows_total", action="deleted") == 120
+
+
+def test_the_failures_mode_traces_only_failures(db: Database) -> None:
+    trace = TraceLog(db, "failures", "memory", "user-activity", "g")
+    now = datetime.now(UTC)
+    trace.add("PUBLISH", "a", "k", now)
+    trace.add("CONSUME_SUCCESS", "a", "k", now, 1)
+    trace.add("CONSUME_FAIL", "a", "k", now, 1, "x" * 5000)
+    assert trace.flush() == 1
+    with db.engine.connect() as conn:
+        row = conn.execute(select(message_queue_trace_log)).mappings().one()
+    assert row["stage"] == "CONSUME_FAIL"
+    assert len(row["error_message"]) == 1000
