@@ -87,7 +87,9 @@ docs-check:
 
 bench: install-test
 	@bash scripts/bench-deps.sh
+	@bash scripts/test-deps.sh
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/pipeline_bench.py
 	$(PY) benchmarks/dlq_bench.py
 	$(PY) benchmarks/ratelimit_bench.py
 

@@ -203,7 +203,7 @@ def api_part(redis: Any, work: Path) -> None:
     ):
         port = free_port()
         env = {**env, "ANALYTICS_RATE_LIMIT_MAX_REQUESTS": "1000000000"}
-        proc = start_estat(work / name, port, env)
+        proc = start_estat(work / name, port, env, roles="ingest")
         url = f"http://127.0.0.1:{port}/api/v1/analytics/events"
         wrk(url, seconds=2, script="events.lua")
         rows.append((name, [wrk(url, script="events.lua")["rps"] * 50 for _ in range(3)]))

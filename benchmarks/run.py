@@ -120,7 +120,9 @@ def metrics(port: int) -> dict[str, float]:
     return out
 
 
-def start_estat(workdir: Path, port: int, extra: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_estat(
+    workdir: Path, port: int, extra: dict[str, str], roles: str = "ingest,relay,store"
+) -> subprocess.Popen[bytes]:
     workdir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -134,7 +136,7 @@ def start_estat(workdir: Path, port: int, extra: dict[str, str]) -> subprocess.P
         **extra,
     }
     proc = subprocess.Popen(
-        pinned(0, [PY, "-m", "estat", "serve", "--workers", "1"]),
+        pinned(0, [PY, "-m", "estat", "serve", "--workers", "1", "--roles", roles]),
         env=env,
         cwd=workdir,
         stdout=subprocess.DEVNULL,
@@ -161,7 +163,10 @@ def main() -> int:
     try:
         wait_port(noop_port)
         estat = start_estat(
-            work / "healthy", estat_port, {"ANALYTICS_RATE_LIMIT_MAX_REQUESTS": "1000000000"}
+            work / "healthy",
+            estat_port,
+            # the lake path alone; benchmarks/pipeline_bench.py measures the bus
+            {"ANALYTICS_RATE_LIMIT_MAX_REQUESTS": "1000000000", "MQ_PROVIDER": "none"},
         )
         # warm-up (allocator, caches, first batches), not reported
         wrk(f"http://127.0.0.1:{noop_port}/collect", seconds=2)
