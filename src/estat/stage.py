@@ -55,3 +55,17 @@ class Stage(Protocol):
     def close(self) -> None: ...
 
     async def join(self, deadline: Deadline) -> int: ...
+
+
+async def finish_by(task: asyncio.Task[None] | None, deadline: Deadline) -> bool:
+    """Wait for ``task`` until ``deadline``, then cancel it. True when it
+    finished on its own. (``join`` of a stage with one task.)"""
+    if task is None:
+        return True
+    try:
+        await asyncio.wait_for(asyncio.shield(task), deadline.left())
+        return True
+    except TimeoutError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False

@@ -25,7 +25,7 @@ from estat.clock import Clock
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.retry import RetryPolicy
-from estat.stage import Deadline, Spawn
+from estat.stage import Deadline, Spawn, finish_by
 from estat.store.events import EventStore
 from estat.store.outbox import utcnow
 from estat.store.rows import BadPayload, decode, event_row
@@ -93,12 +93,7 @@ class StoreConsumer:
 
     async def join(self, deadline: Deadline) -> int:
         self._deadline = deadline
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), deadline.left())
-            except TimeoutError:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+        await finish_by(self._task, deadline)
         if self._consumer is not None:
             await self._consumer.close()
         return 0

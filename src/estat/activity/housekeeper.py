@@ -16,7 +16,7 @@ from estat.bus.base import Bus, BusError
 from estat.clock import Clock
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
-from estat.stage import Deadline, Spawn
+from estat.stage import Deadline, Spawn, finish_by
 from estat.store.db import Database
 from estat.store.outbox import utcnow
 from estat.store.schema import user_activity_dispatch_outbox, user_activity_source_outbox
@@ -84,12 +84,7 @@ class Housekeeper:
         self._wake.set()
 
     async def join(self, deadline: Deadline) -> int:
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), deadline.left())
-            except TimeoutError:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+        await finish_by(self._task, deadline)
         await self.flush_traces()
         return 0
 

@@ -29,7 +29,7 @@ from estat.model import EventRecord
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.retry import RetryPolicy
-from estat.stage import Deadline, Spawn
+from estat.stage import Deadline, Spawn, finish_by
 from estat.store.outbox import OUTBOX_RETRY, SourceOutbox, utcnow
 from estat.store.trace import TraceLog
 
@@ -100,12 +100,7 @@ class Publisher:
         self._wake.set()
 
     async def join(self, deadline: Deadline) -> int:
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), deadline.left())
-            except TimeoutError:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+        await finish_by(self._task, deadline)
         return await self._rescue()
 
     async def _run(self) -> None:

@@ -20,7 +20,7 @@ from estat.clock import Clock
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.retry import RetryPolicy
-from estat.stage import Deadline, Spawn
+from estat.stage import Deadline, Spawn, finish_by
 from estat.store.outbox import OutboxRow, SourceOutbox, utcnow
 from estat.store.rows import BadPayload, decode
 from estat.store.trace import TraceLog
@@ -76,12 +76,7 @@ class Relay:
         self._wake.set()
 
     async def join(self, deadline: Deadline) -> int:
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), deadline.left())
-            except TimeoutError:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+        await finish_by(self._task, deadline)
         return 0  # what is in the outbox is durable
 
     async def _run(self) -> None:
