@@ -54,6 +54,7 @@ class Publisher:
         clock: Clock,
         trace: TraceLog | None = None,
         on_outbox: Callable[[], None] = lambda: None,
+        concurrency: int = 8,
     ) -> None:
         self.bus = bus
         self.outbox = outbox
@@ -68,6 +69,9 @@ class Publisher:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self.concurrency = concurrency
+        self._failure: BaseException | None = None
+        self._held = False
         self._bus_skip_until = 0.0
         self._bus_failures = 0
         labels = (bus.topic, bus.provider)
@@ -104,25 +108,56 @@ class Publisher:
         return await self._rescue()
 
     async def _run(self) -> None:
+        """Up to ``concurrency`` batches in flight: under load the event loop
+        turns slowly, and one round trip per turn would cap the publisher far
+        below what the API accepts."""
         await self._publish_spool()
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            n = min(self.batch_size, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(n)]
-            try:
-                await self._deliver(batch)
-            except _Held:
-                self._queue.extendleft(reversed(batch))
-                return
-            except BaseException:
-                self._queue.extendleft(reversed(batch))
-                raise
-            self._m.publish_queue_events.set(len(self._queue))
+        inflight: set[asyncio.Task[None]] = set()
+        room = asyncio.Semaphore(self.concurrency)
+        try:
+            while self._failure is None and not self._held:
+                if not self._queue:
+                    if self._closing:
+                        break
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await room.acquire()
+                if not self._queue or self._failure is not None or self._held:
+                    room.release()
+                    continue
+                n = min(self.batch_size, len(self._queue))
+                batch = [self._queue.popleft() for _ in range(n)]
+                self._m.publish_queue_events.set(len(self._queue))
+                task = asyncio.ensure_future(self._deliver_one(batch))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                task.add_done_callback(lambda _t: room.release())
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+        except BaseException:
+            for t in inflight:
+                t.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+            raise
+        if self._failure is not None:
+            raise self._failure
+
+    async def _deliver_one(self, batch: list[EventRecord]) -> None:
+        """One batch in flight: on any failure it goes back to the queue
+        (``join`` rescues it), and the loop stops."""
+        try:
+            await self._deliver(batch)
+        except _Held:
+            self._queue.extendleft(reversed(batch))
+            self._held = True
+            self._wake.set()
+        except BaseException as e:
+            self._queue.extendleft(reversed(batch))
+            if not isinstance(e, asyncio.CancelledError):
+                self._failure = e
+            self._wake.set()
+            raise
 
     async def _deliver(self, batch: list[EventRecord]) -> None:
         attempt = 0

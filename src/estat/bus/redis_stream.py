@@ -20,12 +20,35 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message, short
 
 TRIM_EVERY = 10.0  # seconds between trims, per consumer
+
+#: one call adds a whole batch, one entry per event, atomically: the fields
+#: are those of ``_fields``. Measured here: 364,000 entries/s against 61,000
+#: for a redis-py pipeline of XADDs (packing each command in Python is the
+#: cost); docs/benchmarks.md.
+PUBLISH_LUA = """
+local topic = ARGV[2]
+local items = cjson.decode(ARGV[1])
+for i = 1, #items do
+  local m = items[i]
+  local args = {KEYS[1], '*', 'messageId', m[1], 'topic', topic, 'key', m[2],
+                'occurredAt', m[3], 'payload', m[4]}
+  local h = m[5]
+  for j = 1, #h, 2 do
+    args[#args + 1] = 'header.' .. h[j]
+    args[#args + 1] = h[j + 1]
+  end
+  redis.call('XADD', unpack(args))
+end
+return #items
+"""
+_encode = msgspec.json.encode
 
 
 def _fields(m: Message, topic: str) -> dict[str, Any]:
@@ -77,6 +100,7 @@ class RedisStreamBus:
         self.redis: Any = aioredis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
         )
+        self._publish = self.redis.register_script(PUBLISH_LUA)
 
     async def start(self) -> None:
         try:
@@ -88,11 +112,23 @@ class RedisStreamBus:
             raise BusError(short(e)) from e
 
     async def publish(self, messages: Sequence[Message]) -> None:
+        """One script call per batch: every message an entry, or none."""
+        if not messages:
+            return
+        batch = _encode(
+            [
+                (
+                    m.message_id,
+                    m.key,
+                    m.occurred_at,
+                    m.payload.decode("utf-8", "replace"),
+                    [x for kv in m.headers.items() for x in kv],
+                )
+                for m in messages
+            ]
+        )
         try:
-            async with self.redis.pipeline(transaction=False) as p:
-                for m in messages:
-                    p.xadd(self.stream, _fields(m, self.topic))
-                await p.execute()
+            await self._publish(keys=[self.stream], args=[batch, self.topic])
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
 

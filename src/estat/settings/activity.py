@@ -85,10 +85,10 @@ class ActivityFields(BaseSettings):
         json_schema_extra=accepts("a positive integer"),
     )
     mq_publish_batch_size: int = Field(
-        500,
+        1000,
         ge=1,
         le=10_000,
-        description="Events per bus publish.",
+        description="Events per bus publish (up to 8 publishes in flight).",
         json_schema_extra=accepts("an integer from 1 to 10000"),
     )
     mq_trace: Literal["all", "failures", "off"] = Field(
