@@ -28,7 +28,7 @@ from estat.codec import encode
 from estat.dlq.queue import DeadLetterQueue
 from estat.dlq.replayer import Replayer
 from estat.dlq.store import DiskStore
-from estat.errors import DeliveryError
+from estat.errors import DeliveryError, Overloaded
 from estat.ingest.cors import Cors
 from estat.ingest.events import EventsRoute, Limits
 from estat.ingest.http import Route, http_compiled
@@ -143,6 +143,16 @@ class QueuePublisher:
         bus.check_room(len(records))  # before the lake takes them: both or neither
         self._queue.put_many(records)
         bus.put(records)
+
+    def shed(self, max_events: int) -> Overloaded | None:
+        bus = self._bus
+        if bus is None:
+            return None
+        try:
+            bus.check_room(max_events)
+        except Overloaded as e:
+            return e
+        return None
 
 
 class LakeCheckFailed(Exception):

@@ -20,8 +20,10 @@ included.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+import msgspec
 
 TOPIC = "user-activity"
 
@@ -30,13 +32,14 @@ class BusError(Exception):
     """The bus refused or could not be reached."""
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """(A struct, not a dataclass: built once per published event.)"""
+
     message_id: str
     key: str
     occurred_at: str
     payload: bytes
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 @dataclass(slots=True)

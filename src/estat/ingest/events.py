@@ -50,6 +50,12 @@ class Publisher(Protocol):
 
     def publish(self, records: list[EventRecord]) -> None: ...
 
+    def shed(self, max_events: int) -> Overloaded | None:
+        """Before the body is parsed: an ``Overloaded`` when a request of
+        ``max_events`` could not be taken now, so that overload is refused
+        for the cost of a 503, not of a parse."""
+        ...
+
 
 class Limits(msgspec.Struct, frozen=True):
     max_batch: int = 50
@@ -119,6 +125,14 @@ class EventsRoute:
             self._cors.preflight(c)
             return
         cors = self._cors.headers(c.headers.get("origin"))
+        shed = self._publisher.shed(self.limits.max_batch)
+        if shed is not None:
+            count_overloaded(self._m, self.name, shed)
+            self._m.analytics_events.labels("rejected", "ANALYTICS_INGEST_UNAVAILABLE").inc()
+            c.respond(
+                503, self.unavailable_body, _JSON + cors + b"retry-after: %d\r\n" % shed.retry_after
+            )
+            return
         try:
             self._check_head(c)
             batch, member = self._parse(c)

@@ -130,5 +130,8 @@ class _NoPublisher:
     def publish(self, records: list[EventRecord]) -> None:
         raise AssertionError("server events go to the outbox")
 
+    def shed(self, max_events: int) -> Overloaded | None:
+        return None
+
 
 __all__ = ["ServerEventsRoute", "_error_body", "token_name"]
