@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import time
@@ -345,3 +346,58 @@ async def test_deferred_answers_keep_pipelined_order(tmp_path: Path, redis_serve
     assert b"NOT_FOUND" in bodies[3]
     recs = await events_in_lake(app, tmp_path)
     assert sorted(x["event_id"] for x in recs) == ["e-1", "e-2", "e-3"]
+
+
+async def test_a_full_publish_queue_refuses_before_parsing_and_both_queues_stay_consistent(
+    tmp_path: Path,
+) -> None:
+    """The publish queue (events bound for the bus) full: 503 with
+    Retry-After at the cost of the headers (a malformed body is not even
+    read), and nothing of a refused request reaches the lake or the bus."""
+    a = await start_app(tmp_path, mq_publish_queue_size=60, mq_publish_batch_size=1)
+    try:
+        assert a.activity is not None
+        pub = a.activity.publisher
+        assert pub is not None
+        ok = await send(a, {"anonymousId": "x", "events": [ev(i) for i in range(5)]})
+        assert ok.status == 200
+        stuck = asyncio.Event()
+
+        async def hang(messages: Any) -> None:  # a bus that never answers
+            await stuck.wait()
+
+        a.activity.bus.publish = hang  # type: ignore[union-attr, method-assign]
+        pub.put([a_record(i) for i in range(30)])  # 8 in flight, 22 queued: 22 + 50 > 60
+        await asyncio.sleep(0.05)
+        assert pub.queued == 22
+        refused = await send(a, b"{not json")
+        assert refused.status == 503
+        assert code(refused) == "ANALYTICS_INGEST_UNAVAILABLE"
+        assert "retry-after" in refused.headers
+        before = a.events_pipeline.queue.events
+        assert (await send(a, {"anonymousId": "x", "events": [ev("z")]})).status == 503
+        assert a.events_pipeline.queue.events == before
+        stuck.set()
+    finally:
+        await close_all()
+        await a.shutdown()
+
+
+def a_record(i: int) -> Any:
+    import msgspec
+
+    from estat.model import EventRecord
+
+    return EventRecord(
+        f"q-{i}",
+        "ui.page.viewed",
+        "v1",
+        "2026-11-30T00:00:00.000Z",
+        "2026-11-30T00:00:00.000Z",
+        None,
+        "x",
+        msgspec.Raw(b"{}"),
+        "CLIENT",
+        "",
+        "",
+    )
