@@ -157,6 +157,7 @@ class Activity:
                 metrics=metrics,
                 clock=clock,
                 trace=self.trace,
+                rescue=lambda records: self.db.run(lambda: self.outbox.enqueue(records)),
             )
         self.housekeeper = Housekeeper(
             self.db, bus, self.trace, retention=s.mq_trace_retention, metrics=metrics, clock=clock

@@ -27,7 +27,7 @@ from estat.store.db import Database
 from estat.store.events import EventStore
 from estat.store.outbox import SourceOutbox
 from estat.store.rows import encode
-from estat.store.schema import user_activity_event
+from estat.store.schema import user_activity_event, user_activity_source_outbox
 from estat.store.trace import TraceLog, traces
 from tests.conftest import RedisServer, free_port
 
@@ -219,4 +219,39 @@ async def test_stopping_with_bus_and_database_down_spools_and_the_next_start_pub
     assert (await bus.stats()).pending == 30
     await dead_bus.close()
     broken.close()
+    db.close()
+
+
+async def test_what_the_in_process_bus_holds_at_the_deadline_goes_to_the_outbox(
+    tmp_path: Path,
+) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    db.upgrade()
+    m = Metrics()
+    bus = MemoryBus()
+    outbox = SourceOutbox(db)
+    consumer = StoreConsumer(
+        bus,
+        EventStore(db),
+        consumer_name="c",
+        batch_size=10,
+        max_deliveries=3,
+        metrics=m,
+        clock=SystemClock(),
+        poll=0.05,
+        rescue=lambda records: db.run(lambda: outbox.enqueue(records)),
+    )
+    records = [rec() for _ in range(300)]
+    await bus.publish([Message(r.event_id, "k", r.occurred_at, encode(r)) for r in records])
+    sup = Supervisor(m, lambda name: None)
+    await consumer.start(sup.spawn)
+    sup.stopping()
+    consumer.close()
+    assert await consumer.join(Deadline.after(0.0, SystemClock())) == 0  # no time to store
+    with db.engine.connect() as conn:
+        in_outbox = [r[0] for r in conn.execute(select(user_activity_source_outbox.c.event_id))]
+    stored = stored_ids(db)
+    assert sorted(stored + in_outbox) == sorted(r.event_id for r in records)
+    assert in_outbox  # the deadline left work: it went to the outbox
+    assert (await bus.stats()).pending == 0
     db.close()

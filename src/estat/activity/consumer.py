@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from estat.activity.common import TRANSIENT_DB, is_data_error
 from estat.bus.base import Bus, BusError, Consumer, Delivery, short
+from estat.bus.memory import MemoryBus
 from estat.clock import Clock
+from estat.model import EventRecord
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.retry import RetryPolicy
@@ -64,7 +66,10 @@ class StoreConsumer:
         clock: Clock,
         trace: TraceLog | None = None,
         poll: float = 1.0,
+        rescue: Callable[[list[EventRecord]], Awaitable[object]] | None = None,
     ) -> None:
+        #: where the in-process bus's leftovers go at the end (the outbox)
+        self.rescue = rescue
         self.bus = bus
         self.store = store
         self.consumer_name = consumer_name
@@ -96,7 +101,37 @@ class StoreConsumer:
         await finish_by(self._task, deadline)
         if self._consumer is not None:
             await self._consumer.close()
+        if isinstance(self.bus, MemoryBus) and self.rescue is not None:
+            return await self._rescue_memory(self.bus)
         return 0
+
+    async def _rescue_memory(self, bus: MemoryBus) -> int:
+        """What the in-process bus still holds when the deadline came: to
+        the source outbox (PENDING), so the next start publishes it."""
+        assert self.rescue is not None
+        left = bus.take_all()
+        if not left:
+            return 0
+        records = []
+        for m in left:
+            try:
+                records.append(decode(m.payload))
+            except BadPayload:
+                log.error("shutdown: an undecodable message is dropped", messageId=m.message_id)
+        try:
+            await self.rescue(records)
+        except TRANSIENT_DB as e:
+            log.error(
+                "shutdown: events on the in-process bus not stored: the database is unavailable",
+                events=len(records),
+                error=short(e),
+            )
+            return len(left)
+        log.warning(
+            "shutdown: events still on the in-process bus written to the source outbox",
+            events=len(records),
+        )
+        return len(left) - len(records)
 
     def _draining_in_process(self) -> bool:
         """The in-process bus is lost with the process: a stopping consumer

@@ -56,6 +56,16 @@ class MemoryBus:
     def consumer(self, name: str) -> MemoryConsumer:
         return MemoryConsumer(self)
 
+    def take_all(self) -> list[Message]:
+        """Everything not acked, removed from the bus (a stopping process
+        hands it to durable storage)."""
+        left = list(self._unacked.values())
+        self._unacked.clear()
+        self._new.clear()
+        self._later.clear()
+        self._deliveries.clear()
+        return left
+
     async def stats(self) -> BusStats:
         return BusStats(len(self._unacked), len(self.parked))
 
