@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +27,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 T = TypeVar("T")
@@ -66,7 +69,14 @@ class Database:
         if self.dialect == "sqlite":
             if u.database and u.database != ":memory:":
                 Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(self.url, poolclass=NullPool, json_serializer=_json)
+            # the driver's own busy timeout from the first statement: the
+            # workers of one server open (and migrate) the file at once
+            self.engine: Engine = create_engine(
+                self.url,
+                poolclass=NullPool,
+                json_serializer=_json,
+                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            )
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         elif self.dialect == "postgresql":
@@ -133,6 +143,9 @@ class Database:
             )
 
     def upgrade(self, revision: str = "head") -> None:
+        _when_unlocked(lambda: self._upgrade(revision))
+
+    def _upgrade(self, revision: str) -> None:
         self.check_schema()
         cfg = self._config()
         with self.engine.begin() as conn:
@@ -154,13 +167,27 @@ class Database:
         return out.getvalue()
 
 
+def _when_unlocked(fn: Callable[[], T], attempts: int = 100) -> T:
+    """``fn``, again while SQLite answers "database is locked" at once
+    instead of waiting (switching a new file to WAL while another process
+    creates it does): the workers of one server migrate one file together."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OperationalError as e:
+            if "locked" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 + random.random() * 0.1)
+    raise AssertionError("unreachable")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # autocommit at the driver; SQLAlchemy's "begin" event issues BEGIN
     # IMMEDIATE, so a writer takes the lock up front and waits for it
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
