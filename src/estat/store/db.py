@@ -28,7 +28,6 @@ from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.pool import NullPool
 
 T = TypeVar("T")
 
@@ -71,9 +70,12 @@ class Database:
                 Path(u.database).parent.mkdir(parents=True, exist_ok=True)
             # the driver's own busy timeout from the first statement: the
             # workers of one server open (and migrate) the file at once
+            # pooled: connections (and their descriptors) stay open instead
+            # of being made for every transaction
             self.engine: Engine = create_engine(
                 self.url,
-                poolclass=NullPool,
+                pool_size=2,
+                max_overflow=2,
                 json_serializer=_json,
                 connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             )
