@@ -11,7 +11,6 @@ from pathlib import Path
 from sqlalchemy import select
 
 from estat.activity.common import Spool
-from estat.activity.consumer import StoreConsumer
 from estat.activity.publisher import Publisher
 from estat.activity.relay import Relay
 from estat.bus.memory import MemoryBus
@@ -21,10 +20,9 @@ from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.stage import Deadline, Stage
 from estat.store.db import Database
-from estat.store.events import EventStore
 from estat.store.outbox import SourceOutbox
 from estat.store.schema import user_activity_event
-from tests.activity.test_flow import rec, run_until, value
+from tests.activity.test_flow import consumer, rec, run_until, value
 from tests.conftest import RedisServer, free_port
 from tests.servers import PostgresServer
 
@@ -32,19 +30,6 @@ from tests.servers import PostgresServer
 def stored(db: Database) -> list[str]:
     with db.engine.connect() as conn:
         return [r[0] for r in conn.execute(select(user_activity_event.c.event_id))]
-
-
-def consumer(bus: object, db: Database, m: Metrics, name: str = "c") -> StoreConsumer:
-    return StoreConsumer(
-        bus,  # type: ignore[arg-type]
-        EventStore(db),
-        consumer_name=name,
-        batch_size=100,
-        max_deliveries=5,
-        metrics=m,
-        clock=SystemClock(),
-        poll=0.05,
-    )
 
 
 async def stop_all(sup: Supervisor, *stages: object) -> None:

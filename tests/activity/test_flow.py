@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -48,6 +49,30 @@ def rec(props: bytes = b'{"source":"CLIENT"}') -> EventRecord:
     )
 
 
+def consumer(
+    bus: object,
+    db: Database,
+    m: Metrics,
+    name: str = "c",
+    *,
+    batch_size: int = 100,
+    max_deliveries: int = 5,
+    **kw: Any,
+) -> StoreConsumer:
+    """A store consumer with short polls, on the system clock."""
+    return StoreConsumer(
+        bus,  # type: ignore[arg-type]
+        EventStore(db),
+        consumer_name=name,
+        batch_size=batch_size,
+        max_deliveries=max_deliveries,
+        metrics=m,
+        clock=SystemClock(),
+        poll=0.05,
+        **kw,
+    )
+
+
 def stored_ids(db: Database) -> list[str]:
     with db.engine.connect() as conn:
         return [r[0] for r in conn.execute(select(user_activity_event.c.event_id))]
@@ -78,17 +103,7 @@ async def test_a_poison_message_is_isolated_retried_and_parked_while_the_rest_is
     m = Metrics()
     bus = MemoryBus(retry_delay=0.01)
     trace = TraceLog(db, "all", bus.provider, bus.topic, "g")
-    consumer = StoreConsumer(
-        bus,
-        EventStore(db),
-        consumer_name="c",
-        batch_size=100,
-        max_deliveries=3,
-        metrics=m,
-        clock=SystemClock(),
-        trace=trace,
-        poll=0.05,
-    )
+    store = consumer(bus, db, m, max_deliveries=3, trace=trace)
     good = [rec() for _ in range(40)]
     # PostgreSQL's jsonb refuses \u0000; a payload that is not an event fails everywhere
     poison = rec(b'{"note":"a\\u0000b"}')
@@ -96,11 +111,11 @@ async def test_a_poison_message_is_isolated_retried_and_parked_while_the_rest_is
     msgs = [Message(r.event_id, "k", r.occurred_at, encode(r)) for r in [*good, poison]]
     await bus.publish([*msgs[:20], not_event, *msgs[20:]])
     sup = Supervisor(m, lambda name: None)
-    await consumer.start(sup.spawn)
+    await store.start(sup.spawn)
     want = {r.event_id for r in good} | ({poison.event_id} if db.dialect == "sqlite" else set())
     await run_until(lambda: len(bus.parked) == (2 if db.dialect == "postgresql" else 1))
-    consumer.close()
-    await consumer.join(Deadline.after(5, SystemClock()))
+    store.close()
+    await store.join(Deadline.after(5, SystemClock()))
     assert sorted(stored_ids(db)) == sorted(want)
     parked_ids = {p[0].message_id for p in bus.parked}
     assert "junk-1" in parked_ids
@@ -159,20 +174,11 @@ async def test_bus_down_goes_to_the_outbox_and_the_relay_publishes_once_it_is_ba
     while await relay.relay_once():
         pass
     assert outbox.counts()["PUBLISHED"][0] == 120
-    consumer = StoreConsumer(
-        live,
-        EventStore(db),
-        consumer_name="c",
-        batch_size=100,
-        max_deliveries=3,
-        metrics=m,
-        clock=SystemClock(),
-        poll=0.05,
-    )
-    await consumer.start(sup.spawn)
+    store = consumer(live, db, m, max_deliveries=3)
+    await store.start(sup.spawn)
     await run_until(lambda: len(stored_ids(db)) == 120)
-    consumer.close()
-    await consumer.join(Deadline.after(5, SystemClock()))
+    store.close()
+    await store.join(Deadline.after(5, SystemClock()))
     assert sorted(stored_ids(db)) == sorted(r.event_id for r in records)
     assert value(m, "analytics_user_activity_outbox_publish_total", result="success") == 120
     await live.close()
@@ -230,24 +236,21 @@ async def test_what_the_in_process_bus_holds_at_the_deadline_goes_to_the_outbox(
     m = Metrics()
     bus = MemoryBus()
     outbox = SourceOutbox(db)
-    consumer = StoreConsumer(
+    store = consumer(
         bus,
-        EventStore(db),
-        consumer_name="c",
+        db,
+        m,
         batch_size=10,
         max_deliveries=3,
-        metrics=m,
-        clock=SystemClock(),
-        poll=0.05,
         rescue=lambda records: db.run(lambda: outbox.enqueue(records)),
     )
     records = [rec() for _ in range(300)]
     await bus.publish([Message(r.event_id, "k", r.occurred_at, encode(r)) for r in records])
     sup = Supervisor(m, lambda name: None)
-    await consumer.start(sup.spawn)
+    await store.start(sup.spawn)
     sup.stopping()
-    consumer.close()
-    assert await consumer.join(Deadline.after(0.0, SystemClock())) == 0  # no time to store
+    store.close()
+    assert await store.join(Deadline.after(0.0, SystemClock())) == 0  # no time to store
     with db.engine.connect() as conn:
         in_outbox = [r[0] for r in conn.execute(select(user_activity_source_outbox.c.event_id))]
     stored = stored_ids(db)
