@@ -4,6 +4,7 @@ when the lake is back, and serve as the lake circuit's probe."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -16,11 +17,15 @@ from tests.dlq.test_dlq import ERR, batch, make
 from tests.fakes import MemorySink
 
 
-async def until(cond, limit: int = 10_000) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(limit):
+async def until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Bounded by real time, not by a number of yields: the DLQ's reads run
+    on a thread, which a loaded machine may not schedule within N yields
+    (the clock the replayer waits on is fake, so nothing waits for real)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if cond():
             return
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
     raise AssertionError("condition never held")
 
 
