@@ -25,6 +25,8 @@ BUILD = ROOT / "build" / "native"
 # queue, the latency histogram. The Makefile reads this list (``--list``).
 MODULES = [
     "estat/ingest/http.py",
+    "estat/ingest/deferred.py",
+    "estat/ingest/edges.py",
     "estat/ingest/server.py",
     "estat/ingest/answers.py",
     "estat/ingest/routes.py",

@@ -311,3 +311,22 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     d.upgrade()
     yield d
     d.close()
+
+
+# Tests that start a real server (PostgreSQL, Redis, NATS, moto's S3): marked
+# ``servers`` so that ``make test-fast`` can leave them to ``make test``. A
+# test is one when it asks for a server fixture, or when a contract suite's
+# parameter names a real implementation.
+_SERVER_FIXTURES = frozenset(
+    {"postgres_server", "pg_url", "redis_server", "nats_server", "moto", "moto_server", "bucket"}
+)
+_SERVER_PARAMS = frozenset({"postgresql", "redis-stream", "nats", "redis", "s3"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        params = {str(v) for v in callspec.params.values()} if callspec is not None else set()
+        if names & _SERVER_FIXTURES or params & _SERVER_PARAMS:
+            item.add_marker(pytest.mark.servers)

@@ -31,7 +31,7 @@ from estat.dlq.store import DiskStore
 from estat.errors import DeliveryError, Overloaded
 from estat.ingest.cors import Cors
 from estat.ingest.events import EventsRoute, Limits
-from estat.ingest.http import Route, http_compiled
+from estat.ingest.http import http_compiled
 from estat.ingest.identity import TokenVerifier
 from estat.ingest.listener import Listener
 from estat.ingest.ratelimit import (
@@ -40,6 +40,7 @@ from estat.ingest.ratelimit import (
     RedisRateLimiter,
     SharedRateLimiter,
 )
+from estat.ingest.route import Route
 from estat.ingest.routes import (
     CollectRoute,
     HealthRoute,

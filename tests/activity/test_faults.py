@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from estat.activity.common import Spool
@@ -40,6 +41,7 @@ async def stop_all(sup: Supervisor, *stages: object) -> None:
         await s.join(Deadline.after(10, SystemClock()))  # type: ignore[attr-defined]
 
 
+@pytest.mark.servers
 async def test_redis_stopped_while_events_arrive_then_back(tmp_path: Path) -> None:
     redis = RedisServer(free_port(), tmp_path, persist=True)
     redis.start()

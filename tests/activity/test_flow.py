@@ -258,3 +258,21 @@ async def test_what_the_in_process_bus_holds_at_the_deadline_goes_to_the_outbox(
     assert in_outbox  # the deadline left work: it went to the outbox
     assert (await bus.stats()).pending == 0
     db.close()
+
+
+async def test_a_stop_interrupts_an_idle_fetch_of_the_in_process_bus() -> None:
+    # An empty in-process bus: the consumer's reader waits in a fetch with a
+    # long poll. close() interrupts it, so the stage ends without waiting
+    # for the poll (the join below would otherwise sit out the full minute).
+    bus = MemoryBus()
+    consumer = bus.consumer("c")
+    fetch = asyncio.create_task(consumer.fetch(10, 60.0))
+    await asyncio.sleep(0.01)
+    assert not fetch.done()
+    consumer.interrupt()
+    assert await asyncio.wait_for(fetch, 5) == []
+    # and after it, a fetch waits again as usual for what is published
+    second = asyncio.create_task(consumer.fetch(10, 60.0))
+    await asyncio.sleep(0.01)
+    assert not second.done()
+    second.cancel()

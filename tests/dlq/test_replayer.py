@@ -65,3 +65,37 @@ async def test_a_replay_is_the_probe_of_an_open_lake_circuit(tmp_path: Path) -> 
     assert str(gate.breaker.state) == "closed"  # the replay was the probe, and it succeeded
     assert clock.slept >= 5  # not before the probe interval
     assert sink.attempts == ["raw/p"]
+
+
+class _StuckClock(FakeClock):
+    """A clock whose sleeps never end: a replayer that waits on it stops
+    only because it was woken."""
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.Event().wait()
+
+
+class _SlowDlq:
+    """A DLQ whose replay runs until released, then finds nothing."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def replay_one(self, sink: object) -> str:
+        self.entered.set()
+        await self.release.wait()
+        return "empty"
+
+
+async def test_a_stop_that_comes_during_a_replay_is_not_missed() -> None:
+    # The stop arrives while a replay runs; the replayer must not then go
+    # to sleep for its idle interval (which used to hold every shutdown ~1 s).
+    dlq = _SlowDlq()
+    r = Replayer(dlq, MemorySink(), live_busy=lambda: False, clock=_StuckClock())  # type: ignore[arg-type]
+    await r.start(lambda name, coro: asyncio.create_task(coro, name=name))
+    await asyncio.wait_for(dlq.entered.wait(), 10)
+    r.close()
+    dlq.release.set()
+    await until(lambda: r._task is not None and r._task.done())
+    assert r._task is not None and r._task.exception() is None

@@ -95,6 +95,8 @@ class StoreConsumer:
 
     def close(self) -> None:
         self._closing = True
+        if self._consumer is not None:
+            self._consumer.interrupt()
 
     async def join(self, deadline: Deadline) -> int:
         self._deadline = deadline

@@ -65,6 +65,10 @@ class Consumer(Protocol):
 
     async def park(self, delivery: Delivery, error: str) -> None: ...
 
+    def interrupt(self) -> None:
+        """Make a ``fetch`` waiting for messages return early (a stop).
+        Providers whose read blocks on the server let it end at its timeout."""
+
     async def close(self) -> None: ...
 
 

@@ -104,6 +104,7 @@ class MemoryConsumer:
     def __init__(self, bus: MemoryBus) -> None:
         self.bus = bus
         self._held: set[int] = set()
+        self._interrupted = False
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         bus = self.bus
@@ -114,13 +115,18 @@ class MemoryConsumer:
                 self._held.update(d.handle for d in out)
                 return out
             left = deadline - time.monotonic()
-            if left <= 0 or bus.closed:
+            if left <= 0 or bus.closed or self._interrupted:
+                self._interrupted = False
                 return []
             if bus._later:
                 left = min(left, max(0.0, bus._later[0][0] - time.monotonic()))
             bus._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(bus._wake.wait(), left)
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        self.bus._wake.set()
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:

@@ -224,6 +224,9 @@ class NatsConsumer:
         except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
 
+    def interrupt(self) -> None:
+        """A pull waits on the server: it ends at its timeout."""
+
     async def close(self) -> None:
         """Unacked messages are delivered again after ``MQ_CLAIM_IDLE``."""
         if self._sub is not None:

@@ -257,6 +257,9 @@ class RedisStreamConsumer:
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
 
+    def interrupt(self) -> None:
+        """A pull waits on the server: it ends at its timeout."""
+
     async def close(self) -> None:
         """Unsettled entries stay pending; another consumer claims them."""
         return None

@@ -93,7 +93,10 @@ class Replayer:
             self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` on the clock, or until woken."""
+        """Wait ``seconds`` on the clock, or until woken (a stop that came
+        while a replay was running is not missed: it is checked first)."""
+        if self._stopping:
+            return
         self._wake.clear()
         waker = asyncio.ensure_future(self._wake.wait())
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))

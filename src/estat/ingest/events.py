@@ -27,7 +27,8 @@ from estat.errors import Overloaded
 from estat.ingest.answers import count_overloaded
 from estat.ingest.codes import Rejected
 from estat.ingest.cors import Cors
-from estat.ingest.http import Deferred, HttpConnection
+from estat.ingest.deferred import Deferred
+from estat.ingest.http import HttpConnection
 from estat.ingest.identity import InvalidToken, TokenVerifier
 from estat.ingest.ip import client_ip
 from estat.ingest.ratelimit import Decision, RateLimiter

@@ -26,15 +26,18 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from estat.errors import Overloaded
-from estat.ingest.answers import CONTINUE, JSON_HDR, count_overloaded
+from estat.ingest.answers import JSON_HDR, count_overloaded
+from estat.ingest.deferred import Deferred, queue_answer, run_deferred
+from estat.ingest.edges import Abort, expect_continue, refuse_too_large, trailer_received
 from estat.ops.logging import get_logger
 
 if TYPE_CHECKING:
+    from estat.ingest.route import Route
     from estat.ingest.server import HttpServer, Mount
 
 log = get_logger("estat.http")
@@ -81,58 +84,7 @@ def http_compiled() -> bool:
     return not __file__.endswith(".py")
 
 
-class Route(Protocol):
-    """One path. ``handle`` reads the request from the connection and calls
-    ``respond`` exactly once; it may raise ``Overloaded`` (answered 503 with
-    ``Retry-After`` and ``unavailable_body``). On an ``ingest`` route a 200
-    means the request's events were enqueued (``http_requests_accepted_total``).
-    """
-
-    name: str
-    max_body: int
-    ingest: bool
-    unavailable_body: bytes
-    unavailable_headers: bytes
-
-    def handle(self, c: HttpConnection) -> None: ...
-
-
-class _Abort(Exception):
-    """Raised from a parser callback after the answer is written: stops parsing."""
-
-
 _perf: Final = time.perf_counter
-
-
-_MAX_PENDING = 32  # answers waiting on async work before the connection stops being read
-
-
-class Deferred:
-    """An answer computed later; captures the request's answer context."""
-
-    __slots__ = ("conn", "data", "keep", "keep_alive", "method", "mount", "started")
-
-    def __init__(self, conn: HttpConnection) -> None:
-        self.conn = conn
-        self.mount = conn.mount
-        self.keep_alive = conn.keep_alive
-        self.method = conn.method
-        self.started = conn._started
-        self.data: bytes | None = None
-        self.keep = True
-
-    def respond(
-        self, status: int, body: bytes = b"", headers: bytes = b"", *, close: bool = False
-    ) -> None:
-        if self.data is not None:
-            return
-        c = self.conn
-        counts = self.mount.counts
-        counts[status] = counts.get(status, 0) + 1
-        self.mount.latency.observe(_perf() - self.started)
-        self.keep = self.keep_alive and not close and not c.server.draining
-        self.data = c.server.answers.render(status, body, headers, self.keep, self.method)
-        c._flush()
 
 
 class HttpConnection(asyncio.Protocol):
@@ -140,34 +92,34 @@ class HttpConnection(asyncio.Protocol):
         "_body_size",
         "_fields",
         "_get_method",
-        "_head_read",
         "_head_size",
         "_hosts",
-        "_in_trailer",
         "_keep_alive",
         "_max_body",
-        "_max_head",
-        "_pending",
-        "_reading_paused",
-        "_started",
         "_write_paused",
         "answered",
         "body_parts",
         "closing",
+        "head_read",
         "headers",
         "in_head",
         "in_request",
+        "in_trailer",
         "keep_alive",
+        "max_head",
         "method",
         "mount",
         "parser",
         "path",
         "peer",
+        "pending",
         "query",
+        "reading_paused",
         "route",
         "seen_at",
         "seen_state",
         "server",
+        "started",
         "transport",
         "url",
     )
@@ -186,13 +138,13 @@ class HttpConnection(asyncio.Protocol):
         self.answered = 0
         self.seen_state: tuple[int, bool, bool] = (0, False, False)
         self.seen_at = server.now
-        self._max_head = server.limits.max_head
+        self.max_head = server.limits.max_head
         self._max_body = 0
-        self._started = 0.0
+        self.started = 0.0
         self.headers: dict[str, bytes] = {}
         self.url = b""
         self._head_size = 0
-        self._head_read = 0
+        self.head_read = 0
         self.body_parts: list[bytes] = []
         self._body_size = 0
         self.mount: Mount = server.unknown
@@ -201,10 +153,10 @@ class HttpConnection(asyncio.Protocol):
         self.path = b""
         self.query = b""
         self.keep_alive = True
-        self._pending: deque[Deferred] | None = None
-        self._reading_paused = False
+        self.pending: deque[Deferred] | None = None
+        self.reading_paused = False
         self._write_paused = False
-        self._in_trailer = False
+        self.in_trailer = False
         self._fields = 0
         self._hosts = 0
 
@@ -226,21 +178,21 @@ class HttpConnection(asyncio.Protocol):
 
     def busy(self) -> bool:
         """A request is being read or answered (answers computed later included)."""
-        return self.in_request or bool(self._pending)
+        return self.in_request or bool(self.pending)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self._in_trailer:
-            self._trailer_received(data)
+        if self.in_trailer:
+            trailer_received(self, data)
             return
         if self.in_head:
             # Bytes read while a request head is incomplete, counted per read
             # (the read that starts a request is checked when the head ends):
             # a client trickling an endless head is cut off at the limit.
-            self._head_read += len(data)
-            if self._head_read > self._max_head:
-                self._error(431, "HEADERS_TOO_LARGE", "request head too large")
+            self.head_read += len(data)
+            if self.head_read > self.max_head:
+                self.error(431, "HEADERS_TOO_LARGE", "request head too large")
                 return
         try:
             self.parser.feed_data(data)
@@ -248,23 +200,9 @@ class HttpConnection(asyncio.Protocol):
             # No protocol upgrades here; the request itself was answered.
             self.close()
         except httptools.HttpParserError:
-            # includes the callback error raised by _Abort after an answer
+            # includes the callback error raised by Abort after an answer
             if not self.closing:
-                self._error(400, "BAD_REQUEST", "malformed HTTP request")
-
-    def _trailer_received(self, data: bytes) -> None:
-        """Bytes after a chunk header: the trailer section, if no chunk data
-        follows. Counted against the head limit (431), judged after parsing
-        so that a chunk's data is never mistaken for a trailer."""
-        self._head_read += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            if not self.closing:
-                self._error(400, "BAD_REQUEST", "malformed HTTP request")
-            return
-        if self._in_trailer and self._head_read > self._max_head and not self.closing:
-            self._error(431, "HEADERS_TOO_LARGE", "request trailers too large")
+                self.error(400, "BAD_REQUEST", "malformed HTTP request")
 
     def pause_writing(self) -> None:
         # a client that does not read its answers is not read either, and no
@@ -282,13 +220,13 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = {}
         self.url = b""
-        self._head_size = self._head_read = 0
+        self._head_size = self.head_read = 0
         self.body_parts = []
         self._body_size = 0
         self._fields = self._hosts = 0
-        self._in_trailer = False
+        self.in_trailer = False
         self.in_head = self.in_request = True
-        self._started = _perf()
+        self.started = _perf()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -299,9 +237,9 @@ class HttpConnection(asyncio.Protocol):
         if not self.in_head:
             # a chunked trailer field: counted, never read (it must not change
             # what the request's headers said)
-            if self._head_size + len(self.url) > self._max_head:
-                self._error(431, "HEADERS_TOO_LARGE", "request trailers too large")
-                raise _Abort
+            if self._head_size + len(self.url) > self.max_head:
+                self.error(431, "HEADERS_TOO_LARGE", "request trailers too large")
+                raise Abort
             return
         key = _names.get(name)
         if key is None:
@@ -315,34 +253,34 @@ class HttpConnection(asyncio.Protocol):
 
     def on_chunk_header(self) -> None:
         # data follows (on_body clears this), or, after the last chunk, trailers
-        self._in_trailer = True
-        self._head_read = self._head_size + len(self.url)
+        self.in_trailer = True
+        self.head_read = self._head_size + len(self.url)
 
     def on_chunk_complete(self) -> None:
-        self._in_trailer = False
+        self.in_trailer = False
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         if self.closing:
-            raise _Abort  # an earlier pipelined answer closed the connection
+            raise Abort  # an earlier pipelined answer closed the connection
         url = self.url
-        if self._head_size + len(url) > self._max_head or self._fields > MAX_HEADER_FIELDS:
-            if len(url) > self._max_head:
-                self._error(414, "URI_TOO_LONG", "request target too long")
+        if self._head_size + len(url) > self.max_head or self._fields > MAX_HEADER_FIELDS:
+            if len(url) > self.max_head:
+                self.error(414, "URI_TOO_LONG", "request target too long")
             else:
-                self._error(431, "HEADERS_TOO_LARGE", "request head too large")
-            raise _Abort
+                self.error(431, "HEADERS_TOO_LARGE", "request head too large")
+            raise Abort
         self.method = self._get_method()
         self.keep_alive = self._keep_alive()
         headers = self.headers
         if self._hosts > 1 or (self._hosts == 0 and self.parser.get_http_version() == "1.1"):
-            self._error(400, "BAD_REQUEST", "an HTTP/1.1 request needs exactly one Host")
-            raise _Abort
+            self.error(400, "BAD_REQUEST", "an HTTP/1.1 request needs exactly one Host")
+            raise Abort
         te = headers.get("transfer-encoding")
         if te is not None:
             if te.strip().lower() != b"chunked":
-                self._error(501, "NOT_IMPLEMENTED", "only the chunked transfer coding is supported")
-                raise _Abort
+                self.error(501, "NOT_IMPLEMENTED", "only the chunked transfer coding is supported")
+                raise Abort
             if self.parser.get_http_version() == "1.0":
                 self.keep_alive = False  # RFC 9112 6.1: faulty framing, close after it
         self.path, _, self.query = url.partition(b"?")
@@ -350,8 +288,8 @@ class HttpConnection(asyncio.Protocol):
         if mount is None:
             self.mount = self.server.unknown
             self.route = None
-            self._error(404, "NOT_FOUND", "no such route", close=True)
-            raise _Abort
+            self.error(404, "NOT_FOUND", "no such route", close=True)
+            raise Abort
         self.mount = mount
         route = self.route = mount.route
         assert route is not None
@@ -365,43 +303,32 @@ class HttpConnection(asyncio.Protocol):
             and int(length) > self._max_body
         ):
             self.too_large()
-            raise _Abort
+            raise Abort
         expect = headers.get("expect")
         if expect is not None and expect.lower() == b"100-continue":
-            self._continue(route)
-
-    def _continue(self, route: Route) -> None:
-        """``100 Continue``: only to an HTTP/1.1 client, only when no earlier
-        pipelined answer is still due, and only when an answer that depends on
-        the headers alone (405, 415) is not already known."""
-        if self.transport is None or self._pending or self.parser.get_http_version() != "1.1":
-            return
-        precheck = getattr(route, "precheck", None)
-        if precheck is not None and not precheck(self):
-            raise _Abort  # it answered (with close: the body is never read)
-        self.transport.write(CONTINUE)
+            expect_continue(self, route)
 
     def on_body(self, body: bytes) -> None:
-        self._in_trailer = False
+        self.in_trailer = False
         self._body_size += len(body)
         if self._body_size > self._max_body:
             self.too_large()
-            raise _Abort
+            raise Abort
         self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
         route = self.route
         assert route is not None
-        self._in_trailer = False
+        self.in_trailer = False
         if self.closing:
-            raise _Abort  # never handle a request that cannot be answered
+            raise Abort  # never handle a request that cannot be answered
         if self._write_paused:
             # The client does not read its answers: handle nothing more that
             # it pipelined (a request not handled was not stored, so its retry
             # is not a duplicate); flush what was answered and close.
             self.in_request = False
             self.close()
-            raise _Abort
+            raise Abort
         try:
             handle = self.mount.handle
             assert handle is not None
@@ -418,7 +345,7 @@ class HttpConnection(asyncio.Protocol):
             )
         except Exception:
             log.exception("handler failed", route=route.name)
-            self._error(500, "INTERNAL", "internal error", close=True)
+            self.error(500, "INTERNAL", "internal error", close=True)
 
     # -- request accessors -----------------------------------------------------
     def body(self) -> bytes:
@@ -437,88 +364,28 @@ class HttpConnection(asyncio.Protocol):
         mount = self.mount
         counts = mount.counts
         counts[status] = counts.get(status, 0) + 1
-        mount.latency.observe(_perf() - self._started)
+        mount.latency.observe(_perf() - self.started)
         keep = self.keep_alive and not close and not server.draining
         data = None if body else server.answers.empty.get((status, headers, keep))
         if data is None:
             data = server.answers.render(status, body, headers, keep, self.method)
         self.in_request = False
-        if self._pending:  # an earlier request's answer is still being worked on
-            d = Deferred(self)
-            d.data, d.keep = data, keep
-            self._pending.append(d)
-            self._flush()
+        if self.pending:  # an earlier request's answer is still being worked on
+            queue_answer(self, data, keep)
             return
         t.write(data)
         self.answered += 1
         if not keep:
             self.close()
 
-    # -- answers computed asynchronously ---------------------------------------------
+    # -- answers computed asynchronously (estat.ingest.deferred) ----------------
     def run_deferred(self, work: Callable[[Deferred], Awaitable[None]]) -> None:
         """Answer this request from ``work`` (a coroutine function given a
         ``Deferred``). Answers still leave in request order: later pipelined
         requests wait for this one."""
-        d = Deferred(self)
-        if self._pending is None:
-            self._pending = deque()
-        self._pending.append(d)
-        self.in_request = False
-        if len(self._pending) >= _MAX_PENDING and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._guard(work, d))
-        self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
+        run_deferred(self, work)
 
-    async def _guard(self, work: Callable[[Deferred], Awaitable[None]], d: Deferred) -> None:
-        route = d.mount.route
-        name = route.name if route is not None else "other"
-        try:
-            await work(d)
-        except Overloaded as e:
-            assert route is not None
-            count_overloaded(self.server.metrics, name, e)
-            d.respond(
-                503,
-                route.unavailable_body,
-                b"retry-after: %d\r\n" % e.retry_after + route.unavailable_headers,
-            )
-        except Exception:
-            log.exception("handler failed", route=name)
-            d.respond(500, b'{"code":"INTERNAL","message":"internal error"}', JSON_HDR, close=True)
-        if d.data is None:
-            d.respond(500, b'{"code":"INTERNAL","message":"no answer"}', JSON_HDR, close=True)
-
-    def _flush(self) -> None:
-        pending = self._pending
-        t = self.transport
-        while pending and (data := pending[0].data) is not None:
-            d = pending.popleft()
-            if t is None or self.closing:
-                continue
-            t.write(data)
-            self.answered += 1
-            if not d.keep:
-                self.close()
-        if not pending:
-            self._pending = None
-        if self._reading_paused and (not pending or len(pending) < _MAX_PENDING // 2):
-            self._reading_paused = False
-            if t is not None and not self.closing:
-                t.resume_reading()
-
-    def too_large(self) -> None:
-        if self.route is not None and self.route.ingest:
-            self.server.too_large += 1
-        body = getattr(self.route, "too_large_body", None)
-        if body is not None:
-            self.in_head = False
-            self.respond(413, body, JSON_HDR, close=True)
-            return
-        self._error(413, "BODY_TOO_LARGE", "request body too large", close=True)
-
-    def _error(self, status: int, code: str, message: str, *, close: bool = True) -> None:
+    def error(self, status: int, code: str, message: str, *, close: bool = True) -> None:
         self.in_head = False
         self.respond(
             status,
@@ -527,9 +394,12 @@ class HttpConnection(asyncio.Protocol):
             close=close,
         )
 
+    def too_large(self) -> None:
+        refuse_too_large(self)
+
     def on_deadline(self) -> None:
         if self.in_request and not self.closing:
-            self._error(408, "REQUEST_TIMEOUT", "request not received in time")
+            self.error(408, "REQUEST_TIMEOUT", "request not received in time")
         else:
             self.close()
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from estat.ingest.answers import Answers
-from estat.ingest.http import HttpConnection, Route
+from estat.ingest.http import HttpConnection
+from estat.ingest.route import Route
 from estat.ops.hist import FastHistogram
 from estat.ops.metrics import Metrics
 
@@ -171,7 +172,7 @@ class HttpServer:
                     c.seen_state = state
                     c.seen_at = now
                     continue
-                if c.in_head or (c.answered == 0 and not c.in_request and not c._pending):
+                if c.in_head or (c.answered == 0 and not c.in_request and not c.pending):
                     # the head deadline runs from accept: a connection that
                     # never sends a byte is closed after HTTP_HEADER_TIMEOUT
                     limit = lim.header_timeout

@@ -24,8 +24,9 @@ import msgspec
 from estat.errors import Overloaded
 from estat.ingest.answers import count_overloaded
 from estat.ingest.codes import Rejected
+from estat.ingest.deferred import Deferred
 from estat.ingest.events import _JSON, EventsRoute, _error_body, _iso
-from estat.ingest.http import Deferred, HttpConnection
+from estat.ingest.http import HttpConnection
 from estat.ingest.schema import batch_type
 from estat.model import EventRecord
 from estat.ops.logging import get_logger
