@@ -320,7 +320,9 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
 _SERVER_FIXTURES = frozenset(
     {"postgres_server", "pg_url", "redis_server", "nats_server", "moto", "moto_server", "bucket"}
 )
-_SERVER_PARAMS = frozenset({"postgresql", "redis-stream", "nats", "redis", "s3"})
+_SERVER_PARAMS = frozenset(
+    {"postgresql", "redis-stream", "redis-stream-event", "nats", "redis", "s3"}
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -69,6 +69,7 @@ def build_bus(s: Settings) -> Bus | None:
             prefix=s.mq_prefix,
             group=s.mq_consumer_group,
             claim_idle=s.mq_claim_idle,
+            entry=s.mq_redis_entry,
         )
     assert s.mq_nats_url is not None
     return NatsBus(

@@ -98,4 +98,5 @@ async def test_a_stop_that_comes_during_a_replay_is_not_missed() -> None:
     r.close()
     dlq.release.set()
     await until(lambda: r._task is not None and r._task.done())
-    assert r._task is not None and r._task.exception() is None
+    assert r._task is not None
+    assert r._task.exception() is None

@@ -32,8 +32,9 @@ class BusError(Exception):
     """The bus refused or could not be reached."""
 
 
-class Message(msgspec.Struct, frozen=True, gc=False):
-    """(A struct, not a dataclass: built once per published event.)"""
+class Message(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """(A struct, not a dataclass: built once per published event; packed
+    as an array where a provider puts several in one bus message.)"""
 
     message_id: str
     key: str

@@ -1,12 +1,26 @@
 """Redis Streams (``MQ_PROVIDER=redis-stream``).
 
-Stream ``<MQ_PREFIX>:user-activity``, one entry per event with the seed's
-producer fields (``messageId``, ``topic``, ``key``, ``occurredAt``,
-``payload``, ``header.*``); consumer group ``MQ_CONSUMER_GROUP``. Entries
-are acked (XACK) only after the store transaction commits. Entries pending
-longer than ``MQ_CLAIM_IDLE`` (a consumer died, or asked for a retry) are
-claimed by a live consumer with XAUTOCLAIM. Parked entries go to
-``<stream>:dlq`` with their last error, in one MULTI with the XACK.
+Stream ``<MQ_PREFIX>:user-activity``, consumer group ``MQ_CONSUMER_GROUP``.
+Two entry formats (``MQ_REDIS_ENTRY``), both always read:
+
+- ``batch`` (the default): one entry per published batch, fields
+  ``topic``, ``count`` and ``batch`` (the batch's messages, MessagePack:
+  ``[[messageId, key, occurredAt, payload, {header: value}], ...]``). Redis
+  does one XADD per batch instead of one per event: measured, the
+  difference between Redis being the ceiling of the API and not
+  (docs/benchmarks.md).
+- ``event``: one entry per event with seed 004's producer fields
+  (``messageId``, ``topic``, ``key``, ``occurredAt``, ``payload``,
+  ``header.*``), for other readers of the stream.
+
+Each event of an entry is its own ``Delivery``. An entry is acked (XACK)
+once every event in it is settled, after the store transaction commits; if
+any of them asked for a retry, the entry stays pending and the whole entry
+is delivered again (the store is idempotent by event id: the others count
+as duplicates). Entries pending longer than ``MQ_CLAIM_IDLE`` (a consumer
+died, or asked for a retry) are claimed by a live consumer with XAUTOCLAIM.
+A parked event goes to ``<stream>:dlq`` (seed fields, its last error, the
+entry id), in one MULTI with the entry's XACK when it was the last one.
 
 Trimming removes only entries that every group has acknowledged: the
 stream is cut (``XTRIM MINID ~``) below the oldest entry any group still
@@ -75,6 +89,46 @@ def _message(fields: dict[bytes, bytes]) -> Message:
     )
 
 
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(list[Message]).decode
+
+
+class _Entry:
+    """A batch entry being settled: acked once nothing of it is left."""
+
+    __slots__ = ("entry_id", "left", "redeliver")
+
+    def __init__(self, entry_id: bytes, n: int) -> None:
+        self.entry_id = entry_id
+        self.left = n
+        self.redeliver = False
+
+    def settle(self) -> bool:
+        """One event settled; True when the entry may now be acked."""
+        self.left -= 1
+        return self.left == 0 and not self.redeliver
+
+
+def _deliveries(
+    entry_id: bytes, fields: dict[bytes, bytes], count: int, t: float
+) -> list[Delivery]:
+    """The events of one entry, either format. An entry that cannot be read
+    is one delivery whose payload the store refuses (and parks)."""
+    packed = fields.get(b"batch")
+    if packed is None:
+        return [Delivery(_message(fields), count, entry_id, t)]
+    try:
+        items = _unpack(packed)
+    except msgspec.DecodeError:
+        items = [Message(entry_id.decode(), "", "", b"", {"error": "unreadable batch entry"})]
+    entry = _Entry(entry_id, len(items))
+    return [Delivery(m, count, entry, t) for m in items]
+
+
+def _entry_id(handle: Any) -> bytes:
+    return handle.entry_id if isinstance(handle, _Entry) else handle
+
+
 def _id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
@@ -91,7 +145,11 @@ class RedisStreamBus:
         group: str = "estat-store",
         claim_idle: float = 60.0,
         timeout: float = 5.0,
+        entry: str = "batch",
     ) -> None:
+        if entry not in ("batch", "event"):
+            raise ValueError(f"entry format {entry!r}: batch or event")
+        self.entry = entry
         self.topic = TOPIC
         self.stream = f"{prefix}:{TOPIC}"
         self.dlq = self.stream + ":dlq"
@@ -112,8 +170,16 @@ class RedisStreamBus:
             raise BusError(short(e)) from e
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        """One script call per batch: every message an entry, or none."""
+        """One entry per batch, or one script call adding an entry per
+        message (all or none)."""
         if not messages:
+            return
+        if self.entry == "batch":
+            fields = {"topic": self.topic, "count": len(messages), "batch": _pack(messages)}
+            try:
+                await self.redis.xadd(self.stream, fields)
+            except (RedisError, OSError) as e:
+                raise BusError(short(e)) from e
             return
         batch = _encode(
             [
@@ -175,8 +241,21 @@ class RedisStreamConsumer:
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
         self._next_trim = time.monotonic() + TRIM_EVERY
+        self._per_entry = 0.0  # events per entry lately: how many entries make a fetch
+
+    def _entries_for(self, max_messages: int) -> int:
+        if self._per_entry <= 0:
+            return 1  # the first read learns the entries' size
+        return max(1, int(max_messages / self._per_entry))
+
+    def _learn(self, entries: int, events: int) -> None:
+        if entries:
+            per = events / entries
+            self._per_entry = per if self._per_entry <= 0 else 0.7 * self._per_entry + 0.3 * per
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """About ``max_messages`` events: whole entries, so a fetch may
+        return up to one entry more."""
         b = self.bus
         r = b.redis
         now = time.monotonic()
@@ -189,12 +268,16 @@ class RedisStreamConsumer:
                     b.group,
                     self.name,
                     {b.stream: ">"},
-                    count=max_messages,
+                    count=self._entries_for(max_messages),
                     block=max(1, int(timeout * 1000)),
                 )
+                t = time.monotonic()
+                n = 0
                 for _stream, entries in res or ():
+                    n += len(entries)
                     for entry_id, fields in entries:
-                        out.append(Delivery(_message(fields), 1, entry_id, time.monotonic()))
+                        out.extend(_deliveries(entry_id, fields, 1, t))
+                self._learn(n, len(out))
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
                 await b.trim()
@@ -202,9 +285,10 @@ class RedisStreamConsumer:
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
 
-    async def _claim(self, n: int, now: float) -> list[Delivery]:
+    async def _claim(self, max_messages: int, now: float) -> list[Delivery]:
         b = self.bus
         r = b.redis
+        n = self._entries_for(max_messages)
         res = await r.xautoclaim(
             b.stream, b.group, self.name, b.claim_idle_ms, self._claim_cursor, count=n
         )
@@ -223,42 +307,62 @@ class RedisStreamConsumer:
             )
         }
         t = time.monotonic()
-        return [Delivery(_message(f), counts.get(i, 2), i, t) for i, f in entries]
+        out: list[Delivery] = []
+        for i, f in entries:
+            out.extend(_deliveries(i, f, counts.get(i, 2), t))
+        self._learn(len(entries), len(out))
+        return out
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        if not deliveries:
+        done: list[bytes] = []
+        for d in deliveries:
+            h = d.handle
+            if not isinstance(h, _Entry):
+                done.append(h)
+            elif h.settle():
+                done.append(h.entry_id)
+        if not done:
             return
         b = self.bus
         try:
-            await b.redis.xack(b.stream, b.group, *[d.handle for d in deliveries])
+            await b.redis.xack(b.stream, b.group, *done)
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
 
     async def retry(self, delivery: Delivery, error: str) -> None:
-        """Left pending: claimed again once idle for ``MQ_CLAIM_IDLE``."""
-        return None
+        """Left pending: claimed again once idle for ``MQ_CLAIM_IDLE`` (a
+        batch entry with it, whole)."""
+        h = delivery.handle
+        if isinstance(h, _Entry):
+            h.redeliver = True
+            h.settle()
 
     async def park(self, delivery: Delivery, error: str) -> None:
         b = self.bus
+        h = delivery.handle
         fields = _fields(delivery.message, b.topic)
         fields.update(
             {
                 "error": error[:1000],
                 "deliveries": delivery.deliveries,
                 "group": b.group,
-                "entryId": delivery.handle,
+                "entryId": _entry_id(h),
             }
         )
+        ack = h.settle() if isinstance(h, _Entry) else True
         try:
             async with b.redis.pipeline(transaction=True) as p:
                 p.xadd(b.dlq, fields)
-                p.xack(b.stream, b.group, delivery.handle)
+                if ack:
+                    p.xack(b.stream, b.group, _entry_id(h))
                 await p.execute()
         except (RedisError, OSError) as e:
+            if isinstance(h, _Entry):
+                h.left += 1  # not settled after all
             raise BusError(short(e)) from e
 
     def interrupt(self) -> None:
-        """A pull waits on the server: it ends at its timeout."""
+        """A read blocks on the server: it ends at its timeout."""
 
     async def close(self) -> None:
         """Unsettled entries stay pending; another consumer claims them."""

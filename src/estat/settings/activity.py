@@ -91,6 +91,11 @@ class ActivityFields(BaseSettings):
         description="Events per bus publish (up to 8 publishes in flight).",
         json_schema_extra=accepts("an integer from 1 to 10000"),
     )
+    mq_redis_entry: Literal["batch", "event"] = Field(
+        "batch",
+        description="Redis Streams entries: batch (one entry per published batch, MessagePack; the fast default) or event (one entry per event with seed 004's fields, for other readers of the stream). Both are always read.",
+        json_schema_extra=accepts("batch or event"),
+    )
     mq_trace: Literal["all", "failures", "off"] = Field(
         "failures",
         description="message_queue_trace_log rows: all (PUBLISH, CONSUME_SUCCESS, CONSUME_FAIL), failures (CONSUME_FAIL) or off.",
