@@ -30,7 +30,6 @@ from typing import Any
 import msgspec
 import psycopg
 
-from estat.activity.common import message_of
 from estat.activity.consumer import StoreConsumer
 from estat.bus.redis_stream import RedisStreamBus
 from estat.clock import SystemClock
@@ -40,6 +39,7 @@ from estat.ops.tasks import Supervisor
 from estat.stage import Deadline
 from estat.store.db import Database
 from estat.store.events import EventStore
+from estat.store.rows import encode
 
 # the wrk helpers of benchmarks/run.py, and the throwaway servers of the tests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -126,7 +126,7 @@ async def through_the_bus(url: str, redis_url: str, recs: list[EventRecord], bat
     bus = RedisStreamBus(redis_url, prefix="b" + uuid.uuid4().hex[:6], group="g")
     await bus.start()
     for i in range(0, len(recs), 1000):
-        await bus.publish([message_of(r) for r in recs[i : i + 1000]])
+        await bus.publish_events(recs[i : i + 1000], [encode(r) for r in recs[i : i + 1000]])
     db = Database(url)
     m = Metrics()
     consumer = StoreConsumer(
@@ -329,15 +329,25 @@ def latency_part(pg: Any, work: Path) -> None:
 
 
 def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument(
+        "parts", nargs="*", choices=["store", "api", "latency"], help="default: all three"
+    )
+    parts = set(ap.parse_args().parts or ["store", "api", "latency"])
     work = Path(tempfile.mkdtemp(prefix="estat-pipeline-bench-"))
     pg = PostgresServer(free_port())
     pg.start()
     redis = RedisServer(free_port(), work)
     redis.start()
     try:
-        store_part(pg, redis)
-        api_part(redis, work)
-        latency_part(pg, work)
+        if "store" in parts:
+            store_part(pg, redis)
+        if "api" in parts:
+            api_part(redis, work)
+        if "latency" in parts:
+            latency_part(pg, work)
     finally:
         redis.stop()
         pg.destroy()

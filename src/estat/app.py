@@ -142,8 +142,7 @@ class QueuePublisher:
             self._queue.put_many(records)
             return
         bus.check_room(len(records))  # before the lake takes them: both or neither
-        self._queue.put_many(records)
-        bus.put(records)
+        bus.put(records, self._queue.put_many(records))
 
     def shed(self, max_events: int) -> Overloaded | None:
         bus = self._bus

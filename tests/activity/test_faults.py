@@ -100,10 +100,11 @@ async def test_postgresql_crash_under_load_loses_nothing(
     await store.start(sup.spawn)
     ids: list[str] = []
     from estat.activity.common import message_of
+    from estat.store.rows import encode
 
     for round_ in range(40):
         batch = [rec() for _ in range(50)]
-        await bus.publish([message_of(r) for r in batch])
+        await bus.publish([message_of(r, encode(r)) for r in batch])
         ids += [r.event_id for r in batch]
         if round_ == 15:
             await asyncio.to_thread(postgres_server.restart_immediate)

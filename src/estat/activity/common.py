@@ -18,7 +18,7 @@ from sqlalchemy.exc import (
     StatementError,
 )
 
-from estat.bus.base import Message
+from estat.bus.base import key_of, message_of
 from estat.dlq.store import fsync_dir, write_synced
 from estat.model import EventRecord
 from estat.store.rows import encode
@@ -36,16 +36,6 @@ def is_data_error(e: BaseException) -> bool:
         isinstance(e, StatementError)
         and not getattr(e, "connection_invalidated", False)
         and (e.orig is None or isinstance(e.orig, ValueError | TypeError | UnicodeError))
-    )
-
-
-def message_of(rec: EventRecord, payload: bytes | None = None) -> Message:
-    return Message(
-        rec.event_id,
-        rec.member_id or rec.anonymous_id or rec.event_id,
-        rec.occurred_at,
-        payload if payload is not None else encode(rec),
-        {"source": rec.source, "eventName": rec.event_name},
     )
 
 
@@ -80,3 +70,6 @@ class Spool:
     def read(path: Path) -> list[EventRecord]:
         dec = msgspec.json.Decoder(EventRecord)
         return [dec.decode(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+__all__ = ["TRANSIENT_DB", "Spool", "is_data_error", "key_of", "message_of"]

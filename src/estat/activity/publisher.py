@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-from estat.activity.common import TRANSIENT_DB, Spool, message_of
+from estat.activity.common import TRANSIENT_DB, Spool, key_of
 from estat.bus.base import Bus, BusError, short
 from estat.clock import Clock
 from estat.errors import Overloaded
@@ -31,9 +31,13 @@ from estat.ops.metrics import Metrics
 from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn, finish_by
 from estat.store.outbox import OUTBOX_RETRY, SourceOutbox, utcnow
+from estat.store.rows import encode
 from estat.store.trace import TraceLog
 
 log = get_logger("estat.publisher")
+
+#: events and their JSON (the bus messages' payloads), as one request put them
+_Chunk = tuple[Sequence[EventRecord], Sequence[bytes]]
 
 DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
 BUS_SKIP = RetryPolicy(base=1.0, cap=30.0, jitter="none")
@@ -65,7 +69,8 @@ class Publisher:
         self._clock = clock
         self._trace = trace
         self._on_outbox = on_outbox
-        self._queue: deque[EventRecord] = deque()
+        self._queue: deque[_Chunk] = deque()  # per request: no per-event work
+        self._queued = 0
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -82,17 +87,23 @@ class Publisher:
     def check_room(self, n: int) -> None:
         if self._closing:
             raise Overloaded("the publisher is stopping", 5, kind="draining")
-        if len(self._queue) + n > self.capacity:
+        if self._queued + n > self.capacity:
             raise Overloaded("the publish queue is full", 1, kind="queue_full")
 
-    def put(self, records: Sequence[EventRecord]) -> None:
-        self._queue.extend(records)
-        self._m.publish_queue_events.set(len(self._queue))
+    def put(self, records: Sequence[EventRecord], lines: Sequence[bytes] | None = None) -> None:
+        """Queue ``records`` for the bus; ``lines`` are their JSON encodings
+        when the caller has them already (the lake's lines: the bus message
+        carries the same bytes)."""
+        if not records:
+            return
+        self._queue.append((records, lines if lines is not None else [encode(r) for r in records]))
+        self._queued += len(records)
+        self._m.publish_queue_events.set(self._queued)
         self._wake.set()
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self._queued
 
     # -- stage ---------------------------------------------------------------------
     async def start(self, spawn: Spawn) -> None:
@@ -110,7 +121,11 @@ class Publisher:
     async def _run(self) -> None:
         """Up to ``concurrency`` batches in flight: under load the event loop
         turns slowly, and one round trip per turn would cap the publisher far
-        below what the API accepts."""
+        below what the API accepts. A batch smaller than ``batch_size`` is
+        sent only when nothing is in flight: at low rates each event leaves
+        at once, under load the queue fills the batches while the bus
+        answers (one bus message per batch is what the bus's cost scales
+        with)."""
         await self._publish_spool()
         inflight: set[asyncio.Task[None]] = set()
         room = asyncio.Semaphore(self.concurrency)
@@ -122,17 +137,23 @@ class Publisher:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                if inflight and self._queued < self.batch_size and not self._closing:
+                    # a publish is on its way: let the next batch fill while
+                    # it is (one small batch at a time, full ones in parallel)
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
                 await room.acquire()
                 if not self._queue or self._failure is not None or self._held:
                     room.release()
                     continue
-                n = min(self.batch_size, len(self._queue))
-                batch = [self._queue.popleft() for _ in range(n)]
-                self._m.publish_queue_events.set(len(self._queue))
+                batch = self._take()
+                self._m.publish_queue_events.set(self._queued)
                 task = asyncio.ensure_future(self._deliver_one(batch))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
                 task.add_done_callback(lambda _t: room.release())
+                task.add_done_callback(lambda _t: self._wake.set())
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
         except BaseException:
@@ -143,38 +164,58 @@ class Publisher:
         if self._failure is not None:
             raise self._failure
 
-    async def _deliver_one(self, batch: list[EventRecord]) -> None:
+    def _take(self) -> _Chunk:
+        """Up to ``batch_size`` events from the queue, whole chunks where they fit."""
+        recs: list[EventRecord] = []
+        lines: list[bytes] = []
+        q = self._queue
+        while q and len(recs) < self.batch_size:
+            r, ls = q.popleft()
+            room = self.batch_size - len(recs)
+            if len(r) > room:
+                q.appendleft((r[room:], ls[room:]))
+                r, ls = r[:room], ls[:room]
+            recs.extend(r)
+            lines.extend(ls)
+        self._queued -= len(recs)
+        return recs, lines
+
+    def _put_back(self, batch: _Chunk) -> None:
+        self._queue.appendleft(batch)
+        self._queued += len(batch[0])
+
+    async def _deliver_one(self, batch: _Chunk) -> None:
         """One batch in flight: on any failure it goes back to the queue
         (``join`` rescues it), and the loop stops."""
         try:
             await self._deliver(batch)
         except _Held:
-            self._queue.extendleft(reversed(batch))
+            self._put_back(batch)
             self._held = True
             self._wake.set()
         except BaseException as e:
-            self._queue.extendleft(reversed(batch))
+            self._put_back(batch)
             if not isinstance(e, asyncio.CancelledError):
                 self._failure = e
             self._wake.set()
             raise
 
-    async def _deliver(self, batch: list[EventRecord]) -> None:
+    async def _deliver(self, batch: _Chunk) -> None:
         attempt = 0
         while True:
             err = await self._to_bus(batch)
             if err is None:
                 return
             try:
-                await self._to_outbox(batch, err)
+                await self._to_outbox(batch[0], err)
                 return
             except TRANSIENT_DB as e:
                 attempt += 1
-                self._m.publish_fallback.labels("held").inc(len(batch))
+                self._m.publish_fallback.labels("held").inc(len(batch[0]))
                 log.error(
                     "bus and database both unavailable: holding events",
-                    events=len(batch),
-                    queued=len(self._queue),
+                    events=len(batch[0]),
+                    queued=self._queued,
                     busError=err,
                     dbError=short(e),
                 )
@@ -182,32 +223,32 @@ class Publisher:
                     raise _Held() from None
                 await self._clock.sleep(DB_RETRY.delay(attempt))
 
-    async def _to_bus(self, batch: list[EventRecord]) -> str | None:
+    async def _to_bus(self, batch: _Chunk) -> str | None:
         """None when published; else why not."""
         if self._clock.monotonic() < self._bus_skip_until:
             return "bus skipped after a recent failure"
         try:
-            await self.bus.publish([message_of(r) for r in batch])
+            await self.bus.publish_events(*batch)
         except BusError as e:
-            self._failed.inc(len(batch))
+            self._failed.inc(len(batch[0]))
             self._bus_failures += 1
             self._bus_skip_until = self._clock.monotonic() + BUS_SKIP.delay(self._bus_failures)
             log.warning(
                 "bus publish failed: events go to the source outbox",
-                events=len(batch),
+                events=len(batch[0]),
                 provider=self.bus.provider,
                 error=str(e)[:300],
             )
             return str(e)
         self._bus_failures = 0
-        self._published.inc(len(batch))
+        self._published.inc(len(batch[0]))
         if self._trace is not None and self._trace.wants("PUBLISH"):
             now = utcnow(self._clock.time())
-            for r in batch:
-                self._trace.add("PUBLISH", r.event_id, message_of(r).key, now)
+            for r in batch[0]:
+                self._trace.add("PUBLISH", r.event_id, key_of(r), now)
         return None
 
-    async def _to_outbox(self, batch: list[EventRecord], error: str) -> None:
+    async def _to_outbox(self, batch: Sequence[EventRecord], error: str) -> None:
         now = utcnow(self._clock.time())
         due = now + timedelta(seconds=OUTBOX_RETRY.delay(1))
         res = await self.outbox.db.run(
@@ -225,15 +266,17 @@ class Publisher:
         for path in self.spool.files():
             records = Spool.read(path)
             for i in range(0, len(records), self.batch_size):
-                await self._deliver(records[i : i + self.batch_size])
+                chunk = records[i : i + self.batch_size]
+                await self._deliver((chunk, [encode(r) for r in chunk]))
             path.unlink()
             log.info("spooled events published", file=path.name, events=len(records))
             self._m.spool_events.set(self.spool.count())
 
     async def _rescue(self) -> int:
         """What is still queued at the end: to the outbox, else the spool."""
-        left = list(self._queue)
+        left = [r for recs, _ in self._queue for r in recs]
         self._queue.clear()
+        self._queued = 0
         self._m.publish_queue_events.set(0)
         if not left:
             return 0

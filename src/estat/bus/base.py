@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from estat.model import EventRecord
+
 TOPIC = "user-activity"
 
 
@@ -32,15 +34,61 @@ class BusError(Exception):
     """The bus refused or could not be reached."""
 
 
-class Message(msgspec.Struct, frozen=True, gc=False, array_like=True):
-    """(A struct, not a dataclass: built once per published event; packed
-    as an array where a provider puts several in one bus message.)"""
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """(A struct, not a dataclass: built once per published event.)"""
 
     message_id: str
     key: str
     occurred_at: str
     payload: bytes
     headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def key_of(rec: EventRecord) -> str:
+    """The partition key: the member, else the anonymous visitor, else the event."""
+    return rec.member_id or rec.anonymous_id or rec.event_id
+
+
+def message_of(rec: EventRecord, payload: bytes) -> Message:
+    """The bus message of an event; ``payload`` is its JSON (``rows.encode``)."""
+    return Message(
+        rec.event_id,
+        rec.member_id or rec.anonymous_id or rec.event_id,
+        rec.occurred_at,
+        payload,
+        {"source": rec.source, "eventName": rec.event_name},
+    )
+
+
+class _Head(msgspec.Struct, gc=False):
+    """What a message is derived from in an event's JSON."""
+
+    event_id: str
+    event_name: str = ""
+    occurred_at: str = ""
+    member_id: str | int | None = None
+    anonymous_id: str | None = None
+    source: str = ""
+
+
+_head = msgspec.json.Decoder(_Head).decode
+
+
+def message_of_line(line: bytes) -> Message | None:
+    """The message of an event's JSON, as ``message_of`` builds it; None
+    when ``line`` is not an event (then it cannot travel as a bare line)."""
+    try:
+        h = _head(line)
+    except msgspec.DecodeError:
+        return None
+    member = None if h.member_id is None else str(h.member_id)
+    return Message(
+        h.event_id,
+        member or h.anonymous_id or h.event_id,
+        h.occurred_at,
+        line,
+        {"source": h.source, "eventName": h.event_name},
+    )
 
 
 @dataclass(slots=True)
@@ -81,6 +129,11 @@ class Bus(Protocol):
         """Connect and declare what the bus needs (stream, group)."""
 
     async def publish(self, messages: Sequence[Message]) -> None: ...
+
+    async def publish_events(self, records: Sequence[EventRecord], lines: Sequence[bytes]) -> None:
+        """Publish events given with their JSON (one line each, no newline):
+        the same as ``publish`` of their ``message_of``, which a provider
+        may skip building (Redis batch entries carry the lines as they are)."""
 
     def consumer(self, name: str) -> Consumer: ...
 

@@ -17,7 +17,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message
+from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message, message_of
+from estat.model import EventRecord
 from estat.ops.logging import get_logger
 
 log = get_logger("estat.bus")
@@ -41,6 +42,9 @@ class MemoryBus:
 
     async def start(self) -> None:
         return None
+
+    async def publish_events(self, records: Sequence[EventRecord], lines: Sequence[bytes]) -> None:
+        await self.publish([message_of(r, line) for r, line in zip(records, lines, strict=True)])
 
     async def publish(self, messages: Sequence[Message]) -> None:
         if self.closed:

@@ -27,7 +27,8 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message, short
+from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message, message_of, short
+from estat.model import EventRecord
 
 
 class NatsBus:
@@ -96,6 +97,9 @@ class NatsBus:
             )
         except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
+
+    async def publish_events(self, records: Sequence[EventRecord], lines: Sequence[bytes]) -> None:
+        await self.publish([message_of(r, line) for r, line in zip(records, lines, strict=True)])
 
     async def publish(self, messages: Sequence[Message]) -> None:
         js = await self._connect()

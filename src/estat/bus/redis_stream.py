@@ -4,11 +4,13 @@ Stream ``<MQ_PREFIX>:user-activity``, consumer group ``MQ_CONSUMER_GROUP``.
 Two entry formats (``MQ_REDIS_ENTRY``), both always read:
 
 - ``batch`` (the default): one entry per published batch, fields
-  ``topic``, ``count`` and ``batch`` (the batch's messages, MessagePack:
-  ``[[messageId, key, occurredAt, payload, {header: value}], ...]``). Redis
-  does one XADD per batch instead of one per event: measured, the
-  difference between Redis being the ceiling of the API and not
-  (docs/benchmarks.md).
+  ``topic``, ``count`` and ``events``: the events' JSON as JSON Lines (the
+  lines of the lake's ``events`` dataset; each message's id, key, time and
+  headers are read from its line). Redis does one XADD per batch instead
+  of one per event, and the publisher builds no per-event message: measured,
+  the difference between the bus halving the API's throughput and not
+  (docs/benchmarks.md). A message whose payload is not an event's one-line
+  JSON (a broken outbox row) goes in an entry of its own, as below.
 - ``event``: one entry per event with seed 004's producer fields
   (``messageId``, ``topic``, ``key``, ``occurredAt``, ``payload``,
   ``header.*``), for other readers of the stream.
@@ -38,16 +40,29 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message, short
+from estat.bus.base import (
+    TOPIC,
+    BusError,
+    BusStats,
+    Delivery,
+    Message,
+    message_of,
+    message_of_line,
+    short,
+)
+from estat.model import EventRecord
 
 TRIM_EVERY = 10.0  # seconds between trims, per consumer
 
-#: one call adds a whole batch, one entry per event, atomically: the fields
-#: are those of ``_fields``. Measured here: 364,000 entries/s against 61,000
+#: one call adds a batch entry (ARGV 3-4, when given) and an entry per
+#: message, atomically: the fields are those of ``_fields``. Measured here: 364,000 entries/s against 61,000
 #: for a redis-py pipeline of XADDs (packing each command in Python is the
 #: cost); docs/benchmarks.md.
 PUBLISH_LUA = """
 local topic = ARGV[2]
+if tonumber(ARGV[3]) > 0 then
+  redis.call('XADD', KEYS[1], '*', 'topic', topic, 'count', ARGV[3], 'events', ARGV[4])
+end
 local items = cjson.decode(ARGV[1])
 for i = 1, #items do
   local m = items[i]
@@ -89,10 +104,6 @@ def _message(fields: dict[bytes, bytes]) -> Message:
     )
 
 
-_pack = msgspec.msgpack.Encoder().encode
-_unpack = msgspec.msgpack.Decoder(list[Message]).decode
-
-
 class _Entry:
     """A batch entry being settled: acked once nothing of it is left."""
 
@@ -112,17 +123,21 @@ class _Entry:
 def _deliveries(
     entry_id: bytes, fields: dict[bytes, bytes], count: int, t: float
 ) -> list[Delivery]:
-    """The events of one entry, either format. An entry that cannot be read
-    is one delivery whose payload the store refuses (and parks)."""
-    packed = fields.get(b"batch")
-    if packed is None:
+    """The events of one entry, either format. A line that is not an event
+    is a delivery of its own (id ``<entry id>#<line>``) that the store
+    refuses, and parks."""
+    lines = fields.get(b"events")
+    if lines is None:
         return [Delivery(_message(fields), count, entry_id, t)]
-    try:
-        items = _unpack(packed)
-    except msgspec.DecodeError:
-        items = [Message(entry_id.decode(), "", "", b"", {"error": "unreadable batch entry"})]
-    entry = _Entry(entry_id, len(items))
-    return [Delivery(m, count, entry, t) for m in items]
+    parts = lines.split(b"\n")
+    entry = _Entry(entry_id, len(parts))
+    out = []
+    for n, line in enumerate(parts):
+        m = message_of_line(line)
+        if m is None:
+            m = Message(f"{entry_id.decode()}#{n}", "", "", line, {})
+        out.append(Delivery(m, count, entry, t))
+    return out
 
 
 def _entry_id(handle: Any) -> bytes:
@@ -169,19 +184,49 @@ class RedisStreamBus:
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
 
+    async def publish_events(self, records: Sequence[EventRecord], lines: Sequence[bytes]) -> None:
+        if self.entry == "batch":
+            await self._add_batch(lines)
+        else:
+            await self._add_each(
+                [message_of(r, line) for r, line in zip(records, lines, strict=True)]
+            )
+
     async def publish(self, messages: Sequence[Message]) -> None:
-        """One entry per batch, or one script call adding an entry per
-        message (all or none)."""
+        """Batch entries for messages that are events' one-line JSON, an
+        entry each for the others (all in one call: all or none)."""
+        if self.entry == "event":
+            await self._add_each(messages)
+            return
+        lines: list[bytes] = []
+        others: list[Message] = []
+        for m in messages:
+            if b"\n" not in m.payload and message_of_line(m.payload) == m:
+                lines.append(m.payload)
+            else:
+                others.append(m)
+        if lines and others:
+            await self._add_each(others, batch=lines)
+        elif lines:
+            await self._add_batch(lines)
+        elif others:
+            await self._add_each(others)
+
+    async def _add_batch(self, lines: Sequence[bytes]) -> None:
+        if not lines:
+            return
+        fields = {"topic": self.topic, "count": len(lines), "events": b"\n".join(lines)}
+        try:
+            await self.redis.xadd(self.stream, fields)
+        except (RedisError, OSError) as e:
+            raise BusError(short(e)) from e
+
+    async def _add_each(self, messages: Sequence[Message], batch: Sequence[bytes] = ()) -> None:
+        """One script call: an entry per message (and a batch entry of
+        ``batch`` first, when given)."""
         if not messages:
             return
-        if self.entry == "batch":
-            fields = {"topic": self.topic, "count": len(messages), "batch": _pack(messages)}
-            try:
-                await self.redis.xadd(self.stream, fields)
-            except (RedisError, OSError) as e:
-                raise BusError(short(e)) from e
-            return
-        batch = _encode(
+        items = _encode(
             [
                 (
                     m.message_id,
@@ -193,8 +238,9 @@ class RedisStreamBus:
                 for m in messages
             ]
         )
+        events = b"\n".join(batch)
         try:
-            await self._publish(keys=[self.stream], args=[batch, self.topic])
+            await self._publish(keys=[self.stream], args=[items, self.topic, len(batch), events])
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
 

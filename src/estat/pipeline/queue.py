@@ -83,8 +83,9 @@ class EventQueue:
         if self._waiter is not None and self.events >= self.wake_at:
             self._wake()
 
-    def put_many(self, records: list[Any]) -> None:
-        """Enqueue all of ``records`` or none of them (raises ``Overloaded``)."""
+    def put_many(self, records: list[Any]) -> list[bytes]:
+        """Enqueue all of ``records`` or none of them (raises ``Overloaded``);
+        returns their encoded lines (without the newline)."""
         if self._refusing is not None:
             raise Overloaded(self._refusing, 5, self._refusing_kind)
         if self.events + len(records) > self.max_events or self.nbytes >= self.max_bytes:
@@ -96,6 +97,7 @@ class EventQueue:
         self.events += len(records)
         if self._waiter is not None and self.events >= self.wake_at:
             self._wake()
+        return lines
 
     def take(self, max_events: int, max_bytes: int) -> tuple[bytes | bytearray, int]:
         """Remove up to ``max_events`` whole lines totalling at most ``max_bytes``.
