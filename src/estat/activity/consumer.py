@@ -215,8 +215,11 @@ class StoreConsumer:
         t0 = first.received if first is not None and first.received else time.monotonic()
         for d, err in p.bad:
             await self._failed(d, err)
-        if p.good:
-            await self._store(p.good)
+        # one transaction per STORE_BATCH_SIZE events: a fetch returns whole
+        # bus messages (a Redis batch entry holds a published batch)
+        n = self.batch_size
+        for i in range(0, len(p.good), n):
+            await self._store(p.good[i : i + n])
         self._latency.observe(time.monotonic() - t0)
 
     async def _store(self, items: list[tuple[Delivery, dict[str, Any], str]]) -> None:
