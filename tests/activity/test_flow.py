@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,52 @@ async def test_a_stop_interrupts_an_idle_fetch_of_the_in_process_bus() -> None:
     await asyncio.sleep(0.01)
     assert not second.done()
     second.cancel()
+
+
+class _GatedBus(MemoryBus):
+    """An in-process bus whose publishes wait for the test to let them
+    through, and that records the size of each."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=10_000)
+        self.sizes: list[int] = []
+        self.gate = asyncio.Event()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self.sizes.append(len(messages))
+        await self.gate.wait()
+        await super().publish(messages)
+
+
+async def test_the_publisher_fills_batches_while_one_is_in_flight_and_keeps_the_order(
+    tmp_path: Path,
+) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    db.upgrade()
+    bus = _GatedBus()
+    m = Metrics()
+    pub = Publisher(
+        bus, SourceOutbox(db), Spool(tmp_path / "spool"), capacity=1000, batch_size=4,
+        metrics=m, clock=FakeClock(),
+    )  # fmt: skip
+    sup = Supervisor(m, lambda name: None)
+    await pub.start(sup.spawn)
+    first = [rec()]
+    pub.put(first)
+    await run_until(lambda: bus.sizes == [1])  # sent at once: nothing was in flight
+    later = [[rec() for _ in range(3)], [rec() for _ in range(3)]]  # two requests
+    for chunk in later:
+        pub.put(chunk)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # a full batch goes beside the one in flight; the partial rest waits
+    assert bus.sizes == [1, 4]
+    bus.gate.set()
+    await run_until(lambda: sum(bus.sizes) == 7)
+    assert bus.sizes == [1, 4, 2]  # full batches, a request split across two
+    pub.close()
+    assert await pub.join(Deadline.after(10, SystemClock())) == 0
+    got = await bus.consumer("c").fetch(100, 1)
+    sent = first + later[0] + later[1]
+    assert [d.message.message_id for d in got] == [r.event_id for r in sent]
+    assert [d.message.payload for d in got] == [encode(r) for r in sent]
