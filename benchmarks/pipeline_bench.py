@@ -332,10 +332,10 @@ def main() -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument(
-        "parts", nargs="*", choices=["store", "api", "latency"], help="default: all three"
-    )
+    ap.add_argument("parts", nargs="*", help="store, api, latency (default: all three)")
     parts = set(ap.parse_args().parts or ["store", "api", "latency"])
+    if parts - {"store", "api", "latency"}:
+        ap.error(f"unknown part: {', '.join(sorted(parts - {'store', 'api', 'latency'}))}")
     work = Path(tempfile.mkdtemp(prefix="estat-pipeline-bench-"))
     pg = PostgresServer(free_port())
     pg.start()

@@ -93,7 +93,7 @@ class ActivityFields(BaseSettings):
     )
     mq_redis_entry: Literal["batch", "event"] = Field(
         "batch",
-        description="Redis Streams entries: batch (one entry per published batch, MessagePack; the fast default) or event (one entry per event with seed 004's fields, for other readers of the stream). Both are always read.",
+        description="Redis Streams entries: batch (one entry per published batch, the events' JSON Lines in its events field; the fast default) or event (one entry per event with seed 004's fields, for other readers of the stream). Both are always read.",
         json_schema_extra=accepts("batch or event"),
     )
     mq_trace: Literal["all", "failures", "off"] = Field(
