@@ -28,6 +28,7 @@ TABLES = {
     "user_activity_source_outbox",
     "user_activity_dispatch_outbox",
     "message_queue_trace_log",
+    "admin_audit_log",
 }
 
 
@@ -67,6 +68,13 @@ def test_migrations_go_up_and_down(db: Database) -> None:
     assert set(inspect(db.engine).get_table_names()) >= TABLES
     idx = {i["name"] for i in inspect(db.engine).get_indexes("user_activity_event")}
     assert {"idx_user_activity_event_member_occurred", "idx_user_activity_event_occurred"} <= idx
+    # one step down leaves the seed's tables and removes the audit log
+    db.downgrade("0001")
+    names = set(inspect(db.engine).get_table_names())
+    assert "admin_audit_log" not in names
+    assert names >= TABLES - {"admin_audit_log"}
+    db.upgrade()
+    assert db.current() == db.head()
 
 
 def test_a_schema_newer_than_this_estat_is_refused(db: Database) -> None:

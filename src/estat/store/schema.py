@@ -117,3 +117,19 @@ message_queue_trace_log = Table(
     Index("idx_message_queue_trace_log_message", "message_id", text("id DESC")),
     Index("idx_message_queue_trace_log_topic_stage", "topic", "stage", text("id DESC")),
 )
+
+#: every call of the admin API, refused ones included (never the token)
+admin_audit_log = Table(
+    "admin_audit_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("created_at", Ts, nullable=False, server_default=func.now()),
+    Column("token_name", String(64)),
+    Column("client", String(100), nullable=False),
+    Column("method", String(10), nullable=False),
+    Column("route", String(200), nullable=False),
+    Column("parameters", Json, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("effect", Json),
+    Index("idx_admin_audit_log_created", "created_at", "id"),
+)
