@@ -109,8 +109,14 @@ def rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
+#: ingest port -> admin port of the estat processes started here
+ADMIN_PORTS: dict[int, int] = {}
+
+
 def metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    """The metrics of the estat listening on ``port`` (from its admin listener)."""
+    admin = ADMIN_PORTS[port]
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
@@ -124,9 +130,11 @@ def start_estat(
     workdir: Path, port: int, extra: dict[str, str], roles: str = "ingest,relay,store"
 ) -> subprocess.Popen[bytes]:
     workdir.mkdir(parents=True, exist_ok=True)
+    ADMIN_PORTS[port] = free_port()
     env = {
         **os.environ,
         "HTTP_ADDR": f"127.0.0.1:{port}",
+        "ADMIN_ADDR": f"127.0.0.1:{ADMIN_PORTS[port]}",
         "DATA_DIR": str(workdir / "data"),
         "LOG_LEVEL": "warning",
         # static credentials: the S3 client must never look for instance credentials here

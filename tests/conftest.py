@@ -110,10 +110,12 @@ class EstatProcess:
     ) -> None:
         self.args = args
         self.port = free_port()
+        self.admin_port = free_port()
         self.workdir = workdir
         self.env = {
             **os.environ,
             "HTTP_ADDR": f"127.0.0.1:{self.port}",
+            "ADMIN_ADDR": f"127.0.0.1:{self.admin_port}",
             "DATA_DIR": str(workdir / "data"),
             "LOG_LEVEL": "info",
             **env,
@@ -125,6 +127,11 @@ class EstatProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin listener (/metrics, detailed /ready, the admin API)."""
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, wait: bool = True) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +161,7 @@ class EstatProcess:
         raise TimeoutError(f"log never said {text!r} {count} times:\n{self.log.read_text()}")
 
     def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as r:
             text = r.read().decode()
         return parse_metrics(text)
 

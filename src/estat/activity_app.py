@@ -35,7 +35,7 @@ from estat.settings import Settings
 from estat.stage import Deadline, Stage
 from estat.store.db import Database, SchemaTooNew
 from estat.store.events import EventStore
-from estat.store.outbox import SourceOutbox
+from estat.store.outbox import ReplayFilter, SourceOutbox
 from estat.store.trace import TraceLog
 
 log = get_logger("estat.activity")
@@ -110,6 +110,8 @@ class Activity:
         s = settings
         self.settings = s
         self.roles = tuple(roles)
+        self.metrics = metrics
+        self.clock = clock
         self.bus = build_bus(s)
         self.db = Database(s.database)
         self.outbox = SourceOutbox(
@@ -164,6 +166,23 @@ class Activity:
             self.db, bus, self.trace, retention=s.mq_trace_retention, metrics=metrics, clock=clock
         )
         self.writer = OutboxCommit(self.outbox, metrics, self.notify_relay)
+
+    async def replay(self, limit: int, which: ReplayFilter) -> tuple[int, int, int]:
+        """An operator's outbox replay (the admin API): published now by
+        this process's relay, or by a relay made for the call when this
+        process runs none."""
+        relay = self.relay
+        if relay is None:
+            if self.bus is None:
+                raise BusError("no bus configured")
+            relay = Relay(
+                self.outbox, self.bus, batch_size=limit, poll_interval=1.0,
+                metrics=self.metrics, clock=self.clock, trace=self.trace,
+            )  # fmt: skip
+        result = await relay.replay(limit, which)
+        if self.relay is not None and result[0]:
+            self.relay.notify()
+        return result
 
     def notify_relay(self) -> None:
         if self.relay is not None:

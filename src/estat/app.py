@@ -23,6 +23,7 @@ from pydantic import SecretStr
 
 from estat.activity.publisher import Publisher
 from estat.activity_app import ROLES, Activity
+from estat.admin.build import build_admin
 from estat.clock import Clock, SystemClock
 from estat.codec import encode
 from estat.dlq.queue import DeadLetterQueue
@@ -41,13 +42,7 @@ from estat.ingest.ratelimit import (
     SharedRateLimiter,
 )
 from estat.ingest.route import Route
-from estat.ingest.routes import (
-    CollectRoute,
-    HealthRoute,
-    MetricsRoute,
-    OpenAPIRoute,
-    ReadyRoute,
-)
+from estat.ingest.routes import CollectRoute, HealthRoute, ReadyRoute
 from estat.ingest.server import HttpLimits, HttpServer
 from estat.ingest.server_events import ServerEventsRoute
 from estat.lake.keys import KeyMaker
@@ -65,6 +60,7 @@ from estat.pipeline.uploader import Sink, UploadPolicy
 from estat.runtime import Runtime
 from estat.settings import Settings
 from estat.stage import Deadline, Stage
+from estat.store.db import Database
 
 log = get_logger("estat.app")
 
@@ -262,9 +258,7 @@ class App:
                     metrics=m,
                 ),
                 b"/health": HealthRoute(),
-                b"/ready": ReadyRoute(self._ready),
-                b"/metrics": MetricsRoute(m),
-                b"/openapi.json": OpenAPIRoute(),
+                b"/ready": ReadyRoute(self._cheap_ready),
                 **routes,
             },
             limits=HttpLimits(
@@ -284,6 +278,15 @@ class App:
         self.listener = Listener(
             self.http, host, port, reuse_port=reuse_port, grace=settings.shutdown_timeout / 4
         )
+        # the admin listener (/metrics, detailed /ready, the admin API): up
+        # first and down last, so a drain can be watched
+        self.admin_db: Database | None = None
+        db = self.activity.db if self.activity is not None else None
+        if db is None and settings.admin_listen is not None:
+            self.admin_db = db = Database(settings.database)  # the audit log
+        self.admin = build_admin(
+            settings, metrics=m, clock=self.clock, ready=self._ready, activity=self.activity, db=db
+        )
         # started in this order (the flush loop first, the listener last),
         # stopped in reverse: nothing is closed before what feeds it
         low: list[Stage] = []
@@ -293,7 +296,7 @@ class App:
             low, middle, high = self.activity.layers()
         self.runtime = Runtime(
             [
-                [MetricsFlusher(self.metrics), *low],
+                [MetricsFlusher(self.metrics), *([self.admin] if self.admin else []), *low],
                 list(self.pipelines),
                 middle,
                 high,
@@ -341,6 +344,22 @@ class App:
         if self.gate.last_error is None and self.lake_check.startswith("unreachable"):
             return self.lake_check  # nothing has been uploaded since the check
         return "ok"
+
+    def _cheap_ready(self) -> tuple[bool, dict[str, object]]:
+        """The ingest port's ``/ready`` for load balancers: can this process
+        take events now; the details are on the admin listener."""
+        ok, detail = self._ready()
+        if ok:
+            return True, {}
+        if self.draining:
+            reason = "draining"
+        elif detail.get("failedStages"):
+            reason = "a stage failed"
+        elif not detail.get("queueHasRoom"):
+            reason = "queue full"
+        else:
+            reason = "dlq unwritable"
+        return False, {"reason": reason}
 
     def _ready(self) -> tuple[bool, dict[str, object]]:
         room = all(p.queue.has_room() for p in self.pipelines)
@@ -390,6 +409,8 @@ class App:
         await self.dlq.start()
         if self.activity is not None:
             await self.activity.prepare()
+        elif self.admin_db is not None and self.settings.auto_migrate:
+            await self.admin_db.run(self.admin_db.upgrade)
         err = await self.check_lake()
         if err is not None and self.settings.lake_startup_check == "require":
             raise LakeCheckFailed(err)

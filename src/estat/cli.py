@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         "replay", help="make FAILED rows (parked ones too) due now; the relay publishes them"
     )
     orp.add_argument("--limit", type=int, default=100, help="at most N rows, oldest first")
+    from estat.adminctl import add_admin_parser
+
+    add_admin_parser(sub)
     mg = sub.add_parser("migrate", help="migrate the database (DATABASE_URL) to this version")
     mg.add_argument(
         "action", nargs="?", default="upgrade", choices=["upgrade", "current", "downgrade"]
@@ -114,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
+    if args.command == "admin":
+        from estat.adminctl import run_admin_command
+
+        return run_admin_command(args)
     if args.command == "config" and args.markdown:
         sys.stdout.write(markdown_table())
         return 0

@@ -39,7 +39,7 @@ def dlq_ids(root: Path) -> Counter[str]:
 
 def ready(p: EstatProcess) -> tuple[int, dict[str, Any]]:
     try:
-        with urllib.request.urlopen(p.url + "/ready", timeout=5) as r:
+        with urllib.request.urlopen(p.admin_url + "/ready", timeout=5) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())

@@ -104,7 +104,7 @@ def test_workers_act_as_one_server(estat_factory: Any, tmp_path: Path) -> None:
     res = load(p, connections=32, per=300)
     total = len(res.acked)
     assert total >= 8_000
-    # any worker answers /metrics for the whole server
+    # the admin listener (one per server) answers /metrics for every worker
     for _ in range(4):
         wait_metric(p, "http_requests_accepted_total", total)
     assert p.stop() == 0  # SIGTERM to the parent drains every worker

@@ -16,6 +16,7 @@ from estat.settings import load_settings
 
 
 async def start_app(tmp_path: Path, sink: Any = None, **overrides: Any) -> App:
+    overrides.setdefault("admin_addr", "off")  # tests that want it give a free port
     settings = load_settings(
         http_addr="127.0.0.1:0", data_dir=tmp_path / "data", instance_id="t1", **overrides
     )

@@ -276,10 +276,10 @@ async def test_routes_methods_and_preflight(app: App) -> None:
     assert (await read_response(r)).body == b'{"status":"ok"}'
     ready = await read_response(r)
     assert ready.status == 200
+    assert ready.body == b'{"ready":true}'  # the details are on the admin listener
     metrics = await read_response(r)
-    assert metrics.headers["content-type"].startswith("text/plain")
-    assert b"http_requests_total" in metrics.body
-    assert (await read_response(r)).status == 404
+    assert metrics.status == 404  # /metrics moved to the admin listener
+    assert metrics.headers["connection"] == "close"
 
 
 async def test_queue_full_is_503_with_retry_after_and_counted(tmp_path: Path) -> None:
@@ -337,17 +337,3 @@ async def test_queue_full_is_503_with_retry_after_and_counted(tmp_path: Path) ->
     assert reg_after.get_sample_value(
         "http_requests_refused_total", {"route": "collect", "reason": "draining"}
     ) in (None, 0.0)
-
-
-async def test_openapi_document_is_served(app: App) -> None:
-    import json
-
-    r, w = await connect(app)
-    w.write(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
-    await w.drain()
-    resp = await read_response(r)
-    doc = json.loads(resp.body)
-    assert doc["openapi"].startswith("3.")
-    post = doc["paths"]["/api/v1/analytics/events"]["post"]
-    assert "ANALYTICS_INGEST_RATE_LIMIT_EXCEEDED" in json.dumps(post["responses"]["429"])
-    assert doc["components"]["schemas"]["ClientEvent"]["properties"]["eventId"]["maxLength"] == 64

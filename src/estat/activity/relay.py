@@ -21,7 +21,7 @@ from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn, finish_by
-from estat.store.outbox import OutboxRow, SourceOutbox, utcnow
+from estat.store.outbox import OutboxRow, ReplayFilter, SourceOutbox, utcnow
 from estat.store.rows import BadPayload, decode
 from estat.store.trace import TraceLog
 
@@ -117,6 +117,24 @@ class Relay:
                 await asyncio.shield(db.run(lambda: self.outbox.release(ids, now)))
             raise
         return len(rows)
+
+    async def replay(self, limit: int, which: ReplayFilter) -> tuple[int, int, int]:
+        """An operator's replay: lease up to ``limit`` FAILED and due PENDING
+        rows matching ``which`` and publish them now (``retry_count`` kept;
+        a failure counts as an attempt). (processed, published, failed)."""
+        db = self.outbox.db
+        now = utcnow(self._clock.time())
+        rows = await db.run(lambda: self.outbox.lease(limit, now, which))
+        if not rows:
+            return 0, 0, 0
+        try:
+            ok, failed = await self.publish(rows)
+        except BaseException:
+            ids = [r.id for r in rows]
+            with contextlib.suppress(*TRANSIENT_DB):
+                await asyncio.shield(db.run(lambda: self.outbox.release(ids, now)))
+            raise
+        return len(rows), ok, failed
 
     async def publish(self, rows: list[OutboxRow]) -> tuple[int, int]:
         """Publish leased ``rows`` and mark them; (published, failed)."""

@@ -12,7 +12,7 @@ from estat.ingest import ip as _ip
 from estat.ingest.cors import Cors
 from estat.ingest.http import HttpConnection
 from estat.ingest.ip import client_ip
-from estat.ops.metrics import CONTENT_TYPE, Metrics
+from estat.ops.metrics import Metrics
 
 _xff_cache: Final = _ip.forwarded_cache  # bound once: the hot path reads it per request
 _dumps: Final = orjson.dumps
@@ -150,42 +150,3 @@ class ReadyRoute:
             return
         ok, detail = self._check()
         c.respond(200 if ok else 503, orjson.dumps({"ready": ok, **detail}), _JSON)
-
-
-class MetricsRoute:
-    """``/metrics``: Prometheus text format for the whole server."""
-
-    name = "metrics"
-    ingest = False
-    max_body = 0
-    unavailable_body = b""
-    unavailable_headers = b""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._ctype = b"content-type: " + CONTENT_TYPE.encode() + b"\r\n"
-
-    def handle(self, c: HttpConnection) -> None:
-        if not _read_only(c):
-            return
-        c.respond(200, self._metrics.exposition(), self._ctype)
-
-
-class OpenAPIRoute:
-    """``/openapi.json``: the OpenAPI document of this listener."""
-
-    name = "openapi"
-    ingest = False
-    max_body = 0
-    unavailable_body = b""
-    unavailable_headers = b""
-
-    def __init__(self) -> None:
-        from estat.ingest.openapi import render
-
-        self._doc = render()
-
-    def handle(self, c: HttpConnection) -> None:
-        if not _read_only(c):
-            return
-        c.respond(200, self._doc, _JSON)

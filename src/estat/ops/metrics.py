@@ -32,6 +32,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 
 from estat.ops.hist import FastHistogram
 
@@ -362,6 +363,17 @@ class Metrics:
             "held: kept in memory while the database was unreachable, per attempt).",
             ("to",),
         )
+        self.admin_requests = counter(
+            "admin_requests_total",
+            "Calls of the admin listener, by route template and status.",
+            ("route", "status"),
+        )
+        self.admin_auth_failures = counter(
+            "admin_auth_failures_total",
+            "Refused admin calls, by code (ADMIN_TOKEN_REQUIRED, ADMIN_TOKEN_INVALID, "
+            "ADMIN_SCOPE_REQUIRED, ADMIN_TOO_MANY_FAILURES).",
+            ("code",),
+        )
         self.spool_events = gauge(
             "activity_spool_events",
             "Events in the local publish spool (written at shutdown with bus and database "
@@ -395,14 +407,17 @@ class Metrics:
         for fn in self._flushers:
             fn()
 
-    def exposition(self) -> bytes:
-        """The Prometheus text format of the whole server (all workers)."""
+    def exposition(self, openmetrics: bool = False) -> bytes:
+        """The Prometheus text format of the whole server (all workers), or
+        OpenMetrics (``OPENMETRICS_CONTENT_TYPE``)."""
         self.flush()
+        render = om_generate_latest if openmetrics else generate_latest
         if self.multiprocess_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            return render(registry)
+        return render(self.registry)
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"

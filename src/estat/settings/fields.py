@@ -24,6 +24,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from estat.settings.activity import ActivityFields
+from estat.settings.admin import AdminFields
 from estat.settings.values import (
     DEFAULT_ALLOWLIST,
     Address,
@@ -55,7 +56,7 @@ class _MappingSource(EnvSettingsSource):
         )
 
 
-class Settings(ActivityFields):
+class Settings(ActivityFields, AdminFields):
     @classmethod
     def settings_customise_sources(
         cls,

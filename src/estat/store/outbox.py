@@ -92,6 +92,33 @@ def _due(now: datetime) -> Any:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayFilter:
+    """Which rows an operator's replay takes: FAILED ones (parked included)
+    and due PENDING ones, optionally of one event name and a ``created_at``
+    range (from inclusive, to exclusive)."""
+
+    event_name: str | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+
+    def where(self, now: datetime) -> Any:
+        cond = or_(
+            T.c.status == "FAILED",
+            and_(
+                T.c.status == "PENDING",
+                or_(T.c.next_retry_at.is_(None), T.c.next_retry_at <= now),
+            ),
+        )
+        if self.event_name is not None:
+            cond = and_(cond, T.c.event_name == self.event_name)
+        if self.created_from is not None:
+            cond = and_(cond, T.c.created_at >= self.created_from)
+        if self.created_to is not None:
+            cond = and_(cond, T.c.created_at < self.created_to)
+        return cond
+
+
 class SourceOutbox:
     def __init__(
         self,
@@ -128,8 +155,13 @@ class SourceOutbox:
             )
 
     # -- the relay's side ------------------------------------------------------
-    def lease(self, limit: int, now: datetime) -> list[OutboxRow]:
-        ids = select(T.c.id).where(_due(now)).order_by(T.c.id).limit(limit)
+    def lease(
+        self, limit: int, now: datetime, replay: ReplayFilter | None = None
+    ) -> list[OutboxRow]:
+        """Due rows, oldest first, leased (``next_retry_at`` a lease ahead);
+        with ``replay``, the rows an operator's replay takes instead."""
+        where = _due(now) if replay is None else replay.where(now)
+        ids = select(T.c.id).where(where).order_by(T.c.id).limit(limit)
         if self.db.skip_locked:
             ids = ids.with_for_update(skip_locked=True)
         stmt = (
@@ -205,6 +237,12 @@ class SourceOutbox:
             )
 
     # -- reading ---------------------------------------------------------------
+    def count_replayable(self, replay: ReplayFilter, now: datetime, limit: int) -> int:
+        """How many rows a replay of ``limit`` would take (a dry run)."""
+        ids = select(T.c.id).where(replay.where(now)).limit(limit).subquery()
+        with self.db.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(ids)).scalar_one())
+
     def counts(self) -> dict[str, tuple[int, int]]:
         """status → (rows, max retry_count)."""
         stmt = select(T.c.status, func.count(), func.max(T.c.retry_count)).group_by(T.c.status)

@@ -1,0 +1,149 @@
+"""``estat admin``: the admin API from the command line.
+
+``estat admin token create --name N --scopes read,replay`` prints a new
+token and the ``ADMIN_TOKENS`` entry for it (only the SHA-256 is ever
+configured). The other commands call a running estat's admin listener:
+``--url`` / ``ESTAT_ADMIN_URL`` (default ``http://127.0.0.1:8081``) and
+``--token`` / ``ESTAT_ADMIN_TOKEN``; tables by default, JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+from estat.admin.auth import new_token
+from estat.settings.admin import SCOPES
+
+DEFAULT_URL = "http://127.0.0.1:8081"
+
+
+def add_admin_parser(sub: Any) -> None:
+    a = sub.add_parser("admin", help="the admin API: tokens, outbox, traces, audit")
+    a.add_argument("--url", default=None, help=f"admin listener (ESTAT_ADMIN_URL; {DEFAULT_URL})")
+    a.add_argument("--token", default=None, help="bearer token (ESTAT_ADMIN_TOKEN)")
+    a.add_argument("--json", action="store_true", help="print the JSON answer")
+    asub = a.add_subparsers(dest="admin_command", required=True)
+    tok = asub.add_parser("token", help="admin tokens")
+    tsub = tok.add_subparsers(dest="token_command", required=True)
+    tc = tsub.add_parser("create", help="print a new token and its ADMIN_TOKENS entry")
+    tc.add_argument("--name", required=True)
+    tc.add_argument("--scopes", required=True, help=f"comma-separated: {', '.join(SCOPES)}")
+    ob = asub.add_parser("outbox", help="seed 004's outbox summary and replay")
+    osub = ob.add_subparsers(dest="outbox_command", required=True)
+    osub.add_parser("summary", help="pendingCount, failedCount, publishedCount, maxRetryCount")
+    rp = osub.add_parser("replay", help="publish FAILED and due PENDING rows now")
+    rp.add_argument("--limit", type=int, default=100, help="1..500 (default 100)")
+    rp.add_argument("--dry-run", action="store_true", help="count only")
+    rp.add_argument("--event-name", default=None)
+    rp.add_argument("--from", dest="created_from", default=None, help="created_at >= (ISO 8601)")
+    rp.add_argument("--to", dest="created_to", default=None, help="created_at < (ISO 8601)")
+    tr = asub.add_parser("traces", help="the MQ trace rows of one message, newest first")
+    tr.add_argument("message_id")
+    tr.add_argument("--limit", type=int, default=50, help="1..200 (default 50)")
+    au = asub.add_parser("audit", help="the latest admin calls")
+    au.add_argument("--limit", type=int, default=20)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _create_token(args: argparse.Namespace) -> int:
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    bad = [s for s in scopes if s not in SCOPES]
+    if not scopes or bad:
+        print(f"estat: scopes are {', '.join(SCOPES)}", file=sys.stderr)
+        return 2
+    token, digest = new_token()
+    entry = f"{args.name}:{'+'.join(scopes)}:{digest}"
+    from estat.settings.admin import parse_admin_tokens
+
+    try:
+        parse_admin_tokens(entry)
+    except ValueError as e:
+        print(f"estat: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"token": token, "entry": entry}))
+    else:
+        print(f"token (give it to the caller; it is not stored anywhere): {token}")
+        print(
+            f"ADMIN_TOKENS entry (add it, comma-separated, or a line of ADMIN_TOKENS_FILE): {entry}"
+        )
+    return 0
+
+
+def run_admin_command(args: argparse.Namespace) -> int:
+    if args.admin_command == "token":
+        return _create_token(args)
+    url = (args.url or os.environ.get("ESTAT_ADMIN_URL") or DEFAULT_URL).rstrip("/")
+    token = args.token or os.environ.get("ESTAT_ADMIN_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    method, path, params = "GET", "", {}
+    if args.admin_command == "outbox" and args.outbox_command == "summary":
+        path = "/api/v1/admin/user-activity/outbox/summary"
+    elif args.admin_command == "outbox":
+        method, path = "POST", "/api/v1/admin/user-activity/outbox/replay"
+        params = {"limit": args.limit, "dryRun": str(args.dry_run).lower()}
+        for k, v in (
+            ("eventName", args.event_name),
+            ("from", args.created_from),
+            ("to", args.created_to),
+        ):
+            if v is not None:
+                params[k] = v
+    elif args.admin_command == "traces":
+        path = "/api/v1/admin/mq-traces"
+        params = {"messageId": args.message_id, "limit": args.limit}
+    else:
+        path = "/api/v1/admin/audit"
+        params = {"limit": args.limit}
+    try:
+        resp = httpx.request(method, url + path, params=params, headers=headers, timeout=30)
+    except httpx.HTTPError as e:
+        print(f"estat: cannot reach the admin listener at {url}: {e}", file=sys.stderr)
+        return 1
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"code": "NOT_JSON", "message": resp.text[:300]}
+    if resp.status_code >= 400:
+        print(
+            f"estat: {resp.status_code} {body.get('code')}: {body.get('message')}", file=sys.stderr
+        )
+        return 1 if resp.status_code >= 500 else 2
+    if args.json:
+        print(json.dumps(body))
+    elif isinstance(body, dict):
+        print(_table([body], list(body)))
+    elif args.admin_command == "traces":
+        print(
+            _table(
+                body,
+                [
+                    "createdAt",
+                    "stage",
+                    "provider",
+                    "consumerGroup",
+                    "processingMillis",
+                    "errorMessage",
+                ],
+            )
+        )
+    else:
+        print(
+            _table(
+                body, ["createdAt", "tokenName", "client", "method", "route", "status", "effect"]
+            )
+        )
+    return 0
