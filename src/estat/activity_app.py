@@ -23,16 +23,13 @@ from estat.bus.base import Bus, BusError
 from estat.bus.memory import MemoryBus
 from estat.bus.nats import NatsBus
 from estat.bus.redis_stream import RedisStreamBus
-from estat.clock import Clock, SystemClock
+from estat.clock import Clock
 from estat.errors import Overloaded
 from estat.model import EventRecord
-from estat.ops.flush import MetricsFlusher
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
-from estat.ops.tasks import Supervisor
-from estat.runtime import Runtime
 from estat.settings import Settings
-from estat.stage import Deadline, Stage
+from estat.stage import Stage
 from estat.store.db import Database, SchemaTooNew
 from estat.store.events import EventStore
 from estat.store.outbox import ReplayFilter, SourceOutbox
@@ -237,38 +234,3 @@ class Activity:
             with contextlib.suppress(BusError):
                 await self.bus.close()
         await asyncio.to_thread(self.db.close)
-
-
-class RolesApp:
-    """The relay and store roles without the ingest listener."""
-
-    def __init__(self, settings: Settings, roles: Sequence[str]) -> None:
-        self.settings = settings
-        self.clock = SystemClock()
-        self.metrics = Metrics()
-        self.activity = Activity(settings, roles, self.metrics, self.clock)
-        self._stop = asyncio.Event()
-        self.supervisor = Supervisor(self.metrics, lambda name: self._stop.set())
-        low, middle, high = self.activity.layers()
-        self.runtime = Runtime(
-            [[MetricsFlusher(self.metrics), *low], middle, high], self.supervisor, self.clock
-        )
-
-    async def start(self) -> None:
-        await self.activity.prepare()
-        await self.runtime.start()
-        log.info("estat started", roles=",".join(self.activity.roles), pid=os.getpid())
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    async def wait_for_stop(self) -> None:
-        await self._stop.wait()
-
-    async def shutdown(self) -> int:
-        deadline = Deadline.after(self.settings.shutdown_timeout, self.clock)
-        lost = await self.runtime.stop(deadline)
-        await self.activity.close()
-        self.metrics.flush()
-        log.info("shutdown complete", unsavedEvents=lost)
-        return lost

@@ -17,10 +17,11 @@ import sys
 
 import uvloop
 
-from estat.activity_app import ROLES, RolesApp, StartFailed
+from estat.activity_app import ROLES, StartFailed
 from estat.app import App, LakeCheckFailed
 from estat.ops.fds import raise_nofile_limit
 from estat.ops.logging import get_logger, setup_logging
+from estat.roles_app import RolesApp
 from estat.settings import Settings
 
 log = get_logger("estat.app")

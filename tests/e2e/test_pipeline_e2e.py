@@ -153,6 +153,16 @@ def test_separate_roles_on_postgresql_survive_a_killed_store_consumer(
     store2 = estat_factory(env, args=["store"])
     store2.start()
     wait_for(lambda: count() >= len(ids), timeout=90)
+    # a role process has its own admin listener (ADMIN_ADDR set for it)
+    m = store2.metrics()
+    stored = sum(
+        v for k, v in m.items() if k.startswith("store_events_total{") and 'result="inserted"' in k
+    )
+    assert 0 < stored <= len(ids)
+    with urllib.request.urlopen(store2.admin_url + "/ready", timeout=5) as r:
+        detail = json.loads(r.read())
+    assert detail["ready"] is True
+    assert detail["roles"] == ["store"]
     assert store2.stop() == 0
     assert ingest.stop() == 0
     with psycopg.connect(pg_url) as conn:
