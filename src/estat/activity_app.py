@@ -28,6 +28,7 @@ from estat.errors import Overloaded
 from estat.model import EventRecord
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
+from estat.pause import Pauses
 from estat.settings import Settings
 from estat.stage import Stage
 from estat.store.db import Database, SchemaTooNew
@@ -102,7 +103,12 @@ class OutboxCommit:
 
 class Activity:
     def __init__(
-        self, settings: Settings, roles: Sequence[str], metrics: Metrics, clock: Clock
+        self,
+        settings: Settings,
+        roles: Sequence[str],
+        metrics: Metrics,
+        clock: Clock,
+        pauses: Pauses | None = None,
     ) -> None:
         s = settings
         self.settings = s
@@ -134,6 +140,7 @@ class Activity:
                 metrics=metrics,
                 clock=clock,
                 trace=self.trace,
+                pauses=pauses,
             )
         if bus is not None and "ingest" in self.roles:
             self.publisher = Publisher(
@@ -158,6 +165,7 @@ class Activity:
                 clock=clock,
                 trace=self.trace,
                 rescue=lambda records: self.db.run(lambda: self.outbox.enqueue(records)),
+                pauses=pauses,
             )
         self.housekeeper = Housekeeper(
             self.db, bus, self.trace, retention=s.mq_trace_retention, metrics=metrics, clock=clock

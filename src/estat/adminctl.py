@@ -24,7 +24,7 @@ DEFAULT_URL = "http://127.0.0.1:8081"
 
 
 def add_admin_parser(sub: Any) -> None:
-    a = sub.add_parser("admin", help="the admin API: tokens, outbox, traces, audit")
+    a = sub.add_parser("admin", help="the admin API: tokens, outbox, traces, workers, audit")
     a.add_argument("--url", default=None, help=f"admin listener (ESTAT_ADMIN_URL; {DEFAULT_URL})")
     a.add_argument("--token", default=None, help="bearer token (ESTAT_ADMIN_TOKEN)")
     a.add_argument("--json", action="store_true", help="print the JSON answer")
@@ -46,6 +46,12 @@ def add_admin_parser(sub: Any) -> None:
     tr = asub.add_parser("traces", help="the MQ trace rows of one message, newest first")
     tr.add_argument("message_id")
     tr.add_argument("--limit", type=int, default=50, help="1..200 (default 50)")
+    wk = asub.add_parser("workers", help="list, pause or resume the relay, store, dlq-replayer")
+    wsub = wk.add_subparsers(dest="workers_command")
+    wsub.add_parser("list", help="every worker's pause state (the default)")
+    for verb in ("pause", "resume"):
+        wp = wsub.add_parser(verb, help=f"{verb} a worker in every process")
+        wp.add_argument("name", help="relay, store or dlq-replayer")
     au = asub.add_parser("audit", help="the latest admin calls")
     au.add_argument("--limit", type=int, default=20)
 
@@ -102,6 +108,10 @@ def run_admin_command(args: argparse.Namespace) -> int:
         ):
             if v is not None:
                 params[k] = v
+    elif args.admin_command == "workers" and args.workers_command in ("pause", "resume"):
+        method, path = "POST", f"/api/v1/admin/workers/{args.name}/{args.workers_command}"
+    elif args.admin_command == "workers":
+        path = "/api/v1/admin/workers"
     elif args.admin_command == "traces":
         path = "/api/v1/admin/mq-traces"
         params = {"messageId": args.message_id, "limit": args.limit}

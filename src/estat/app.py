@@ -23,7 +23,8 @@ from pydantic import SecretStr
 
 from estat.activity.publisher import Publisher
 from estat.activity_app import ROLES, Activity
-from estat.admin.build import build_admin
+from estat.admin.build import build_admin, dlq_ops
+from estat.admin.workers import PauseWatcher
 from estat.clock import Clock, SystemClock
 from estat.codec import encode
 from estat.dlq.queue import DeadLetterQueue
@@ -53,6 +54,7 @@ from estat.ops.flush import MetricsFlusher
 from estat.ops.logging import Sampler, get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
+from estat.pause import Pauses
 from estat.pipeline.gate import LakeGate
 from estat.pipeline.pipeline import Pipeline
 from estat.pipeline.queue import EventQueue
@@ -196,11 +198,13 @@ class App:
             metrics=self.metrics,
             on_recovered=lambda: self.replayer.notify_healthy(),
         )
+        self.pauses = Pauses()
         self.replayer = Replayer(
             self.dlq,
             self.sink,
             live_busy=lambda: any(p.inbox.qsize() for p in self.pipelines),
             lake=self.gate,
+            pauses=self.pauses,
         )
         self.pipeline = self._pipeline("raw", settings.raw_prefix, settings.channel_size)
         self.events_pipeline = self._pipeline(
@@ -209,7 +213,9 @@ class App:
         self.pipelines = (self.pipeline, self.events_pipeline)
         m = self.metrics
         self.activity = (
-            Activity(settings, roles, m, self.clock) if settings.mq_provider != "none" else None
+            Activity(settings, roles, m, self.clock, self.pauses)
+            if settings.mq_provider != "none"
+            else None
         )
         if settings.mq_provider == "none":
             log.warning("message queue provider is none: skipping user activity publish")
@@ -282,11 +288,13 @@ class App:
         # first and down last, so a drain can be watched
         self.admin_db: Database | None = None
         db = self.activity.db if self.activity is not None else None
-        if db is None and settings.admin_listen is not None:
-            self.admin_db = db = Database(settings.database)  # the audit log
+        if db is None:  # the pause state and the audit log
+            self.admin_db = db = Database(settings.database)
+        self.pause_watcher = PauseWatcher(db, self.pauses, m)
         self.admin = build_admin(
-            settings, metrics=m, clock=self.clock, ready=self._ready, activity=self.activity, db=db
-        )
+            settings, metrics=m, clock=self.clock, ready=self._ready, activity=self.activity,
+            db=db, workers=self.pause_watcher, dlq=dlq_ops(self.dlq, self.sink),
+        )  # fmt: skip
         # started in this order (the flush loop first, the listener last),
         # stopped in reverse: nothing is closed before what feeds it
         low: list[Stage] = []
@@ -296,7 +304,12 @@ class App:
             low, middle, high = self.activity.layers()
         self.runtime = Runtime(
             [
-                [MetricsFlusher(self.metrics), *([self.admin] if self.admin else []), *low],
+                [
+                    MetricsFlusher(self.metrics),
+                    self.pause_watcher,
+                    *([self.admin] if self.admin else []),
+                    *low,
+                ],
                 list(self.pipelines),
                 middle,
                 high,

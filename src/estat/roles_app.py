@@ -10,11 +10,13 @@ from collections.abc import Sequence
 
 from estat.activity_app import Activity
 from estat.admin.build import build_admin
+from estat.admin.workers import PauseWatcher
 from estat.clock import SystemClock
 from estat.ops.flush import MetricsFlusher
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
+from estat.pause import Pauses
 from estat.runtime import Runtime
 from estat.settings import Settings
 from estat.stage import Deadline, Stage
@@ -29,7 +31,9 @@ class RolesApp:
         self.settings = settings
         self.clock = SystemClock()
         self.metrics = Metrics()
-        self.activity = Activity(settings, roles, self.metrics, self.clock)
+        self.pauses = Pauses()
+        self.activity = Activity(settings, roles, self.metrics, self.clock, self.pauses)
+        self.pause_watcher = PauseWatcher(self.activity.db, self.pauses, self.metrics)
         self._stop = asyncio.Event()
         self.supervisor = Supervisor(self.metrics, lambda name: self._stop.set())
         low, middle, high = self.activity.layers()
@@ -42,10 +46,11 @@ class RolesApp:
                 ready=self._ready,
                 activity=self.activity,
                 db=self.activity.db,
+                workers=self.pause_watcher,
             )
-        first: list[Stage] = [MetricsFlusher(self.metrics), *low]
+        first: list[Stage] = [MetricsFlusher(self.metrics), self.pause_watcher, *low]
         if self.admin is not None:
-            first.insert(1, self.admin)
+            first.insert(2, self.admin)
         self.runtime = Runtime([first, middle, high], self.supervisor, self.clock)
 
     def _ready(self) -> tuple[bool, dict[str, object]]:

@@ -90,9 +90,12 @@ async def test_every_admin_route_needs_a_token_with_its_scope(admin: Admin) -> N
     assert f"{ADMIN_PREFIX}/user-activity/outbox/replay" in paths
     assert f"{ADMIN_PREFIX}/mq-traces" in paths
     assert f"{ADMIN_PREFIX}/audit" in paths
+    assert f"{ADMIN_PREFIX}/workers/{{name}}/pause" in paths
+    assert f"{ADMIN_PREFIX}/dlq/replay" in paths
     assert "/openapi.json" in paths
     params = {"messageId": "m", "limit": "1"}
-    for method, path, scope in routes:
+    for method, template, scope in routes:
+        path = template.replace("{name}", "relay")
         r = await admin.client.request(method, path, params=params)
         assert r.status_code == 401, (method, path)
         assert r.json()["code"] == "ADMIN_TOKEN_REQUIRED"
@@ -381,3 +384,118 @@ def test_token_create_prints_a_token_that_its_entry_accepts(
     assert entry is not None
     assert entry.name == "ci"
     assert main(["admin", "token", "create", "--name", "x", "--scopes", "write"]) == 2
+
+
+async def test_a_paused_store_keeps_its_backlog_and_resumes_it(admin: Admin) -> None:
+    from tests.e2e.test_pipeline_e2e import client_batch
+
+    c = admin.client
+    activity = admin.app.activity
+    assert activity is not None
+    r = await c.post(f"{ADMIN_PREFIX}/workers/store/pause", headers=auth("operator"))
+    assert r.status_code == 200
+    assert r.json()["paused"] is True
+    assert r.json()["updatedBy"] == "operator"
+    assert admin.app.metrics.registry.get_sample_value("worker_paused", {"worker": "store"}) == 1
+    await asyncio.sleep(1.2)  # a fetch already waiting on the bus ends first (its 1 s poll)
+    import uuid
+
+    ids = [uuid.uuid4().hex for _ in range(30)]
+    rr, w = await connect(admin.app)
+    body = json.dumps(client_batch(ids)).encode()
+    w.write(
+        b"POST /api/v1/analytics/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await w.drain()
+    assert (await read_response(rr)).status == 200  # accepted while the store is paused
+
+    def stored() -> list[str]:
+        with activity.db.engine.connect() as conn:
+            return [row[0] for row in conn.execute(select(user_activity_event.c.event_id))]
+
+    await asyncio.sleep(1.0)
+    assert stored() == []  # waiting on the bus, nothing dropped
+    listed = (await c.get(f"{ADMIN_PREFIX}/workers", headers=auth("reader"))).json()
+    assert {x["name"]: (x["paused"], x["running"]) for x in listed} == {
+        "relay": (False, True), "store": (True, True), "dlq-replayer": (False, True),
+    }  # fmt: skip
+    r = await c.post(f"{ADMIN_PREFIX}/workers/store/resume", headers=auth("operator"))
+    assert r.json()["paused"] is False
+    for _ in range(100):
+        if len(stored()) == len(ids):
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(stored()) == sorted(ids)
+    r = await c.post(f"{ADMIN_PREFIX}/workers/nope/pause", headers=auth("operator"))
+    assert (r.status_code, r.json()["code"]) == (404, "ADMIN_UNKNOWN_WORKER")
+
+
+async def test_another_process_follows_the_pause_state_in_the_database(admin: Admin) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from estat.admin.workers import PauseWatcher
+    from estat.ops.metrics import Metrics
+    from estat.pause import Pauses
+
+    activity = admin.app.activity
+    assert activity is not None
+    other = Pauses()  # a second process on the same database
+    watcher = PauseWatcher(activity.db, other, Metrics(CollectorRegistry()), interval=0.05)
+    await watcher.start(lambda name, coro: asyncio.create_task(coro, name=name))
+    try:
+        await admin.client.post(f"{ADMIN_PREFIX}/workers/relay/pause", headers=auth("operator"))
+        for _ in range(100):
+            if other.paused("relay"):
+                break
+            await asyncio.sleep(0.02)
+        assert other.paused("relay")
+        await admin.client.post(f"{ADMIN_PREFIX}/workers/relay/resume", headers=auth("operator"))
+        for _ in range(100):
+            if not other.paused("relay"):
+                break
+            await asyncio.sleep(0.02)
+        assert not other.paused("relay")
+    finally:
+        watcher.close()
+        from estat.clock import SystemClock
+        from estat.stage import Deadline
+
+        await watcher.join(Deadline.after(5, SystemClock()))
+
+
+async def test_dlq_routes_list_and_replay_what_estat_dlq_would(admin: Admin) -> None:
+    from tests.dlq.test_dlq import ERR, batch
+
+    dlq = admin.app.dlq
+    assert admin.app.admin is not None
+    admin.app.pauses.set("dlq-replayer", True)  # the background replayer leaves them to us
+    for i in range(3):
+        await dlq.spill(
+            batch(f"raw/dt=2026-12-01/hr=00/f{i}.jsonl.gz", range(i * 10, i * 10 + 2)), ERR, 1
+        )
+    c = admin.client
+    stats = (await c.get(f"{ADMIN_PREFIX}/dlq", headers=auth("reader"))).json()
+    assert (stats["files"], stats["events"]) == (3, 6)
+    assert stats["oldestAgeSeconds"] >= 0
+    page = (
+        await c.get(
+            f"{ADMIN_PREFIX}/dlq/files", params={"limit": 2, "offset": 1}, headers=auth("reader")
+        )
+    ).json()
+    assert len(page) == 2
+    r = await c.post(f"{ADMIN_PREFIX}/dlq/replay", params={"limit": 2}, headers=auth("replayer"))
+    assert r.json() == {"replayed": 2, "quarantined": 0, "failed": 0}
+    assert (await c.get(f"{ADMIN_PREFIX}/dlq", headers=auth("reader"))).json()["files"] == 1
+
+
+async def test_store_counts(admin: Admin) -> None:
+    activity = admin.app.activity
+    assert activity is not None
+    activity.outbox.enqueue([rec() for _ in range(4)], status="FAILED", next_retry_at=None)
+    r = (
+        await admin.client.get(f"{ADMIN_PREFIX}/user-activity/store", headers=auth("reader"))
+    ).json()
+    assert r["sourceOutbox"] == {"FAILED": 4}
+    assert r["events"] == 0
+    assert r["busPending"] == 0

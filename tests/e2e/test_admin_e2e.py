@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -120,3 +121,54 @@ def test_seed_004_replay_guide_with_the_admin_api(
         assert p.stop() == 0
     finally:
         redis.stop()
+
+
+def test_a_paused_store_stays_paused_across_a_restart_and_resumes_everything(
+    estat_factory: Any, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    import sqlite3
+
+    from tests.e2e.test_pipeline_e2e import client_batch, post, wait_for
+
+    env = {
+        "ADMIN_TOKENS": ENTRY,
+        "MQ_PROVIDER": "redis-stream",
+        "MQ_REDIS_URL": redis_server.url,
+        "MQ_PREFIX": "p" + uuid.uuid4().hex[:8],
+    }
+    p: EstatProcess = estat_factory(env)
+    p.start()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "estat", "admin", "--url", p.admin_url, *args],
+            env={**p.env, "ESTAT_ADMIN_TOKEN": TOKEN}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    def stored() -> int:
+        with sqlite3.connect(tmp_path / "data" / "estat.db") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM user_activity_event").fetchone()[0])
+
+    paused = cli("workers", "pause", "store")
+    assert paused.returncode == 0, paused.stderr
+    assert "True" in paused.stdout
+    time.sleep(2.5)  # a fetch already waiting on the bus ends first
+    ids = [uuid.uuid4().hex for _ in range(50)]
+    status, _ = post(p.url + "/api/v1/analytics/events", client_batch(ids))
+    assert status == 200
+    time.sleep(2)
+    assert stored() == 0  # the events wait on the bus
+    assert p.stop() == 0
+    p2: EstatProcess = estat_factory(env)
+    p2.admin_port, p = p.admin_port, p2  # the same address for the CLI
+    p.env["ADMIN_ADDR"] = f"127.0.0.1:{p.admin_port}"
+    p.start()
+    listed = cli("--json", "workers")
+    assert listed.returncode == 0, listed.stderr
+    store = next(w for w in json.loads(listed.stdout) if w["name"] == "store")
+    assert (store["paused"], store["updatedBy"]) == (True, "ops")  # it survived the restart
+    time.sleep(2)
+    assert stored() == 0
+    assert cli("workers", "resume", "store").returncode == 0
+    wait_for(lambda: stored() == len(ids))
+    assert p.stop() == 0

@@ -26,6 +26,7 @@ from estat.clock import Clock
 from estat.model import EventRecord
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
+from estat.pause import Pauses
 from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn, finish_by
 from estat.store.events import EventStore
@@ -67,9 +68,11 @@ class StoreConsumer:
         trace: TraceLog | None = None,
         poll: float = 1.0,
         rescue: Callable[[list[EventRecord]], Awaitable[object]] | None = None,
+        pauses: Pauses | None = None,
     ) -> None:
         #: where the in-process bus's leftovers go at the end (the outbox)
         self.rescue = rescue
+        self.pauses = pauses
         self.bus = bus
         self.store = store
         self.consumer_name = consumer_name
@@ -97,6 +100,8 @@ class StoreConsumer:
         self._closing = True
         if self._consumer is not None:
             self._consumer.interrupt()
+        if self.pauses is not None:
+            self.pauses.interrupt()
 
     async def join(self, deadline: Deadline) -> int:
         self._deadline = deadline
@@ -171,6 +176,9 @@ class StoreConsumer:
             while True:
                 if self._closing and not self._draining_in_process():
                     break
+                if self.pauses is not None and self.pauses.paused("store") and not self._closing:
+                    await self.pauses.wait_change(1.0)  # the backlog waits on the bus
+                    continue
                 try:
                     batch = await self._consumer.fetch(
                         self.batch_size, 0.05 if self._closing else self.poll

@@ -19,6 +19,7 @@ from estat.bus.base import Bus, BusError, Message
 from estat.clock import Clock
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
+from estat.pause import Pauses
 from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn, finish_by
 from estat.store.outbox import OutboxRow, ReplayFilter, SourceOutbox, utcnow
@@ -26,6 +27,8 @@ from estat.store.rows import BadPayload, decode
 from estat.store.trace import TraceLog
 
 log = get_logger("estat.relay")
+
+PAUSE_CHECK = 1.0  # seconds between looks at the pause state while paused
 
 DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
 
@@ -51,9 +54,11 @@ class Relay:
         metrics: Metrics,
         clock: Clock,
         trace: TraceLog | None = None,
+        pauses: Pauses | None = None,
     ) -> None:
         self.outbox = outbox
         self.bus = bus
+        self.pauses = pauses
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._m = metrics
@@ -62,7 +67,6 @@ class Relay:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self.paused = False
 
     def notify(self) -> None:
         """Rows were written: look now rather than at the next poll."""
@@ -74,6 +78,8 @@ class Relay:
     def close(self) -> None:
         self._closing = True
         self._wake.set()
+        if self.pauses is not None:
+            self.pauses.interrupt()
 
     async def join(self, deadline: Deadline) -> int:
         await finish_by(self._task, deadline)
@@ -82,6 +88,9 @@ class Relay:
     async def _run(self) -> None:
         failures = 0
         while not self._closing:
+            if self.pauses is not None and self.pauses.paused("relay"):
+                await self.pauses.wait_change(PAUSE_CHECK)
+                continue
             try:
                 n = await self.relay_once()
                 failures = 0

@@ -27,8 +27,10 @@ from starlette.routing import Match
 
 from estat.admin.audit import AuditLog
 from estat.admin.auth import Authenticator
+from estat.admin.workers import PauseWatcher
 from estat.ops.logging import get_logger
 from estat.ops.metrics import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, Metrics
+from estat.pause import WORKERS
 from estat.settings.admin import AdminTokenEntry
 from estat.store.outbox import ReplayFilter, SourceOutbox
 from estat.store.trace import traces
@@ -54,6 +56,19 @@ class AdminContext:
     replay: Replayer | None = None
     version: str = "0"
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    workers: PauseWatcher | None = None
+    running: frozenset[str] = frozenset()
+    dlq: DlqOps | None = None
+    store_counts: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+
+@dataclass
+class DlqOps:
+    """The local DLQ, as ``estat dlq`` sees it."""
+
+    totals: Callable[[], Awaitable[tuple[int, int, int, float | None]]]
+    files: Callable[[int, int], Awaitable[list[dict[str, Any]]]]
+    replay: Callable[[int], Awaitable[dict[str, int]]]
 
 
 class AdminError(Exception):
@@ -95,6 +110,42 @@ class TraceRow(BaseModel):
     processingMillis: int | None
     errorMessage: str | None
     createdAt: datetime
+
+
+class Worker(BaseModel):
+    name: str
+    paused: bool
+    running: bool  # this process runs it
+    updatedAt: datetime | None
+    updatedBy: str | None
+
+
+class DlqStats(BaseModel):
+    files: int
+    events: int
+    bytes: int
+    oldestAgeSeconds: float | None
+
+
+class DlqFile(BaseModel):
+    name: str
+    createdAt: datetime
+    events: int
+    bytes: int
+
+
+class DlqReplay(BaseModel):
+    replayed: int
+    quarantined: int
+    failed: int
+
+
+class StoreCounts(BaseModel):
+    events: int
+    dispatchOutbox: dict[str, dict[str, int]]
+    sourceOutbox: dict[str, int]
+    busPending: int | None
+    busParked: int | None
 
 
 class AuditRow(BaseModel):
@@ -370,6 +421,125 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
             )
             for r in rows
         ]
+
+    # -- workers: pause / resume -------------------------------------------------
+    def watcher() -> PauseWatcher:
+        if ctx.workers is None:
+            raise AdminError(409, "ADMIN_WORKERS_UNAVAILABLE", "no database for the pause state")
+        return ctx.workers
+
+    def listing(w: PauseWatcher) -> list[Worker]:
+        out = []
+        for name in WORKERS:
+            at, by = w.updated.get(name, (None, None))
+            out.append(
+                Worker(
+                    name=name,
+                    paused=w.pauses.paused(name),
+                    running=name in ctx.running,
+                    updatedAt=_aware(at),
+                    updatedBy=by,
+                )
+            )
+        return out
+
+    @app.get(
+        f"{ADMIN_PREFIX}/workers", tags=["workers"], responses=_REFUSALS, openapi_extra=doc("read")
+    )
+    async def workers(_: AdminTokenEntry = scope("read")) -> list[Worker]:
+        """Every worker's pause state (as this process last read it) and
+        whether this process runs it."""
+        return listing(watcher())
+
+    async def _set_pause(
+        request: Request, name: str, paused: bool, token: AdminTokenEntry
+    ) -> Worker:
+        if name not in WORKERS:
+            raise AdminError(404, "ADMIN_UNKNOWN_WORKER", f"workers are {', '.join(WORKERS)}")
+        w = watcher()
+        await w.write(name, paused, token.name, ctx.now())
+        request.state.effect = {"worker": name, "paused": paused}
+        return next(x for x in listing(w) if x.name == name)
+
+    @app.post(
+        f"{ADMIN_PREFIX}/workers/{{name}}/pause", tags=["workers"],
+        responses={**_REFUSALS, 404: {"model": ErrorBody, "description": "ADMIN_UNKNOWN_WORKER"}},
+        openapi_extra=doc("operate"),
+    )  # fmt: skip
+    async def pause(
+        request: Request, name: str, token: AdminTokenEntry = scope("operate")
+    ) -> Worker:
+        """Pause a worker in every process (within a few seconds; it survives
+        restarts). Its backlog waits: nothing is dropped."""
+        return await _set_pause(request, name, True, token)
+
+    @app.post(
+        f"{ADMIN_PREFIX}/workers/{{name}}/resume", tags=["workers"],
+        responses={**_REFUSALS, 404: {"model": ErrorBody, "description": "ADMIN_UNKNOWN_WORKER"}},
+        openapi_extra=doc("operate"),
+    )  # fmt: skip
+    async def resume(
+        request: Request, name: str, token: AdminTokenEntry = scope("operate")
+    ) -> Worker:
+        """Resume a paused worker."""
+        return await _set_pause(request, name, False, token)
+
+    # -- the local DLQ ---------------------------------------------------------------
+    def dlq() -> DlqOps:
+        if ctx.dlq is None:
+            raise AdminError(
+                409, "ADMIN_DLQ_UNAVAILABLE", "this process has no DLQ (no ingest role)"
+            )
+        return ctx.dlq
+
+    @app.get(f"{ADMIN_PREFIX}/dlq", tags=["dlq"], responses=_REFUSALS, openapi_extra=doc("read"))
+    async def dlq_stats(_: AdminTokenEntry = scope("read")) -> DlqStats:
+        """Files, events and bytes in the local DLQ, and the oldest file's age."""
+        files, events, nbytes, oldest = await dlq().totals()
+        age = None if oldest is None else max(0.0, ctx.now().timestamp() - oldest)
+        return DlqStats(files=files, events=events, bytes=nbytes, oldestAgeSeconds=age)
+
+    @app.get(
+        f"{ADMIN_PREFIX}/dlq/files", tags=["dlq"], responses=_REFUSALS, openapi_extra=doc("read")
+    )
+    async def dlq_files(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+        _: AdminTokenEntry = scope("read"),
+    ) -> list[DlqFile]:
+        """DLQ files, oldest first, a page at a time."""
+        return [DlqFile(**f) for f in await dlq().files(limit, offset)]
+
+    @app.post(
+        f"{ADMIN_PREFIX}/dlq/replay", tags=["dlq"], responses=_REFUSALS,
+        openapi_extra=doc("replay"),
+    )  # fmt: skip
+    async def dlq_replay(
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+        _: AdminTokenEntry = scope("replay"),
+    ) -> DlqReplay:
+        """Upload up to ``limit`` DLQ files to the lake now, oldest first
+        (the same as ``estat dlq replay --limit``); stops at the first failure."""
+        result = DlqReplay(**await dlq().replay(limit))
+        request.state.effect = result.model_dump()
+        return result
+
+    # -- the event store ---------------------------------------------------------------
+    @app.get(
+        f"{ADMIN_PREFIX}/user-activity/store", tags=["user-activity"], responses=_REFUSALS,
+        openapi_extra=doc("read"),
+    )  # fmt: skip
+    async def store_counts(_: AdminTokenEntry = scope("read")) -> StoreCounts:
+        """Stored events, outbox rows by status (dispatch: by target too),
+        and the bus's pending and parked messages."""
+        if ctx.store_counts is None:
+            raise AdminError(
+                409,
+                "ADMIN_PIPELINE_DISABLED",
+                "the user-activity pipeline is off (MQ_PROVIDER=none)",
+            )
+        return StoreCounts(**await ctx.store_counts())
 
     # -- the audit log -------------------------------------------------------------
     @app.get(

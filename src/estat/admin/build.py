@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
 
 from estat.activity_app import Activity
-from estat.admin.api import AdminContext, build_admin_app
+from estat.admin.api import AdminContext, DlqOps, build_admin_app
 from estat.admin.audit import AuditLog
 from estat.admin.auth import Authenticator
 from estat.admin.listener import AdminListener
+from estat.admin.workers import PauseWatcher
+from estat.bus.base import BusError
 from estat.clock import Clock
+from estat.dlq.queue import DeadLetterQueue, Sink
 from estat.ops.metrics import Metrics
 from estat.settings import Settings
 from estat.store.db import Database
+from estat.store.schema import (
+    user_activity_dispatch_outbox,
+    user_activity_event,
+    user_activity_source_outbox,
+)
 
 
 def serves_admin() -> bool:
@@ -30,6 +44,8 @@ def build_admin(
     ready: Callable[[], tuple[bool, dict[str, object]]],
     activity: Activity | None,
     db: Database | None,
+    workers: PauseWatcher | None = None,
+    dlq: DlqOps | None = None,
 ) -> AdminListener | None:
     addr = settings.admin_listen
     if addr is None or not serves_admin():
@@ -49,5 +65,104 @@ def build_admin(
         outbox=activity.outbox if activity is not None else None,
         replay=activity.replay if activity is not None and activity.bus is not None else None,
         version=__version__,
+        workers=workers,
+        running=_running(activity),
+        dlq=dlq,
+        store_counts=_store_counts(activity) if activity is not None else None,
     )
     return AdminListener(build_admin_app(ctx), addr[0], addr[1])
+
+
+def _running(activity: Activity | None) -> frozenset[str]:
+    """The workers this process runs (the DLQ replayer runs with ingest)."""
+    out = set()
+    if activity is None or "ingest" in activity.roles:
+        out.add("dlq-replayer")
+    if activity is not None:
+        if activity.relay is not None:
+            out.add("relay")
+        if activity.consumer is not None:
+            out.add("store")
+    return frozenset(out)
+
+
+def _store_counts(activity: Activity) -> Callable[[], Awaitable[dict[str, Any]]]:
+    db = activity.db
+
+    def read() -> dict[str, Any]:
+        with db.engine.connect() as conn:
+            events = conn.execute(
+                select(func.count()).select_from(user_activity_event)
+            ).scalar_one()
+            src = user_activity_source_outbox
+            source: dict[str, int] = {
+                str(status): int(n)
+                for status, n in conn.execute(
+                    select(src.c.status, func.count()).group_by(src.c.status)
+                )
+            }
+            d = user_activity_dispatch_outbox
+            dispatch: dict[str, dict[str, int]] = {}
+            for target, status, n in conn.execute(
+                select(d.c.dispatch_target, d.c.status, func.count()).group_by(
+                    d.c.dispatch_target, d.c.status
+                )
+            ):
+                dispatch.setdefault(target, {})[status] = int(n)
+        return {
+            "events": int(events),
+            "sourceOutbox": {k: int(v) for k, v in source.items()},
+            "dispatchOutbox": dispatch,
+        }
+
+    async def counts() -> dict[str, Any]:
+        out = await db.run(read)
+        pending = parked = None
+        if activity.bus is not None:
+            try:
+                stats = await activity.bus.stats()
+                pending, parked = stats.pending, stats.parked
+            except BusError:
+                pass
+        return {**out, "busPending": pending, "busParked": parked}
+
+    return counts
+
+
+def dlq_ops(dlq: DeadLetterQueue, sink: Sink) -> DlqOps:
+    """The admin API's view of a process's DLQ (the ``estat dlq`` operations)."""
+    store = dlq.store
+
+    async def totals() -> tuple[int, int, int, float | None]:
+        return await asyncio.to_thread(store.totals)
+
+    async def files(limit: int, offset: int) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": e.name,
+                    "createdAt": datetime.fromtimestamp(e.created, UTC),
+                    "events": e.events,
+                    "bytes": e.nbytes,
+                }
+                for e in itertools.islice(store.ordered(), offset, offset + limit)
+            ]
+
+        return await asyncio.to_thread(read)
+
+    async def replay(limit: int) -> dict[str, int]:
+        done = {"replayed": 0, "quarantined": 0, "failed": 0}
+        while done["replayed"] + done["quarantined"] < limit:
+            result = await dlq.replay_one(sink)
+            if result == "ok":
+                done["replayed"] += 1
+            elif result == "quarantined":
+                done["quarantined"] += 1
+            elif result == "failed":
+                done["failed"] += 1
+                break
+            elif result == "empty":
+                break
+        return done
+
+    return DlqOps(totals, files, replay)

@@ -19,6 +19,7 @@ from typing import Protocol
 from estat.clock import Clock, SystemClock
 from estat.dlq.queue import DeadLetterQueue, Sink
 from estat.ops.logging import get_logger
+from estat.pause import Pauses
 from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn
 
@@ -57,8 +58,10 @@ class Replayer:
         live_busy: Callable[[], bool],
         lake: Lake | None = None,
         clock: Clock | None = None,
+        pauses: Pauses | None = None,
     ) -> None:
         self._clock = clock or SystemClock()
+        self.pauses = pauses
         self.failures = 0  # consecutive failed replays
         self._dlq = dlq
         self._sink = sink
@@ -78,6 +81,8 @@ class Replayer:
     def close(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self.pauses is not None:
+            self.pauses.interrupt()
 
     async def join(self, deadline: Deadline) -> int:
         """Finish the file in progress (at most ``JOIN_GRACE``); a file cut
@@ -111,6 +116,9 @@ class Replayer:
     async def _run(self) -> None:
         lake = self._lake
         while not self._stopping:
+            if self.pauses is not None and self.pauses.paused("dlq-replayer"):
+                await self.pauses.wait_change(1.0)  # the files wait in the DLQ
+                continue
             if self._busy():
                 await self._clock.sleep(YIELD_SECONDS)
                 continue

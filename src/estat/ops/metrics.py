@@ -363,6 +363,13 @@ class Metrics:
             "held: kept in memory while the database was unreachable, per attempt).",
             ("to",),
         )
+        self.worker_paused = gauge(
+            "worker_paused",
+            "1 while an operator has paused the worker (relay, store, dlq-replayer): its "
+            "backlog waits (outbox, bus, DLQ) until it is resumed.",
+            ("worker",),
+            mode="livemax",
+        )
         self.admin_requests = counter(
             "admin_requests_total",
             "Calls of the admin listener, by route template and status.",

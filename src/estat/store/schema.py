@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -132,4 +133,14 @@ admin_audit_log = Table(
     Column("status", Integer, nullable=False),
     Column("effect", Json),
     Index("idx_admin_audit_log_created", "created_at", "id"),
+)
+
+#: workers an operator paused (admin API); every process follows it
+estat_worker_state = Table(
+    "estat_worker_state",
+    metadata,
+    Column("name", String(50), primary_key=True),
+    Column("paused", Boolean, nullable=False),
+    Column("updated_at", Ts, nullable=False, server_default=func.now()),
+    Column("updated_by", String(64)),
 )

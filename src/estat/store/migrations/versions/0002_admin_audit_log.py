@@ -1,4 +1,4 @@
-"""The admin API's audit log.
+"""The admin API's audit log and the workers' pause state.
 
 Revision ID: 0002
 Revises: 0001
@@ -35,7 +35,15 @@ def upgrade() -> None:
         sa.Column("effect", Json),
     )
     op.create_index("idx_admin_audit_log_created", "admin_audit_log", ["created_at", "id"])
+    op.create_table(
+        "estat_worker_state",
+        sa.Column("name", sa.String(50), primary_key=True),
+        sa.Column("paused", sa.Boolean, nullable=False),
+        sa.Column("updated_at", Ts, nullable=False, server_default=sa.func.now()),
+        sa.Column("updated_by", sa.String(64)),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("estat_worker_state")
     op.drop_table("admin_audit_log")
