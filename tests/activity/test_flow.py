@@ -114,11 +114,11 @@ async def test_a_poison_message_is_isolated_retried_and_parked_while_the_rest_is
     sup = Supervisor(m, lambda name: None)
     await store.start(sup.spawn)
     want = {r.event_id for r in good} | ({poison.event_id} if db.dialect == "sqlite" else set())
-    await run_until(lambda: len(bus.parked) == (2 if db.dialect == "postgresql" else 1))
+    await run_until(lambda: len(bus.parked_list) == (2 if db.dialect == "postgresql" else 1))
     store.close()
     await store.join(Deadline.after(5, SystemClock()))
     assert sorted(stored_ids(db)) == sorted(want)
-    parked_ids = {p[0].message_id for p in bus.parked}
+    parked_ids = {p[0].message_id for p in bus.parked_list}
     assert "junk-1" in parked_ids
     assert (poison.event_id in parked_ids) == (db.dialect == "postgresql")
     assert value(

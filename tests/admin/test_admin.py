@@ -499,3 +499,44 @@ async def test_store_counts(admin: Admin) -> None:
     assert r["sourceOutbox"] == {"FAILED": 4}
     assert r["events"] == 0
     assert r["busPending"] == 0
+
+
+async def test_parked_messages_are_listed_and_requeued(admin: Admin) -> None:
+    from estat.bus.base import Delivery, message_of
+    from estat.store.rows import encode
+
+    activity = admin.app.activity
+    assert activity is not None
+    assert activity.bus is not None
+    r = rec()
+    m = message_of(r, encode(r))
+    consumer = activity.bus.consumer("test")
+    admin.app.pauses.set("store", True)  # the store consumer leaves the bus to this test
+    await asyncio.sleep(1.2)  # (its fetch in progress ends first)
+    await activity.bus.publish([m])
+    # park it by hand, as the store consumer does after MQ_MAX_DELIVERIES
+    got: list[Delivery] = []
+    for _ in range(50):
+        got = await consumer.fetch(10, 0.1)
+        if got:
+            break
+    await consumer.park(got[0], "store rejected: boom")
+    c = admin.client
+    listed = (await c.get(f"{ADMIN_PREFIX}/user-activity/parked", headers=auth("reader"))).json()
+    assert [(p["messageId"], p["error"]) for p in listed] == [(r.event_id, "store rejected: boom")]
+    admin.app.pauses.set("store", False)
+    res = await c.post(f"{ADMIN_PREFIX}/user-activity/parked/requeue", headers=auth("replayer"))
+    assert res.json() == {"requeuedCount": 1}
+    assert (
+        await c.get(f"{ADMIN_PREFIX}/user-activity/parked", headers=auth("reader"))
+    ).json() == []
+
+    def stored() -> list[str]:
+        with activity.db.engine.connect() as conn:
+            return [row[0] for row in conn.execute(select(user_activity_event.c.event_id))]
+
+    for _ in range(100):
+        if stored():
+            break
+        await asyncio.sleep(0.05)
+    assert stored() == [r.event_id]

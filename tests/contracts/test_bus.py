@@ -116,6 +116,19 @@ async def test_a_parked_message_leaves_the_flow_and_is_counted(bus: Bus) -> None
     assert await c.fetch(10, 2 * IDLE + 1.2) == []
     stats = await bus.stats()
     assert (stats.pending, stats.parked) == (0, 1)
+    # an operator lists it and, once the cause is fixed, requeues it
+    parked = await bus.parked(10)
+    assert [p.message for p in parked] == [bad.message]
+    assert parked[0].error == "poison"
+    assert parked[0].deliveries == bad.deliveries
+    assert await bus.requeue([parked[0].id, "0-1", "nope"]) == 1  # unknown ids are skipped
+    assert (await bus.stats()).parked == 0
+    again = await drain(c, 1)
+    assert [d.message for d in again] == [bad.message]
+    assert again[0].deliveries == 1  # a fresh start
+    await c.ack(again)
+    assert (await bus.stats()).pending == 0
+    assert await bus.parked(10) == []
     await c.close()
 
 

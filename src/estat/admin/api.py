@@ -28,6 +28,7 @@ from starlette.routing import Match
 from estat.admin.audit import AuditLog
 from estat.admin.auth import Authenticator
 from estat.admin.workers import PauseWatcher
+from estat.bus.base import Bus, BusError
 from estat.ops.logging import get_logger
 from estat.ops.metrics import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, Metrics
 from estat.pause import WORKERS
@@ -60,6 +61,7 @@ class AdminContext:
     running: frozenset[str] = frozenset()
     dlq: DlqOps | None = None
     store_counts: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    bus: Bus | None = None
 
 
 @dataclass
@@ -140,6 +142,19 @@ class DlqReplay(BaseModel):
     failed: int
 
 
+class Parked(BaseModel):
+    id: str
+    messageId: str
+    key: str
+    occurredAt: str
+    error: str
+    deliveries: int
+
+
+class Requeued(BaseModel):
+    requeuedCount: int
+
+
 class StoreCounts(BaseModel):
     events: int
     dispatchOutbox: dict[str, dict[str, int]]
@@ -165,6 +180,13 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "ADMIN_TOKEN_REQUIRED, ADMIN_TOKEN_INVALID"},
     403: {"model": ErrorBody, "description": "ADMIN_SCOPE_REQUIRED"},
     429: {"model": ErrorBody, "description": "ADMIN_TOO_MANY_FAILURES"},
+    409: {
+        "model": ErrorBody,
+        "description": "this process lacks the part the route needs: ADMIN_PIPELINE_DISABLED, "
+        "ADMIN_BUS_UNAVAILABLE, ADMIN_DLQ_UNAVAILABLE, ADMIN_WORKERS_UNAVAILABLE, "
+        "ADMIN_AUDIT_UNAVAILABLE",
+    },
+    503: {"model": ErrorBody, "description": "ADMIN_BUS_UNAVAILABLE: the bus did not answer"},
 }
 
 
@@ -540,6 +562,56 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
                 "the user-activity pipeline is off (MQ_PROVIDER=none)",
             )
         return StoreCounts(**await ctx.store_counts())
+
+    # -- the bus's parked messages ---------------------------------------------------
+    def bus() -> Bus:
+        if ctx.bus is None:
+            raise AdminError(409, "ADMIN_BUS_UNAVAILABLE", "this process has no bus")
+        return ctx.bus
+
+    @app.get(
+        f"{ADMIN_PREFIX}/user-activity/parked", tags=["user-activity"], responses=_REFUSALS,
+        openapi_extra=doc("read"),
+    )  # fmt: skip
+    async def parked(
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        _: AdminTokenEntry = scope("read"),
+    ) -> list[Parked]:
+        """The oldest parked bus messages (given up after MQ_MAX_DELIVERIES), with their last error."""
+        try:
+            items = await bus().parked(limit)
+        except BusError as e:
+            raise AdminError(503, "ADMIN_BUS_UNAVAILABLE", str(e)[:300]) from e
+        return [
+            Parked(
+                id=p.id,
+                messageId=p.message.message_id,
+                key=p.message.key,
+                occurredAt=p.message.occurred_at,
+                error=p.error,
+                deliveries=p.deliveries,
+            )
+            for p in items
+        ]
+
+    @app.post(
+        f"{ADMIN_PREFIX}/user-activity/parked/requeue", tags=["user-activity"],
+        responses=_REFUSALS, openapi_extra=doc("replay"),
+    )  # fmt: skip
+    async def requeue(
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        _: AdminTokenEntry = scope("replay"),
+    ) -> Requeued:
+        """Publish the oldest ``limit`` parked messages again (their delivery
+        count starts over) once the cause is fixed; the store is idempotent."""
+        try:
+            b = bus()
+            n = await b.requeue([p.id for p in await b.parked(limit)])
+        except BusError as e:
+            raise AdminError(503, "ADMIN_BUS_UNAVAILABLE", str(e)[:300]) from e
+        request.state.effect = {"requeuedCount": n}
+        return Requeued(requeuedCount=n)
 
     # -- the audit log -------------------------------------------------------------
     @app.get(

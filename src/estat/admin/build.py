@@ -68,6 +68,7 @@ def build_admin(
         workers=workers,
         running=_running(activity),
         dlq=dlq,
+        bus=activity.bus if activity is not None else None,
         store_counts=_store_counts(activity) if activity is not None else None,
     )
     return AdminListener(build_admin_app(ctx), addr[0], addr[1])

@@ -100,6 +100,16 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class ParkedMessage:
+    """A message given up on (``park``): what an operator lists and requeues."""
+
+    id: str  # the provider's id of the parked copy
+    message: Message
+    error: str
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
 class BusStats:
     pending: int  # published, not yet acked by the group (read or not)
     parked: int
@@ -136,6 +146,15 @@ class Bus(Protocol):
         may skip building (Redis batch entries carry the lines as they are)."""
 
     def consumer(self, name: str) -> Consumer: ...
+
+    async def parked(self, limit: int) -> list[ParkedMessage]:
+        """The oldest ``limit`` parked messages."""
+        ...
+
+    async def requeue(self, ids: Sequence[str]) -> int:
+        """Publish these parked messages again (their delivery count starts
+        over) and remove them from the parked list; how many were found."""
+        ...
 
     async def stats(self) -> BusStats: ...
 

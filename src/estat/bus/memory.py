@@ -17,7 +17,15 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message, message_of
+from estat.bus.base import (
+    TOPIC,
+    BusError,
+    BusStats,
+    Delivery,
+    Message,
+    ParkedMessage,
+    message_of,
+)
 from estat.model import EventRecord
 from estat.ops.logging import get_logger
 
@@ -36,7 +44,9 @@ class MemoryBus:
         self._unacked: dict[int, Message] = {}
         self._later: list[tuple[float, int]] = []  # (due, seq) to deliver again
         self._seq = itertools.count(1)
-        self.parked: list[tuple[Message, str]] = []
+        self.parked_list: list[tuple[Message, str]] = []
+        self._parked_ids: list[str] = []  # beside ``parked``
+        self._parked_seq = 0
         self._wake = asyncio.Event()
         self.closed = False
 
@@ -45,6 +55,26 @@ class MemoryBus:
 
     async def publish_events(self, records: Sequence[EventRecord], lines: Sequence[bytes]) -> None:
         await self.publish([message_of(r, line) for r, line in zip(records, lines, strict=True)])
+
+    async def parked(self, limit: int) -> list[ParkedMessage]:
+        return [
+            ParkedMessage(pid, m, err, int(pid.split(":")[1]))
+            for pid, (m, err) in list(zip(self._parked_ids, self.parked_list, strict=True))[:limit]
+        ]
+
+    async def requeue(self, ids: Sequence[str]) -> int:
+        wanted = set(ids)
+        keep_ids, keep, again = [], [], []
+        for pid, item in zip(self._parked_ids, self.parked_list, strict=True):
+            if pid in wanted:
+                again.append(item[0])
+            else:
+                keep_ids.append(pid)
+                keep.append(item)
+        if again:
+            await self.publish(again)
+        self._parked_ids, self.parked_list = keep_ids, keep
+        return len(again)
 
     async def publish(self, messages: Sequence[Message]) -> None:
         if self.closed:
@@ -71,7 +101,7 @@ class MemoryBus:
         return left
 
     async def stats(self) -> BusStats:
-        return BusStats(len(self._unacked), len(self.parked))
+        return BusStats(len(self._unacked), len(self.parked_list))
 
     async def close(self) -> None:
         self.closed = True
@@ -144,7 +174,9 @@ class MemoryConsumer:
     async def park(self, delivery: Delivery, error: str) -> None:
         self._held.discard(delivery.handle)
         self.bus._settle(delivery.handle)
-        self.bus.parked.append((delivery.message, error))
+        self.bus.parked_list.append((delivery.message, error))
+        self.bus._parked_seq += 1
+        self.bus._parked_ids.append(f"{self.bus._parked_seq}:{delivery.deliveries}")
 
     async def close(self) -> None:
         """What this consumer fetched and did not settle is delivered again."""

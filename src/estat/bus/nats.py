@@ -27,7 +27,17 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from estat.bus.base import TOPIC, BusError, BusStats, Delivery, Message, message_of, short
+from estat.bus.base import (
+    TOPIC,
+    BusError,
+    BusStats,
+    Delivery,
+    Message,
+    ParkedMessage,
+    message_of,
+    message_of_line,
+    short,
+)
 from estat.model import EventRecord
 
 
@@ -101,12 +111,14 @@ class NatsBus:
     async def publish_events(self, records: Sequence[EventRecord], lines: Sequence[bytes]) -> None:
         await self.publish([message_of(r, line) for r, line in zip(records, lines, strict=True)])
 
-    async def publish(self, messages: Sequence[Message]) -> None:
+    async def publish(self, messages: Sequence[Message], dedup_suffix: str = "") -> None:
+        """``dedup_suffix``: appended to ``Nats-Msg-Id`` (a requeue must not
+        be dropped as a duplicate of the original publish)."""
         js = await self._connect()
 
         async def one(m: Message) -> None:
             headers = {
-                "Nats-Msg-Id": m.message_id,
+                "Nats-Msg-Id": m.message_id + dedup_suffix,
                 "messageId": m.message_id,
                 "key": m.key,
                 "occurredAt": m.occurred_at,
@@ -118,6 +130,57 @@ class NatsBus:
             await asyncio.gather(*(one(m) for m in messages))
         except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
+
+    async def parked(self, limit: int) -> list[ParkedMessage]:
+        js = await self._connect()
+        out: list[ParkedMessage] = []
+        try:
+            info = await js.stream_info(self.dlq_stream)
+            seq = int(info.state.first_seq)
+            last = int(info.state.last_seq)
+            while seq <= last and len(out) < limit:
+                try:
+                    raw = await js.get_msg(self.dlq_stream, seq)
+                except NotFoundError:
+                    seq += 1
+                    continue
+                h = raw.headers or {}
+                data = raw.data or b""
+                m = message_of_line(data) or Message(
+                    h.get("messageId", ""), h.get("key", ""), "", data, {}
+                )
+                out.append(
+                    ParkedMessage(str(seq), m, h.get("error", ""), int(h.get("deliveries", "0")))
+                )
+                seq += 1
+        except (TimeoutError, NatsError, OSError) as e:
+            raise BusError(short(e)) from e
+        return out
+
+    async def requeue(self, ids: Sequence[str]) -> int:
+        js = await self._connect()
+        found = 0
+        for pid in ids:
+            if not pid.isdigit():
+                continue  # not an id of this bus
+            try:
+                raw = await js.get_msg(self.dlq_stream, int(pid))
+            except NotFoundError:
+                continue
+            except (TimeoutError, NatsError, OSError) as e:
+                raise BusError(short(e)) from e
+            h = raw.headers or {}
+            data = raw.data or b""
+            m = message_of_line(data) or Message(
+                h.get("messageId", ""), h.get("key", ""), "", data, {}
+            )
+            await self.publish([m], dedup_suffix=f":requeued:{pid}")
+            try:
+                await js.delete_msg(self.dlq_stream, int(pid))
+            except (TimeoutError, NatsError, OSError) as e:
+                raise BusError(short(e)) from e
+            found += 1
+        return found
 
     def consumer(self, name: str) -> NatsConsumer:
         return NatsConsumer(self)

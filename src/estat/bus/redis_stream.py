@@ -32,6 +32,7 @@ used, drops unconsumed entries silently.)
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,7 @@ from estat.bus.base import (
     BusStats,
     Delivery,
     Message,
+    ParkedMessage,
     message_of,
     message_of_line,
     short,
@@ -243,6 +245,40 @@ class RedisStreamBus:
             await self._publish(keys=[self.stream], args=[items, self.topic, len(batch), events])
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
+
+    async def parked(self, limit: int) -> list[ParkedMessage]:
+        try:
+            entries = await self.redis.xrange(self.dlq, "-", "+", count=limit)
+        except (RedisError, OSError) as e:
+            raise BusError(short(e)) from e
+        return [
+            ParkedMessage(
+                entry_id.decode(),
+                _message(fields),
+                fields.get(b"error", b"").decode(errors="replace"),
+                int(fields.get(b"deliveries", b"0") or 0),
+            )
+            for entry_id, fields in entries
+        ]
+
+    async def requeue(self, ids: Sequence[str]) -> int:
+        """Each one back on the stream (an entry of its own, its seed fields),
+        then deleted from ``:dlq``: a crash between the two publishes it twice,
+        which the store absorbs."""
+        found = 0
+        for pid in ids:
+            if not re.fullmatch(r"\d+-\d+", pid):
+                continue  # not an id of this bus
+            try:
+                entries = await self.redis.xrange(self.dlq, pid, pid)
+                if not entries:
+                    continue
+                await self._add_each([_message(entries[0][1])])
+                await self.redis.xdel(self.dlq, pid)
+            except (RedisError, OSError) as e:
+                raise BusError(short(e)) from e
+            found += 1
+        return found
 
     def consumer(self, name: str) -> RedisStreamConsumer:
         return RedisStreamConsumer(self, name)
