@@ -89,12 +89,12 @@ async def test_every_admin_route_needs_a_token_with_its_scope(admin: Admin) -> N
     assert f"{ADMIN_PREFIX}/user-activity/outbox/replay" in paths
     assert f"{ADMIN_PREFIX}/mq-traces" in paths
     assert f"{ADMIN_PREFIX}/audit" in paths
-    assert f"{ADMIN_PREFIX}/workers/{{name}}/pause" in paths
+    assert f"{ADMIN_PREFIX}/workers/{{name}}/{{action}}" in paths
     assert f"{ADMIN_PREFIX}/dlq/replay" in paths
     assert "/openapi.json" in paths
     params = {"messageId": "m", "limit": "1"}
     for method, template, scope in routes:
-        path = template.replace("{name}", "relay")
+        path = template.replace("{name}", "relay").replace("{action}", "resume")
         r = await admin.client.request(method, path, params=params)
         assert r.status_code == 401, (method, path)
         assert r.json()["code"] == "ADMIN_TOKEN_REQUIRED"

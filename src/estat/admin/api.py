@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -484,27 +484,19 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
         return next(x for x in listing(w) if x.name == name)
 
     @app.post(
-        f"{ADMIN_PREFIX}/workers/{{name}}/pause", tags=["workers"],
+        f"{ADMIN_PREFIX}/workers/{{name}}/{{action}}", tags=["workers"],
         responses={**_REFUSALS, 404: {"model": ErrorBody, "description": "ADMIN_UNKNOWN_WORKER"}},
         openapi_extra=doc("operate"),
     )  # fmt: skip
-    async def pause(
-        request: Request, name: str, token: AdminTokenEntry = scope("operate")
+    async def pause_or_resume(
+        request: Request,
+        name: str,
+        action: Literal["pause", "resume"],
+        token: AdminTokenEntry = scope("operate"),
     ) -> Worker:
-        """Pause a worker in every process (within a few seconds; it survives
-        restarts). Its backlog waits: nothing is dropped."""
-        return await _set_pause(request, name, True, token)
-
-    @app.post(
-        f"{ADMIN_PREFIX}/workers/{{name}}/resume", tags=["workers"],
-        responses={**_REFUSALS, 404: {"model": ErrorBody, "description": "ADMIN_UNKNOWN_WORKER"}},
-        openapi_extra=doc("operate"),
-    )  # fmt: skip
-    async def resume(
-        request: Request, name: str, token: AdminTokenEntry = scope("operate")
-    ) -> Worker:
-        """Resume a paused worker."""
-        return await _set_pause(request, name, False, token)
+        """Pause a worker in every process (within a few seconds; it
+        survives restarts; its backlog waits, nothing is dropped), or resume it."""
+        return await _set_pause(request, name, action == "pause", token)
 
     # -- the local DLQ ---------------------------------------------------------------
     def dlq() -> DlqOps:

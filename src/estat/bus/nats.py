@@ -41,6 +41,13 @@ from estat.bus.base import (
 from estat.model import EventRecord
 
 
+def _parked_message(data: bytes, headers: dict[str, str]) -> Message:
+    """The message of a parked copy: from its event JSON, else its headers."""
+    return message_of_line(data) or Message(
+        headers.get("messageId", ""), headers.get("key", ""), "", data, {}
+    )
+
+
 class NatsBus:
     provider = "nats"
 
@@ -145,10 +152,7 @@ class NatsBus:
                     seq += 1
                     continue
                 h = raw.headers or {}
-                data = raw.data or b""
-                m = message_of_line(data) or Message(
-                    h.get("messageId", ""), h.get("key", ""), "", data, {}
-                )
+                m = _parked_message(raw.data or b"", h)
                 out.append(
                     ParkedMessage(str(seq), m, h.get("error", ""), int(h.get("deliveries", "0")))
                 )
@@ -169,11 +173,7 @@ class NatsBus:
                 continue
             except (TimeoutError, NatsError, OSError) as e:
                 raise BusError(short(e)) from e
-            h = raw.headers or {}
-            data = raw.data or b""
-            m = message_of_line(data) or Message(
-                h.get("messageId", ""), h.get("key", ""), "", data, {}
-            )
+            m = _parked_message(raw.data or b"", raw.headers or {})
             await self.publish([m], dedup_suffix=f":requeued:{pid}")
             try:
                 await js.delete_msg(self.dlq_stream, int(pid))
