@@ -17,7 +17,7 @@ import pytest
 from fastapi.routing import APIRoute
 from sqlalchemy import select, update
 
-from estat.admin.api import ADMIN_PREFIX
+from estat.admin.context import ADMIN_PREFIX
 from estat.app import App
 from estat.model import EventRecord
 from estat.store.schema import admin_audit_log, user_activity_event, user_activity_source_outbox

@@ -12,9 +12,10 @@ from typing import Any
 from sqlalchemy import func, select
 
 from estat.activity_app import Activity
-from estat.admin.api import AdminContext, DlqOps, build_admin_app
+from estat.admin.api import build_admin_app
 from estat.admin.audit import AuditLog
 from estat.admin.auth import Authenticator
+from estat.admin.context import AdminContext, DlqOps
 from estat.admin.listener import AdminListener
 from estat.admin.workers import PauseWatcher
 from estat.bus.base import BusError

@@ -37,7 +37,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
@@ -52,103 +51,19 @@ from estat.bus.base import (
     message_of_line,
     short,
 )
+from estat.bus.redis_entries import (
+    PUBLISH_LUA,
+    BatchEntry,
+    deliveries_of,
+    encode_json,
+    entry_id_of,
+    fields_of,
+    id_key,
+    message_from,
+)
 from estat.model import EventRecord
 
 TRIM_EVERY = 10.0  # seconds between trims, per consumer
-
-#: one call adds a batch entry (ARGV 3-4, when given) and an entry per
-#: message, atomically: the fields are those of ``_fields``. Measured here: 364,000 entries/s against 61,000
-#: for a redis-py pipeline of XADDs (packing each command in Python is the
-#: cost); docs/benchmarks.md.
-PUBLISH_LUA = """
-local topic = ARGV[2]
-if tonumber(ARGV[3]) > 0 then
-  redis.call('XADD', KEYS[1], '*', 'topic', topic, 'count', ARGV[3], 'events', ARGV[4])
-end
-local items = cjson.decode(ARGV[1])
-for i = 1, #items do
-  local m = items[i]
-  local args = {KEYS[1], '*', 'messageId', m[1], 'topic', topic, 'key', m[2],
-                'occurredAt', m[3], 'payload', m[4]}
-  local h = m[5]
-  for j = 1, #h, 2 do
-    args[#args + 1] = 'header.' .. h[j]
-    args[#args + 1] = h[j + 1]
-  end
-  redis.call('XADD', unpack(args))
-end
-return #items
-"""
-_encode = msgspec.json.encode
-
-
-def _fields(m: Message, topic: str) -> dict[str, Any]:
-    f: dict[str, Any] = {
-        "messageId": m.message_id,
-        "topic": topic,
-        "key": m.key,
-        "occurredAt": m.occurred_at,
-        "payload": m.payload,
-    }
-    for k, v in m.headers.items():
-        f["header." + k] = v
-    return f
-
-
-def _message(fields: dict[bytes, bytes]) -> Message:
-    headers = {k[7:].decode(): v.decode() for k, v in fields.items() if k.startswith(b"header.")}
-    return Message(
-        fields.get(b"messageId", b"").decode(),
-        fields.get(b"key", b"").decode(),
-        fields.get(b"occurredAt", b"").decode(),
-        fields.get(b"payload", b""),
-        headers,
-    )
-
-
-class _Entry:
-    """A batch entry being settled: acked once nothing of it is left."""
-
-    __slots__ = ("entry_id", "left", "redeliver")
-
-    def __init__(self, entry_id: bytes, n: int) -> None:
-        self.entry_id = entry_id
-        self.left = n
-        self.redeliver = False
-
-    def settle(self) -> bool:
-        """One event settled; True when the entry may now be acked."""
-        self.left -= 1
-        return self.left == 0 and not self.redeliver
-
-
-def _deliveries(
-    entry_id: bytes, fields: dict[bytes, bytes], count: int, t: float
-) -> list[Delivery]:
-    """The events of one entry, either format. A line that is not an event
-    is a delivery of its own (id ``<entry id>#<line>``) that the store
-    refuses, and parks."""
-    lines = fields.get(b"events")
-    if lines is None:
-        return [Delivery(_message(fields), count, entry_id, t)]
-    parts = lines.split(b"\n")
-    entry = _Entry(entry_id, len(parts))
-    out = []
-    for n, line in enumerate(parts):
-        m = message_of_line(line)
-        if m is None:
-            m = Message(f"{entry_id.decode()}#{n}", "", "", line, {})
-        out.append(Delivery(m, count, entry, t))
-    return out
-
-
-def _entry_id(handle: Any) -> bytes:
-    return handle.entry_id if isinstance(handle, _Entry) else handle
-
-
-def _id_key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
 
 
 class RedisStreamBus:
@@ -228,7 +143,7 @@ class RedisStreamBus:
         ``batch`` first, when given)."""
         if not messages:
             return
-        items = _encode(
+        items = encode_json(
             [
                 (
                     m.message_id,
@@ -254,7 +169,7 @@ class RedisStreamBus:
         return [
             ParkedMessage(
                 entry_id.decode(),
-                _message(fields),
+                message_from(fields),
                 fields.get(b"error", b"").decode(errors="replace"),
                 int(fields.get(b"deliveries", b"0") or 0),
             )
@@ -273,7 +188,7 @@ class RedisStreamBus:
                 entries = await self.redis.xrange(self.dlq, pid, pid)
                 if not entries:
                     continue
-                await self._add_each([_message(entries[0][1])])
+                await self._add_each([message_from(entries[0][1])])
                 await self.redis.xdel(self.dlq, pid)
             except (RedisError, OSError) as e:
                 raise BusError(short(e)) from e
@@ -304,9 +219,9 @@ class RedisStreamBus:
             name = g["name"]
             summary = await r.xpending(self.stream, name)
             if summary and summary.get("pending"):
-                need = _id_key(summary["min"])
+                need = id_key(summary["min"])
             else:
-                ms, seq = _id_key(g["last-delivered-id"])
+                ms, seq = id_key(g["last-delivered-id"])
                 need = (ms, seq + 1)
             floor = need if floor is None or need < floor else floor
         if floor is not None and floor > (0, 1):
@@ -358,7 +273,7 @@ class RedisStreamConsumer:
                 for _stream, entries in res or ():
                     n += len(entries)
                     for entry_id, fields in entries:
-                        out.extend(_deliveries(entry_id, fields, 1, t))
+                        out.extend(deliveries_of(entry_id, fields, 1, t))
                 self._learn(n, len(out))
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
@@ -391,7 +306,7 @@ class RedisStreamConsumer:
         t = time.monotonic()
         out: list[Delivery] = []
         for i, f in entries:
-            out.extend(_deliveries(i, f, counts.get(i, 2), t))
+            out.extend(deliveries_of(i, f, counts.get(i, 2), t))
         self._learn(len(entries), len(out))
         return out
 
@@ -399,7 +314,7 @@ class RedisStreamConsumer:
         done: list[bytes] = []
         for d in deliveries:
             h = d.handle
-            if not isinstance(h, _Entry):
+            if not isinstance(h, BatchEntry):
                 done.append(h)
             elif h.settle():
                 done.append(h.entry_id)
@@ -415,31 +330,31 @@ class RedisStreamConsumer:
         """Left pending: claimed again once idle for ``MQ_CLAIM_IDLE`` (a
         batch entry with it, whole)."""
         h = delivery.handle
-        if isinstance(h, _Entry):
+        if isinstance(h, BatchEntry):
             h.redeliver = True
             h.settle()
 
     async def park(self, delivery: Delivery, error: str) -> None:
         b = self.bus
         h = delivery.handle
-        fields = _fields(delivery.message, b.topic)
+        fields = fields_of(delivery.message, b.topic)
         fields.update(
             {
                 "error": error[:1000],
                 "deliveries": delivery.deliveries,
                 "group": b.group,
-                "entryId": _entry_id(h),
+                "entryId": entry_id_of(h),
             }
         )
-        ack = h.settle() if isinstance(h, _Entry) else True
+        ack = h.settle() if isinstance(h, BatchEntry) else True
         try:
             async with b.redis.pipeline(transaction=True) as p:
                 p.xadd(b.dlq, fields)
                 if ack:
-                    p.xack(b.stream, b.group, _entry_id(h))
+                    p.xack(b.stream, b.group, entry_id_of(h))
                 await p.execute()
         except (RedisError, OSError) as e:
-            if isinstance(h, _Entry):
+            if isinstance(h, BatchEntry):
                 h.left += 1  # not settled after all
             raise BusError(short(e)) from e
 
