@@ -19,15 +19,12 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from pydantic import SecretStr
-
 from estat.activity.publisher import Publisher
 from estat.activity_app import ROLES, Activity
 from estat.admin.build import build_admin, dlq_ops
 from estat.admin.workers import PauseWatcher
 from estat.clock import Clock, SystemClock
 from estat.codec import encode
-from estat.dlq.queue import DeadLetterQueue
 from estat.dlq.replayer import Replayer
 from estat.dlq.store import DiskStore
 from estat.errors import DeliveryError, Overloaded
@@ -36,18 +33,11 @@ from estat.ingest.events import EventsRoute, Limits
 from estat.ingest.http import http_compiled
 from estat.ingest.identity import TokenVerifier
 from estat.ingest.listener import Listener
-from estat.ingest.ratelimit import (
-    MemoryRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-    SharedRateLimiter,
-)
 from estat.ingest.route import Route
 from estat.ingest.routes import CollectRoute, HealthRoute, ReadyRoute
 from estat.ingest.server import HttpLimits, HttpServer
 from estat.ingest.server_events import ServerEventsRoute
 from estat.lake.keys import KeyMaker
-from estat.lake.sink import ObjectStoreSink, local_sink, s3_sink
 from estat.model import EventRecord
 from estat.ops.fds import default_max_connections
 from estat.ops.flush import MetricsFlusher
@@ -63,67 +53,11 @@ from estat.runtime import Runtime
 from estat.settings import Settings
 from estat.stage import Deadline, Stage
 from estat.store.db import Database
+from estat.wiring import build_dlq, build_limiter, build_sink, secret
 
 log = get_logger("estat.app")
 
 LAKE_CHECK_MAX_SECONDS = 5.0
-
-
-def build_sink(settings: Settings) -> ObjectStoreSink:
-    if settings.raw_bucket:
-        return s3_sink(
-            settings.raw_bucket,
-            region=settings.aws_region,
-            endpoint=settings.s3_endpoint_url,
-            timeout=settings.s3_timeout,
-        )
-    return local_sink(settings.lake_path)
-
-
-def build_dlq(
-    settings: Settings,
-    store: DiskStore,
-    clock: Clock,
-    metrics: Metrics,
-    executor: ThreadPoolExecutor | None,
-    destination: str,
-) -> DeadLetterQueue:
-    """The DLQ over ``store`` with the configured capacity, TTL and quarantine
-    prefix; ``destination`` (the lake's description) is recorded in every file."""
-    return DeadLetterQueue(
-        store,
-        max_bytes=settings.dlq_max_size_bytes,
-        max_age=settings.dlq_max_age,
-        clock=clock,
-        metrics=metrics,
-        executor=executor,
-        quarantine_prefix=settings.dlq_prefix,
-        attempt_timeout=settings.s3_timeout,
-        destination=destination,
-    )
-
-
-def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None else None
-
-
-def build_limiter(settings: Settings, clock: Clock, metrics: Metrics) -> RateLimiter:
-    """Redis when configured (every replica shares it); else, under
-    ``--workers N``, the supervisor's shared limiter (one limit for the
-    server); else in-process windows."""
-    if settings.rate_limit_redis_url:
-        return RedisRateLimiter(
-            settings.rate_limit_redis_url.get_secret_value(),
-            settings.analytics_rate_limit_max_requests,
-            settings.analytics_rate_limit_window,
-            metrics,
-        )
-    shared = os.environ.get("ESTAT_RATE_LIMIT_SOCKET")
-    if shared:
-        return SharedRateLimiter(shared, metrics)
-    return MemoryRateLimiter(
-        settings.analytics_rate_limit_max_requests, settings.analytics_rate_limit_window, clock
-    )
 
 
 class QueuePublisher:
@@ -229,7 +163,7 @@ class App:
             max_depth=settings.analytics_max_properties_depth,
         )
         verifier = TokenVerifier(
-            _secret(settings.auth_jwt_secret), _secret(settings.auth_jwt_public_key)
+            secret(settings.auth_jwt_secret), secret(settings.auth_jwt_public_key)
         )
         routes: dict[bytes, Route] = {}
         if self.activity is not None:

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
 
-from estat.app import build_dlq, build_sink
 from estat.clock import SystemClock
 from estat.dlq.queue import WrongDestination
 from estat.dlq.store import DiskStore
@@ -31,6 +30,7 @@ from estat.errors import ConfigError
 from estat.ops.logging import setup_logging
 from estat.ops.metrics import Metrics
 from estat.settings import Settings, parse_duration
+from estat.wiring import build_dlq, build_sink
 
 
 def _human(seconds: float) -> str:
