@@ -539,3 +539,41 @@ async def test_parked_messages_are_listed_and_requeued(admin: Admin) -> None:
             break
         await asyncio.sleep(0.05)
     assert stored() == [r.event_id]
+
+
+async def test_the_pause_state_holds_while_the_database_is_unreachable(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from estat.admin.workers import PauseWatcher
+    from estat.ops.metrics import Metrics
+    from estat.pause import Pauses
+    from estat.store.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    db.upgrade()
+    pauses = Pauses()
+    watcher = PauseWatcher(db, pauses, Metrics(CollectorRegistry()))
+    await watcher.write("store", True, "ops", datetime.now(UTC))
+    (tmp_path / "e.db").unlink()  # the database goes away (every read fails)
+    db.engine.dispose()
+    (tmp_path / "e.db").mkdir()  # and the path is no longer a database file
+    await watcher.refresh()  # logged, not raised
+    assert pauses.paused("store")  # the last known state holds
+
+
+async def test_an_admin_call_is_logged_when_its_audit_row_cannot_be_written(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    activity = admin.app.activity
+    assert activity is not None
+    from sqlalchemy import text
+
+    with activity.db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE admin_audit_log"))
+    r = await admin.client.get(
+        f"{ADMIN_PREFIX}/user-activity/outbox/summary", headers=auth("reader")
+    )
+    assert r.status_code == 200  # answered; the call is still in the log
+    out = capsys.readouterr().out
+    assert "admin audit row not written" in out
+    assert "admin call" in out
