@@ -394,6 +394,8 @@ class App:
         await self.sink.close()
         if self.activity is not None:
             await self.activity.close()
+        if self.admin_db is not None:
+            await asyncio.to_thread(self.admin_db.close)
         self.metrics.flush()
         self._executor.shutdown(wait=False)
         self._dlq_executor.shutdown(wait=True)
