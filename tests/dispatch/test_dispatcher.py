@@ -1,0 +1,127 @@
+"""The dispatcher with the PostHog destination and a PostHog-compatible
+capture server, on a real SQLite event store: every stored event arrives
+once, an outage opens the breaker and waits, a refused event is parked
+alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from estat.clock import SystemClock
+from estat.dispatch.dispatcher import Dispatcher
+from estat.dispatch.posthog import PostHog, event_uuid
+from estat.ops.metrics import Metrics
+from estat.ops.tasks import Supervisor
+from estat.retry import RetryPolicy
+from estat.stage import Deadline
+from estat.store.db import Database
+from estat.store.dispatch import DispatchOutbox
+from estat.store.events import EventStore
+from estat.store.rows import encode, event_row
+from estat.store.schema import user_activity_dispatch_outbox as T
+from tests.capture import CaptureServer
+from tests.store.test_store import rec
+
+FAST = RetryPolicy(base=0.1, cap=0.2, jitter="none")
+
+
+@pytest.fixture
+def capture() -> Iterator[CaptureServer]:
+    c = CaptureServer()
+    c.start()
+    yield c
+    c.stop()
+
+
+def store(db: Database, n: int) -> list[str]:
+    records = [rec() for _ in range(n)]
+    EventStore(db, ["POSTHOG"]).store(
+        [event_row(r) for r in records], [encode(r).decode() for r in records]
+    )
+    return [r.event_id for r in records]
+
+
+def statuses(db: Database) -> dict[str, tuple[str, int, object]]:
+    with db.engine.connect() as conn:
+        return {
+            r.event_id: (r.status, r.retry_count, r.next_retry_at) for r in conn.execute(select(T))
+        }
+
+
+async def until(cond: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never held")
+        await asyncio.sleep(0.02)
+
+
+async def running(db: Database, capture: CaptureServer, **kw: float) -> Dispatcher:
+    d = Dispatcher(
+        DispatchOutbox(db, policy=FAST, max_attempts=kw.pop("max_attempts", 20)),  # type: ignore[arg-type]
+        [PostHog(capture.url, "phc_test")],
+        batch_size=int(kw.pop("batch_size", 50)),
+        poll_interval=0.05,
+        clock=SystemClock(),
+        **kw,  # type: ignore[arg-type]
+    )
+    await d.start(Supervisor(Metrics(), lambda name: None).spawn)
+    return d
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    d = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    d.upgrade()
+    return d
+
+
+async def test_every_stored_event_arrives_once(db: Database, capture: CaptureServer) -> None:
+    ids = store(db, 230)
+    d = await running(db, capture)
+    await until(lambda: len(capture.accepted) >= 230)
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    assert sorted(capture.uuids()) == sorted(event_uuid(i) for i in ids)  # once each
+    assert {s for s, _, _ in statuses(db).values()} == {"DISPATCHED"}
+
+
+async def test_an_outage_opens_the_breaker_and_everything_arrives_after(
+    db: Database, capture: CaptureServer
+) -> None:
+    ids = store(db, 40)
+    capture.status = 503
+    d = await running(db, capture, batch_size=10, breaker_threshold=2, open_for=0.5)
+    breaker = d.breakers["POSTHOG"]
+    await until(lambda: breaker.state == "open")
+    attempted = capture.requests
+    await asyncio.sleep(0.2)
+    assert capture.requests == attempted  # open: nothing is attempted
+    charged = [c for _, c, _ in statuses(db).values() if c]
+    assert len(charged) == 20  # only the two batches that were attempted
+    capture.status = None  # PostHog is back
+    await until(lambda: len(capture.accepted) >= 40)
+    await until(lambda: breaker.state == "closed")
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    assert sorted(capture.uuids()) == sorted(event_uuid(i) for i in ids)
+
+
+async def test_a_refused_event_is_parked_alone(db: Database, capture: CaptureServer) -> None:
+    ids = store(db, 12)
+    capture.bad_uuids = {event_uuid(ids[5])}
+    d = await running(db, capture)
+    await until(lambda: len(capture.accepted) >= 11)
+    await until(lambda: statuses(db)[ids[5]][0] == "FAILED")
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    st = statuses(db)
+    assert st[ids[5]] == ("FAILED", 1, None)  # parked: an operator replays it
+    assert all(st[i][0] == "DISPATCHED" for i in ids if i != ids[5])
+    assert event_uuid(ids[5]) not in capture.uuids()
