@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-WORKERS = ("relay", "store", "dlq-replayer", "dispatcher")
+WORKERS = ("relay", "store", "dlq-replayer")
 
 
 class Pauses:
