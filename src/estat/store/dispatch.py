@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, and_, bindparam, cast, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 
 from estat.retry import RetryPolicy
 from estat.store.db import Database
+from estat.store.lease import due, lease
 from estat.store.schema import ERROR_MAX
 from estat.store.schema import user_activity_dispatch_outbox as T
 
@@ -46,16 +47,7 @@ class Marked:
 
 
 def _due(target: str, now: datetime) -> Any:
-    return and_(
-        T.c.dispatch_target == target,
-        or_(
-            and_(
-                T.c.status == "PENDING",
-                or_(T.c.next_retry_at.is_(None), T.c.next_retry_at <= now),
-            ),
-            and_(T.c.status == "FAILED", T.c.next_retry_at <= now),
-        ),
-    )
+    return and_(T.c.dispatch_target == target, due(T, now))
 
 
 class DispatchOutbox:
@@ -75,18 +67,8 @@ class DispatchOutbox:
         self.rng = rng or random.Random()
 
     def lease(self, target: str, limit: int, now: datetime) -> list[DispatchRow]:
-        ids = select(T.c.id).where(_due(target, now)).order_by(T.c.id).limit(limit)
-        if self.db.skip_locked:
-            ids = ids.with_for_update(skip_locked=True)
-        stmt = (
-            update(T)
-            .where(T.c.id.in_(ids.scalar_subquery()))
-            .values(next_retry_at=now + self.lease_for, updated_at=now)
-            .returning(T.c.id, T.c.event_id, cast(T.c.payload, Text), T.c.retry_count)
-        )
-        with self.db.engine.begin() as conn:
-            rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r[0]))
-        return [DispatchRow(r[0], r[1], r[2].encode("utf-8"), r[3]) for r in rows]
+        where = _due(target, now)
+        return [DispatchRow(*r) for r in lease(self.db, T, where, limit, now, self.lease_for)]
 
     def mark(
         self,

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Text, and_, cast, func, or_, select, update
+from sqlalchemy import Connection, and_, func, or_, select, update
 
 from estat.model import EventRecord
 from estat.retry import RetryPolicy
 from estat.store.db import Database
+from estat.store.lease import due, lease
 from estat.store.rows import encode, outbox_row
 from estat.store.schema import ERROR_MAX, user_activity_source_outbox
 
@@ -86,10 +87,7 @@ def enqueue_rows(
 
 
 def _due(now: datetime) -> Any:
-    return or_(
-        and_(T.c.status == "PENDING", or_(T.c.next_retry_at.is_(None), T.c.next_retry_at <= now)),
-        and_(T.c.status == "FAILED", T.c.next_retry_at <= now),
-    )
+    return due(T, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,18 +159,7 @@ class SourceOutbox:
         """Due rows, oldest first, leased (``next_retry_at`` a lease ahead);
         with ``replay``, the rows an operator's replay takes instead."""
         where = _due(now) if replay is None else replay.where(now)
-        ids = select(T.c.id).where(where).order_by(T.c.id).limit(limit)
-        if self.db.skip_locked:
-            ids = ids.with_for_update(skip_locked=True)
-        stmt = (
-            update(T)
-            .where(T.c.id.in_(ids.scalar_subquery()))
-            .values(next_retry_at=now + self.lease_for, updated_at=now)
-            .returning(T.c.id, T.c.event_id, cast(T.c.payload, Text), T.c.retry_count)
-        )
-        with self.db.engine.begin() as conn:
-            rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r[0]))
-        return [OutboxRow(r[0], r[1], r[2].encode("utf-8"), r[3]) for r in rows]
+        return [OutboxRow(*r) for r in lease(self.db, T, where, limit, now, self.lease_for)]
 
     def mark_published(self, ids: Sequence[int], now: datetime) -> None:
         if not ids:
