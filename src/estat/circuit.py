@@ -17,11 +17,19 @@ answered); a failure reported while open (an attempt that began before
 the breaker opened) changes nothing.
 
 ``threshold=0`` disables the breaker: ``allow()`` is always true.
+
+The transitions are pure functions of a ``CircuitState`` (``Circuit``), so
+the same machine runs in memory (``CircuitBreaker``, the lake gate) and in
+the database, shared by several processes (``estat.store.circuit``: the
+dispatcher), where a probe also has a lease: a half-open circuit whose
+probe did not report within it lets the next caller probe.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from estat.clock import Clock
@@ -29,7 +37,69 @@ from estat.clock import Clock
 State = Literal["closed", "open", "half_open"]
 
 
+@dataclass(frozen=True, slots=True)
+class CircuitState:
+    state: State = "closed"
+    failures: int = 0  # consecutive, while closed
+    opened_until: float = 0.0
+    open_for: float = 0.0  # the current open time (0: the base)
+    probe_until: float = math.inf  # half-open: the probe's lease
+
+
+@dataclass(frozen=True, slots=True)
+class Circuit:
+    """The transitions; ``now`` is any clock the callers share."""
+
+    threshold: int
+    open_for: float
+    max_open_for: float
+    probe_lease: float = math.inf
+
+    def allow(self, s: CircuitState, now: float) -> tuple[bool, CircuitState]:
+        if s.state == "closed":
+            return True, s
+        if (s.state == "open" and now >= s.opened_until) or (
+            s.state == "half_open" and now >= s.probe_until
+        ):
+            return True, replace(s, state="half_open", probe_until=now + self.probe_lease)
+        return False, s
+
+    def success(self, s: CircuitState) -> CircuitState:
+        return CircuitState()
+
+    def failure(self, s: CircuitState, now: float) -> CircuitState:
+        if s.state == "half_open":
+            return self._open(s, now, min(self.max_open_for, self.current(s) * 2))
+        if s.state == "closed" and self.threshold > 0:
+            if s.failures + 1 >= self.threshold:
+                return self._open(s, now, self.current(s))
+            return replace(s, failures=s.failures + 1)
+        return s
+
+    def abandon(self, s: CircuitState, now: float) -> CircuitState:
+        if s.state == "half_open":
+            return replace(s, state="open", opened_until=now, probe_until=math.inf)
+        return s
+
+    def current(self, s: CircuitState) -> float:
+        return s.open_for or self.open_for
+
+    @staticmethod
+    def retry_in(s: CircuitState, now: float) -> float:
+        """Seconds until a probe is allowed (0 when closed or due)."""
+        if s.state == "closed":
+            return 0.0
+        if s.state == "half_open":
+            return max(0.0, s.probe_until - now) if math.isfinite(s.probe_until) else 0.0
+        return max(0.0, s.opened_until - now)
+
+    def _open(self, s: CircuitState, now: float, open_for: float) -> CircuitState:
+        return CircuitState("open", 0, now + open_for, open_for)
+
+
 class CircuitBreaker:
+    """The machine in memory, on the clock's monotonic time."""
+
     def __init__(
         self,
         *,
@@ -39,57 +109,40 @@ class CircuitBreaker:
         clock: Clock,
         on_change: Callable[[State], None] | None = None,
     ) -> None:
+        self.circuit = Circuit(threshold, open_for, max(open_for, max_open_for))
         self.threshold = threshold
-        self.base_open_for = open_for
-        self.max_open_for = max(open_for, max_open_for)
-        self.open_for = open_for
         self._clock = clock
         self._on_change = on_change
-        self.state: State = "closed"
-        self.failures = 0  # consecutive, while closed
-        self.opened_until = 0.0
+        self.s = CircuitState()
 
-    def _set(self, state: State) -> None:
-        if state != self.state:
-            self.state = state
-            if self._on_change is not None:
-                self._on_change(state)
+    @property
+    def state(self) -> State:
+        return self.s.state
+
+    @property
+    def open_for(self) -> float:
+        return self.circuit.current(self.s)
+
+    def _set(self, s: CircuitState) -> None:
+        old, self.s = self.s.state, s
+        if s.state != old and self._on_change is not None:
+            self._on_change(s.state)
 
     def allow(self) -> bool:
-        if self.state == "closed":
-            return True
-        if self.state == "open" and self._clock.monotonic() >= self.opened_until:
-            self._set("half_open")
-            return True
-        return False
+        ok, s = self.circuit.allow(self.s, self._clock.monotonic())
+        self._set(s)
+        return ok
 
     def success(self) -> None:
-        self.failures = 0
-        self.open_for = self.base_open_for
-        self._set("closed")
+        self._set(self.circuit.success(self.s))
 
     def failure(self) -> None:
-        if self.state == "half_open":
-            self.open_for = min(self.max_open_for, self.open_for * 2)
-            self._open()
-        elif self.state == "closed" and self.threshold > 0:
-            self.failures += 1
-            if self.failures >= self.threshold:
-                self._open()
+        self._set(self.circuit.failure(self.s, self._clock.monotonic()))
 
     def abandon(self) -> None:
         """The probe did not finish: let the next caller probe at once."""
-        if self.state == "half_open":
-            self.opened_until = self._clock.monotonic()
-            self._set("open")
+        self._set(self.circuit.abandon(self.s, self._clock.monotonic()))
 
     def retry_in(self) -> float:
         """Seconds until a probe is allowed (0 when closed or due)."""
-        if self.state == "closed":
-            return 0.0
-        return max(0.0, self.opened_until - self._clock.monotonic())
-
-    def _open(self) -> None:
-        self.failures = 0
-        self.opened_until = self._clock.monotonic() + self.open_for
-        self._set("open")
+        return self.circuit.retry_in(self.s, self._clock.monotonic())

@@ -22,6 +22,7 @@ reverse, so that a stage is closed only after the stages that feed it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -69,3 +70,29 @@ async def finish_by(task: asyncio.Task[None] | None, deadline: Deadline) -> bool
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return False
+
+
+class Wakeup:
+    """Poll-or-woken, for a loop that looks for work every ``seconds`` when
+    idle and at once when told there is some (``notify``). A notice that
+    arrives while the loop is busy is kept: its next ``wait`` returns at
+    once. After ``close`` every ``wait`` returns at once."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.closing = False
+
+    def notify(self) -> None:
+        self._event.set()
+
+    def close(self) -> None:
+        self.closing = True
+        self._event.set()
+
+    async def wait(self, seconds: float) -> None:
+        if self.closing:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), seconds)
+        if not self.closing:
+            self._event.clear()

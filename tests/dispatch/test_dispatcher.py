@@ -99,7 +99,7 @@ async def test_an_outage_opens_the_breaker_and_everything_arrives_after(
     capture.status = 503
     d = await running(db, capture, batch_size=10, breaker_threshold=2, open_for=0.5)
     breaker = d.breakers["POSTHOG"]
-    await until(lambda: breaker.state == "open")
+    await until(lambda: breaker.last.state == "open")
     attempted = capture.requests
     await asyncio.sleep(0.2)
     assert capture.requests == attempted  # open: nothing is attempted
@@ -107,7 +107,7 @@ async def test_an_outage_opens_the_breaker_and_everything_arrives_after(
     assert len(charged) == 20  # only the two batches that were attempted
     capture.status = None  # PostHog is back
     await until(lambda: len(capture.accepted) >= 40)
-    await until(lambda: breaker.state == "closed")
+    await until(lambda: breaker.last.state == "closed")
     d.close()
     await d.join(Deadline.after(10, SystemClock()))
     assert sorted(capture.uuids()) == sorted(event_uuid(i) for i in ids)

@@ -14,17 +14,14 @@ from sqlalchemy.exc import (
     DataError,
     IntegrityError,
     ProgrammingError,
-    SQLAlchemyError,
     StatementError,
 )
 
 from estat.bus.base import key_of, message_of
 from estat.dlq.store import fsync_dir, write_synced
 from estat.model import EventRecord
+from estat.store.db import TRANSIENT_DB as TRANSIENT_DB
 from estat.store.rows import encode
-
-#: a transient database failure: retried with backoff, nothing is given up
-TRANSIENT_DB = (SQLAlchemyError, OSError)
 
 
 def is_data_error(e: BaseException) -> bool:

@@ -21,7 +21,7 @@ from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pause import Pauses
 from estat.retry import RetryPolicy
-from estat.stage import Deadline, Spawn, finish_by
+from estat.stage import Deadline, Spawn, Wakeup, finish_by
 from estat.store.outbox import OutboxRow, ReplayFilter, SourceOutbox, utcnow
 from estat.store.rows import BadPayload, decode
 from estat.store.trace import TraceLog
@@ -64,20 +64,18 @@ class Relay:
         self._m = metrics
         self._clock = clock
         self._trace = trace
-        self._wake = asyncio.Event()
-        self._closing = False
+        self._wake = Wakeup()
         self._task: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
         """Rows were written: look now rather than at the next poll."""
-        self._wake.set()
+        self._wake.notify()
 
     async def start(self, spawn: Spawn) -> None:
         self._task = spawn("relay", self._run())
 
     def close(self) -> None:
-        self._closing = True
-        self._wake.set()
+        self._wake.close()
         if self.pauses is not None:
             self.pauses.interrupt()
 
@@ -87,7 +85,7 @@ class Relay:
 
     async def _run(self) -> None:
         failures = 0
-        while not self._closing:
+        while not self._wake.closing:
             if self.pauses is not None and self.pauses.paused("relay"):
                 await self.pauses.wait_change(PAUSE_CHECK)
                 continue
@@ -103,11 +101,7 @@ class Relay:
                 await self._wait(self.poll_interval)
 
     async def _wait(self, seconds: float) -> None:
-        if self._closing:
-            return
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await self._wake.wait(seconds)
 
     async def relay_once(self, limit: int | None = None) -> int:
         """Lease one batch of due rows and publish it; the rows handled."""

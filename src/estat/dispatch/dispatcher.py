@@ -2,31 +2,39 @@
 
 One loop per destination: lease due rows (``DispatchOutbox.lease``),
 send them as one batch, mark each row by its own outcome. A circuit
-breaker per target (``estat.circuit``): a batch whose every event must be
+breaker per target, shared by every dispatcher process through the
+database (``estat.store.circuit``): a batch whose every event must be
 retried counts as a failure; after ``threshold`` of them the target is
 left alone for the open time (rows not attempted, not charged a retry),
 then one probe batch decides. Paused (``dispatcher``), it leaves the rows
-where they are.
+where they are. The loop polls when idle and is woken at once when the
+store consumer of its process enqueues rows (``notify``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from estat.circuit import CircuitBreaker
+from estat.circuit import Circuit, State
 from estat.clock import Clock
 from estat.dispatch.destination import Destination, Outcome, retry_all
 from estat.model import EventRecord
 from estat.ops.logging import get_logger
+from estat.ops.metrics import Metrics
 from estat.pause import Pauses
-from estat.stage import Deadline, Spawn, finish_by
+from estat.retry import RetryPolicy
+from estat.stage import Deadline, Spawn, Wakeup, finish_by
+from estat.store.circuit import SharedCircuit
+from estat.store.db import TRANSIENT_DB
 from estat.store.dispatch import DispatchOutbox, DispatchRow, Marked
 from estat.store.rows import BadPayload, decode
 
 log = get_logger("estat.dispatch")
+
+DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
+STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class Dispatcher:
@@ -40,6 +48,7 @@ class Dispatcher:
         batch_size: int,
         poll_interval: float,
         clock: Clock,
+        metrics: Metrics | None = None,
         breaker_threshold: int = 5,
         open_for: float = 60.0,
         max_open_for: float = 600.0,
@@ -50,32 +59,46 @@ class Dispatcher:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._clock = clock
+        self._m = metrics or Metrics()
         self.pauses = pauses
+        # a probe whose dispatcher died: the next one probes after the lease
+        circuit = Circuit(
+            breaker_threshold,
+            open_for,
+            max(open_for, max_open_for),
+            outbox.lease_for.total_seconds(),
+        )
         self.breakers = {
-            d.name: CircuitBreaker(
-                threshold=breaker_threshold,
-                open_for=open_for,
-                max_open_for=max_open_for,
-                clock=clock,
-            )
+            d.name: SharedCircuit(outbox.db, d.name, circuit, clock, self._changed(d.name))
             for d in self.destinations
         }
-        self._wake = asyncio.Event()
-        self._closing = False
+        self._wakeups = {d.name: Wakeup() for d in self.destinations}
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _changed(self, target: str) -> Callable[[State, State], None]:
+        def changed(old: State, new: State) -> None:
+            self._m.dispatch_circuit.labels(new, target).inc()
+            self._m.dispatch_circuit_state.labels(target).set(STATE_VALUE[new])
+            say = log.warning if new != "closed" else log.info
+            say("dispatch circuit " + new.replace("_", "-"), target=target, previous=old)
+
+        return changed
 
     def notify(self) -> None:
         """Rows were enqueued: look now rather than at the next poll."""
-        self._wake.set()
+        for w in self._wakeups.values():
+            w.notify()
 
     async def start(self, spawn: Spawn) -> None:
+        for d in self.destinations:
+            self._m.dispatch_circuit_state.labels(d.name).set(0)
         self._tasks = [
             spawn(f"dispatcher-{d.name.lower()}", self._run(d)) for d in self.destinations
         ]
 
     def close(self) -> None:
-        self._closing = True
-        self._wake.set()
+        for w in self._wakeups.values():
+            w.close()
         if self.pauses is not None:
             self.pauses.interrupt()
 
@@ -86,33 +109,43 @@ class Dispatcher:
             await d.close()
         return 0  # what was not sent stays in the outbox
 
-    async def _wait(self, seconds: float) -> None:
-        if self._closing:
-            return
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-
     async def _run(self, dest: Destination) -> None:
+        wake = self._wakeups[dest.name]
         breaker = self.breakers[dest.name]
-        while not self._closing:
+        db = self.outbox.db
+        failures = 0
+        while not wake.closing:
             if self.pauses is not None and self.pauses.paused("dispatcher"):
                 await self.pauses.wait_change(1.0)
                 continue
-            if not breaker.allow():
-                await self._wait(min(self.poll_interval, max(0.01, breaker.retry_in())))
+            try:
+                if not await db.run(breaker.allow):
+                    self._m.dispatch_circuit_state.labels(dest.name).set(
+                        STATE_VALUE[breaker.last.state]
+                    )
+                    await wake.wait(min(self.poll_interval, max(0.05, breaker.retry_in())))
+                    continue
+                sent = await self.dispatch_once(dest, breaker)
+                failures = 0
+            except TRANSIENT_DB as e:
+                failures += 1
+                log.error(
+                    "dispatch: database unavailable", target=dest.name, error=str(e)[:300],
+                    attempt=failures,
+                )  # fmt: skip
+                await wake.wait(DB_RETRY.delay(failures))
                 continue
-            sent = await self.dispatch_once(dest, breaker)
             if sent < self.batch_size:
-                await self._wait(self.poll_interval)
+                await wake.wait(self.poll_interval)
 
-    async def dispatch_once(self, dest: Destination, breaker: CircuitBreaker) -> int:
+    async def dispatch_once(self, dest: Destination, breaker: SharedCircuit) -> int:
         """One batch: lease, send, mark; the rows handled."""
         db = self.outbox.db
         now = datetime.fromtimestamp(self._clock.time(), UTC)
         rows = await db.run(lambda: self.outbox.lease(dest.name, self.batch_size, now))
         if not rows:
-            breaker.abandon()  # a probe with nothing to send decides nothing
+            if breaker.last.state == "half_open":
+                await db.run(breaker.abandon)  # a probe with nothing to send decides nothing
             return 0
         events: list[EventRecord] = []
         sendable: list[DispatchRow] = []
@@ -140,7 +173,7 @@ class Dispatcher:
     async def _settle(
         self,
         dest: Destination,
-        breaker: CircuitBreaker,
+        breaker: SharedCircuit,
         rows: list[DispatchRow],
         outcomes: list[Outcome],
         rejected: list[tuple[DispatchRow, str]],
@@ -154,14 +187,33 @@ class Dispatcher:
                 rejected.append((row, o.reason))
             else:
                 retry.append((row, o.reason, o.not_before, o.config_error))
+        db = self.outbox.db
+        now = datetime.fromtimestamp(self._clock.time(), UTC)
+        marked = await db.run(lambda: self.outbox.mark(delivered, retry, rejected, now))
+        target = dest.name
+        m = self._m
+        if delivered:
+            m.dispatch_execute.labels("success", target).inc(len(delivered))
+            h = m.dispatch_latency.labels(target)
+            for row in delivered:
+                h.observe(max(0.0, (now - row.created_at).total_seconds()))
+        if retry or rejected:
+            m.dispatch_execute.labels("fail", target).inc(len(retry) + len(rejected))
+        if marked.scheduled:
+            m.dispatch_retry.labels("scheduled", target).inc(marked.scheduled)
+        if marked.parked:
+            m.dispatch_retry.labels("parked", target).inc(marked.parked)
         if outcomes and len(retry) == len(outcomes):
-            breaker.failure()
+            await db.run(breaker.failure)
             first = next(o for o in outcomes if o.kind == "retry")
+            m.dispatch_config_error.labels(target).set(1 if first.config_error else 0)
             log.warning(
-                "dispatch failed, rows rescheduled", target=dest.name, rows=len(retry),
-                error=first.reason[:300], configError=first.config_error, circuit=breaker.state,
+                "dispatch failed, rows rescheduled", target=target, rows=len(retry),
+                error=first.reason[:300], configError=first.config_error,
+                circuit=breaker.last.state,
             )  # fmt: skip
         elif outcomes:
-            breaker.success()
-        now = datetime.fromtimestamp(self._clock.time(), UTC)
-        return await self.outbox.db.run(lambda: self.outbox.mark(delivered, retry, rejected, now))
+            m.dispatch_config_error.labels(target).set(0)
+            if breaker.last != breaker.circuit.success(breaker.last):
+                await db.run(breaker.success)
+        return marked

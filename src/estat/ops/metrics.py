@@ -304,6 +304,52 @@ class Metrics:
             "Dispatch outbox rows written by the store consumer, by result and target.",
             ("result", "target"),
         )
+        self.dispatch_execute = counter(
+            "analytics_user_activity_dispatch_execute_total",
+            "Dispatch outbox rows sent to a destination, by result (success: delivered; "
+            "fail: retried later, or refused for good and parked) and target.",
+            ("result", "target"),
+        )
+        self.dispatch_retry = counter(
+            "analytics_user_activity_dispatch_retry_total",
+            "Dispatch outbox rows that were not delivered: scheduled for a retry, or parked "
+            "(max attempts reached, or refused by the destination; replay by hand).",
+            ("result", "target"),
+        )
+        self.dispatch_circuit = counter(
+            "analytics_user_activity_dispatch_circuit_total",
+            "Transitions of a target's circuit breaker, by the state entered (open, half_open, "
+            "closed); counted by the dispatcher that made the transition.",
+            ("state", "target"),
+        )
+        self.dispatch_circuit_state = gauge(
+            "dispatch_circuit_state",
+            "A target's circuit breaker as this process last saw it: 0 closed, 1 half-open "
+            "(one probe batch in flight), 2 open (rows wait, not charged a retry).",
+            ("target",),
+            mode="livemax",
+        )
+        self.dispatch_config_error = gauge(
+            "dispatch_config_error",
+            "1 while a target refuses the credentials (401 / 403: POSTHOG_API_KEY, the "
+            "webhook secret): rows are retried, never parked, until the configuration is fixed.",
+            ("target",),
+            mode="livemax",
+        )
+        self.dispatch_latency = Histogram(
+            "dispatch_delivery_latency_seconds",
+            "Time from the store consumer enqueuing an event to its delivery, by target.",
+            ("target",),
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+            registry=r,
+        )
+        self.dispatch_oldest_due = gauge(
+            "dispatch_oldest_due_age_seconds",
+            "Age of the oldest dispatch outbox row that is due now (waiting to be sent), by "
+            "target; 0 when none is.",
+            ("target",),
+            mode="livemostrecent",
+        )
         self.mq_publish = counter(
             "mq_publish_count_total",
             "Messages handed to the bus, by result (success, fail).",
@@ -336,7 +382,8 @@ class Metrics:
         )
         self.dispatch_outbox_rows = gauge(
             "dispatch_outbox_rows",
-            "Dispatch outbox rows by status and target.",
+            "Dispatch outbox rows by status (PENDING, FAILED, PARKED, DISPATCHED) and target; "
+            "PARKED are FAILED rows with no next retry.",
             ("status", "target"),
             mode="livemostrecent",
         )

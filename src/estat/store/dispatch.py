@@ -37,6 +37,7 @@ class DispatchRow:
     event_id: str
     payload: bytes  # the stored event's JSON
     retry_count: int
+    created_at: datetime  # when the store consumer enqueued it
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ and no transaction stays open while the rows are on the network."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, Text, and_, cast, or_, select, update
@@ -25,8 +25,8 @@ def due(t: Table, now: datetime) -> Any:
 
 def lease(
     db: Database, t: Table, where: Any, limit: int, now: datetime, lease_for: timedelta
-) -> list[tuple[int, str, bytes, int]]:
-    """(id, event_id, payload JSON, retry_count) of up to ``limit`` rows
+) -> list[tuple[int, str, bytes, int, datetime]]:
+    """(id, event_id, payload JSON, retry_count, created_at) of up to ``limit`` rows
     matching ``where``, oldest first, leased until ``now + lease_for``."""
     ids = select(t.c.id).where(where).order_by(t.c.id).limit(limit)
     if db.skip_locked:
@@ -35,8 +35,14 @@ def lease(
         update(t)
         .where(t.c.id.in_(ids.scalar_subquery()))
         .values(next_retry_at=now + lease_for, updated_at=now)
-        .returning(t.c.id, t.c.event_id, cast(t.c.payload, Text), t.c.retry_count)
+        .returning(t.c.id, t.c.event_id, cast(t.c.payload, Text), t.c.retry_count, t.c.created_at)
     )
     with db.engine.begin() as conn:
         rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r[0]))
-    return [(int(r[0]), str(r[1]), str(r[2]).encode("utf-8"), int(r[3])) for r in rows]
+    return [
+        (int(r[0]), str(r[1]), str(r[2]).encode("utf-8"), int(r[3]), _aware(r[4])) for r in rows
+    ]
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)  # SQLite keeps no zone

@@ -159,7 +159,7 @@ class SourceOutbox:
         """Due rows, oldest first, leased (``next_retry_at`` a lease ahead);
         with ``replay``, the rows an operator's replay takes instead."""
         where = _due(now) if replay is None else replay.where(now)
-        return [OutboxRow(*r) for r in lease(self.db, T, where, limit, now, self.lease_for)]
+        return [OutboxRow(*r[:4]) for r in lease(self.db, T, where, limit, now, self.lease_for)]
 
     def mark_published(self, ids: Sequence[int], now: datetime) -> None:
         if not ids:

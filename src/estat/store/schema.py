@@ -15,6 +15,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -143,4 +144,19 @@ estat_worker_state = Table(
     Column("paused", Boolean, nullable=False),
     Column("updated_at", Ts, nullable=False, server_default=func.now()),
     Column("updated_by", String(64)),
+)
+
+#: the dispatcher's circuit breaker per target, shared by every dispatcher
+#: process (``store/circuit.py``); times are epoch seconds
+estat_dispatch_circuit = Table(
+    "estat_dispatch_circuit",
+    metadata,
+    Column("target", String(30), primary_key=True),
+    Column("state", String(10), nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("opened_until", Float, nullable=False),
+    Column("open_for", Float, nullable=False),
+    Column("probe_until", Float),
+    Column("version", BigInteger, nullable=False),
+    Column("updated_at", Ts, nullable=False, server_default=func.now()),
 )
