@@ -3,7 +3,12 @@ the way PostHog checks it (``api_key``, ``batch``, each event's ``uuid``,
 ``distinct_id``, ``timestamp``, ``event``; gzip when ``Content-Encoding:
 gzip``), on a free port (uvicorn in a thread). It records what it accepted
 and can be told at run time to refuse: 400 for batches holding given uuids,
-413 above a batch size, 429 with ``Retry-After``, 500, 401."""
+413 above a batch size, 429 with ``Retry-After``, 500, 401, hang; ``stop``
+and ``start`` again on the same port refuse connections in between.
+
+It is also a webhook receiver (``POST /hook``): it checks the
+``X-Estat-Signature`` HMAC with ``hook_secret`` (401 when it does not
+match) and records the events it accepted (``hooked``)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from estat.dispatch.webhook import SIGNATURE_HEADER, verify
 from tests.conftest import free_port
 
 
@@ -37,16 +43,24 @@ class CaptureServer:
         self.status: int | None = None  # answer this to everything (429, 500, 401)
         self.retry_after = 0
         self.hang = 0.0  # seconds before answering (a read timeout on the client)
+        self.hook_secret = b"whsec_test"
+        self.hooked: list[dict[str, Any]] = []
+        self.hook_refused = 0
         self._lock = threading.Lock()
-        app = Starlette(routes=[Route("/batch/", self._batch, methods=["POST"])])
+        self.app = Starlette(
+            routes=[
+                Route("/batch/", self._batch, methods=["POST"]),
+                Route("/hook", self._hook, methods=["POST"]),
+            ]
+        )
+
+    def start(self) -> None:
         self.server = uvicorn.Server(
             uvicorn.Config(
-                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+                self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
             )
         )
         self._thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> None:
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
@@ -103,3 +117,16 @@ class CaptureServer:
         with self._lock:
             self.accepted.extend(batch)
         return JSONResponse({"status": 1})
+
+    async def _hook(self, request: Request) -> JSONResponse:
+        body = await request.body()
+        if request.headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        header = request.headers.get(SIGNATURE_HEADER, "")
+        if not verify(self.hook_secret, body, header, time.time()):
+            with self._lock:
+                self.hook_refused += 1
+            return JSONResponse({"error": "bad signature"}, 401)
+        with self._lock:
+            self.hooked.extend(json.loads(body)["batch"])
+        return JSONResponse({"ok": True})

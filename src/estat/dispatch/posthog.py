@@ -7,27 +7,25 @@ anonymous id (never the event id, which made each event its own person);
 ``properties`` carry ``event_id``, ``event_version``, ``occurred_at``,
 ``source``, the event's properties and ``$lib: "estat"``.
 
-Outcomes: 2xx delivered; 429, 5xx, timeouts and connection errors retried
-(``Retry-After`` honoured as the minimum); 413 splits the batch in halves
-down to one event; a 400 (PostHog refuses a whole batch when one event in
-it is invalid) is bisected the same way until the refused events are
-isolated, which are then rejected with the reason while the rest are
-delivered; 401 / 403 are a configuration error (retried, never parked).
-Bodies above ``gzip_above`` bytes are sent gzip-encoded.
+Outcomes (``dispatch/http.py``): 2xx delivered; 429, 5xx, timeouts and
+connection errors retried (``Retry-After`` honoured as the minimum); 413
+splits the batch in halves down to one event; a 400 (PostHog refuses a
+whole batch when one event in it is invalid) is bisected the same way until
+the refused events are isolated, which are then rejected with the reason
+while the rest are delivered; 401 / 403 are a configuration error
+(retried, never parked). Bodies above 64 KB are sent gzip-encoded.
 """
 
 from __future__ import annotations
 
-import gzip
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import msgspec
 
-from estat.dispatch.destination import DELIVERED, Outcome, retry_all
+from estat.dispatch.http import HttpBatchDestination
 from estat.model import EventRecord
 
 #: the namespace of the UUID v5 of an event id that is not a UUID
@@ -69,15 +67,7 @@ def capture_event(e: EventRecord) -> dict[str, Any]:
     }
 
 
-def _retry_after(resp: httpx.Response) -> float:
-    value = resp.headers.get("retry-after", "")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return 0.0
-
-
-class PostHog:
+class PostHog(HttpBatchDestination):
     name = "POSTHOG"
 
     def __init__(
@@ -90,56 +80,23 @@ class PostHog:
         gzip_above: int = 64 * 1024,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self.url = host.rstrip("/") + "/batch/"
-        self.api_key = api_key
-        self.gzip_above = gzip_above
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            headers={"user-agent": "estat"},
+        super().__init__(
+            host.rstrip("/") + "/batch/",
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            gzip_above=gzip_above,
+            client=client,
         )
+        self.api_key = api_key
 
-    async def close(self) -> None:
-        await self.client.aclose()
+    def item(self, e: EventRecord) -> dict[str, Any]:
+        return capture_event(e)
 
-    async def send(self, events: Sequence[EventRecord]) -> list[Outcome]:
-        if not events:
-            return []
-        return await self._send([capture_event(e) for e in events])
-
-    async def _post(self, batch: list[dict[str, Any]]) -> httpx.Response | str:
-        body = _encode(
+    def body(self, batch: list[Any]) -> bytes:
+        return _encode(
             {
                 "api_key": self.api_key,
                 "batch": batch,
                 "sent_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
         )
-        headers = {"content-type": "application/json"}
-        if len(body) > self.gzip_above:
-            body = gzip.compress(body, 6)
-            headers["content-encoding"] = "gzip"
-        try:
-            return await self.client.post(self.url, content=body, headers=headers)
-        except httpx.TimeoutException as e:
-            return f"timeout: {type(e).__name__}"
-        except httpx.TransportError as e:
-            return f"connection: {type(e).__name__}: {str(e)[:200]}"
-
-    async def _send(self, batch: list[dict[str, Any]]) -> list[Outcome]:
-        resp = await self._post(batch)
-        if isinstance(resp, str):
-            return retry_all(len(batch), resp)
-        status = resp.status_code
-        if 200 <= status < 300:
-            return [DELIVERED] * len(batch)
-        reason = f"HTTP {status}: {resp.text[:300]}"
-        if status in (401, 403):
-            return retry_all(len(batch), reason, config_error=True)
-        if status == 429 or status >= 500 or status < 400:
-            return retry_all(len(batch), reason, _retry_after(resp))
-        # 400, 413 and the other 4xx: the batch is halved until the refused
-        # events stand alone; those are rejected, the rest delivered
-        if len(batch) == 1:
-            return [Outcome("rejected", reason)]
-        half = len(batch) // 2
-        return await self._send(batch[:half]) + await self._send(batch[half:])
