@@ -1,10 +1,11 @@
 """Builds the user-activity pipeline from ``Settings``: database, bus,
 source outbox, trace log and the stages of the chosen roles (``ingest``:
-the publisher; ``relay``; ``store``; every role: the housekeeper).
+the publisher; ``relay``; ``store``; ``dispatch``: the dispatcher, when
+destinations are configured; every role: the housekeeper).
 
 ``App`` (``estat serve``) uses it next to the ingest stages;
 ``RolesApp`` runs the roles without the HTTP listener (``estat relay``,
-``estat store``, ``estat serve --roles relay,store``).
+``estat store``, ``estat dispatch``, ``estat serve --roles relay,store``).
 """
 
 from __future__ import annotations
@@ -24,21 +25,27 @@ from estat.bus.memory import MemoryBus
 from estat.bus.nats import NatsBus
 from estat.bus.redis_stream import RedisStreamBus
 from estat.clock import Clock
+from estat.dispatch.destination import Destination
+from estat.dispatch.dispatcher import Dispatcher
+from estat.dispatch.posthog import PostHog
+from estat.dispatch.webhook import Webhook
 from estat.errors import Overloaded
 from estat.model import EventRecord
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pause import Pauses
+from estat.retry import RetryPolicy
 from estat.settings import Settings
 from estat.stage import Stage
 from estat.store.db import Database, SchemaTooNew
+from estat.store.dispatch import DispatchOutbox
 from estat.store.events import EventStore
 from estat.store.outbox import ReplayFilter, SourceOutbox
 from estat.store.trace import TraceLog
 
 log = get_logger("estat.activity")
 
-ROLES = ("ingest", "relay", "store")
+ROLES = ("ingest", "relay", "store", "dispatch")
 
 
 class StartFailed(Exception):
@@ -53,6 +60,44 @@ def parse_roles(text: str | None) -> tuple[str, ...]:
     if bad or not roles:
         raise ValueError(f"unknown role {bad[0] if bad else ''!r}: roles are {', '.join(ROLES)}")
     return roles
+
+
+def build_destinations(s: Settings) -> list[Destination]:
+    """The destinations of ``DISPATCH_TARGETS`` (validated by ``Settings``)."""
+    connect, read = s.dispatch_connect_timeout, s.dispatch_read_timeout
+    out: list[Destination] = []
+    for t in s.targets:
+        if t == "POSTHOG" and s.posthog_host and s.posthog_api_key:
+            key = s.posthog_api_key.get_secret_value()
+            out.append(PostHog(s.posthog_host, key, connect_timeout=connect, read_timeout=read))
+        elif t == "WEBHOOK" and s.webhook_url and s.webhook_secret:
+            secret = s.webhook_secret.get_secret_value()
+            out.append(Webhook(s.webhook_url, secret, connect_timeout=connect, read_timeout=read))
+    return out
+
+
+def build_dispatcher(
+    s: Settings, db: Database, metrics: Metrics, clock: Clock, pauses: Pauses | None
+) -> Dispatcher:
+    policy = RetryPolicy(
+        base=s.dispatch_retry_base_delay, cap=s.dispatch_retry_max_delay, exponent_cap=10,
+        jitter="equal",
+    )  # fmt: skip
+    outbox = DispatchOutbox(
+        db, max_attempts=s.dispatch_max_attempts, lease_seconds=s.dispatch_lease, policy=policy
+    )
+    return Dispatcher(
+        outbox,
+        build_destinations(s),
+        batch_size=s.dispatch_batch_size,
+        poll_interval=s.dispatch_poll_interval,
+        clock=clock,
+        metrics=metrics,
+        breaker_threshold=s.dispatch_circuit_failure_threshold,
+        open_for=s.dispatch_circuit_open_duration,
+        max_open_for=s.dispatch_circuit_max_open_duration,
+        pauses=pauses,
+    )
 
 
 def build_bus(s: Settings) -> Bus | None:
@@ -167,8 +212,19 @@ class Activity:
                 rescue=lambda records: self.db.run(lambda: self.outbox.enqueue(records)),
                 pauses=pauses,
             )
+        self.dispatcher: Dispatcher | None = None
+        if "dispatch" in self.roles and s.targets:
+            self.dispatcher = build_dispatcher(s, self.db, metrics, clock, pauses)
+            if self.consumer is not None:
+                self.consumer.on_dispatch = self.dispatcher.notify
         self.housekeeper = Housekeeper(
-            self.db, bus, self.trace, retention=s.mq_trace_retention, metrics=metrics, clock=clock
+            self.db,
+            bus,
+            self.trace,
+            retention=s.mq_trace_retention,
+            metrics=metrics,
+            clock=clock,
+            targets=s.targets,
         )
         self.writer = OutboxCommit(self.outbox, metrics, self.notify_relay)
 
@@ -211,6 +267,13 @@ class Activity:
             raise StartFailed(str(e)) from e
         except TRANSIENT_DB as e:
             raise StartFailed(f"database {db.description} unavailable: {str(e)[:300]}") from e
+        if self.roles == ("dispatch",):
+            if self.dispatcher is None:
+                raise StartFailed(
+                    "no destination to dispatch to: set POSTHOG_HOST and POSTHOG_API_KEY, "
+                    "or WEBHOOK_URL and WEBHOOK_SECRET (DISPATCH_TARGETS)"
+                )
+            return  # the dispatcher needs the database only
         if self.bus is None:
             log.warning("message queue provider is none: skipping user activity publish")
             return
@@ -227,13 +290,18 @@ class Activity:
             database=db.description,
             provider=self.bus.provider,
             roles=",".join(self.roles),
+            destinations=",".join(d.name for d in self.dispatcher.destinations)
+            if self.dispatcher
+            else "none",
         )
 
     def layers(self) -> tuple[list[Stage], list[Stage], list[Stage]]:
-        """(low: housekeeper, middle: store consumer, high: relay and publisher):
-        stopped high first, so the consumer drains what the relay and the
-        publisher put on an in-process bus."""
-        high: list[Stage] = [s for s in (self.publisher, self.relay) if s is not None]
+        """(low: housekeeper, middle: store consumer, high: relay, publisher
+        and dispatcher): stopped high first, so the consumer drains what the
+        relay and the publisher put on an in-process bus."""
+        high: list[Stage] = [
+            s for s in (self.publisher, self.relay, self.dispatcher) if s is not None
+        ]
         middle: list[Stage] = [self.consumer] if self.consumer is not None else []
         return [self.housekeeper], middle, high
 

@@ -24,7 +24,9 @@ DEFAULT_URL = "http://127.0.0.1:8081"
 
 
 def add_admin_parser(sub: Any) -> None:
-    a = sub.add_parser("admin", help="the admin API: tokens, outbox, traces, workers, audit")
+    a = sub.add_parser(
+        "admin", help="the admin API: tokens, outbox, dispatch, traces, workers, audit"
+    )
     a.add_argument("--url", default=None, help=f"admin listener (ESTAT_ADMIN_URL; {DEFAULT_URL})")
     a.add_argument("--token", default=None, help="bearer token (ESTAT_ADMIN_TOKEN)")
     a.add_argument("--json", action="store_true", help="print the JSON answer")
@@ -43,15 +45,30 @@ def add_admin_parser(sub: Any) -> None:
     rp.add_argument("--event-name", default=None)
     rp.add_argument("--from", dest="created_from", default=None, help="created_at >= (ISO 8601)")
     rp.add_argument("--to", dest="created_to", default=None, help="created_at < (ISO 8601)")
+    dp = asub.add_parser("dispatch", help="the dispatch outbox and the circuits of its targets")
+    dsub = dp.add_subparsers(dest="dispatch_command", required=True)
+    dsub.add_parser("summary", help="rows per target by status, max retries, oldest due")
+    dr = dsub.add_parser(
+        "replay", help="make FAILED rows (parked ones too) due now, attempts reset"
+    )
+    dr.add_argument("--limit", type=int, default=100, help="1..500 (default 100)")
+    dr.add_argument("--target", default=None, help="POSTHOG, WEBHOOK (default: every target)")
+    dr.add_argument("--dry-run", action="store_true", help="count only")
+    dr.add_argument("--from", dest="created_from", default=None, help="created_at >= (ISO 8601)")
+    dr.add_argument("--to", dest="created_to", default=None, help="created_at < (ISO 8601)")
+    dc = dsub.add_parser("circuit", help="each target's circuit breaker; --reset TARGET closes one")
+    dc.add_argument("--reset", metavar="TARGET", default=None, help="close this target's circuit")
     tr = asub.add_parser("traces", help="the MQ trace rows of one message, newest first")
     tr.add_argument("message_id")
     tr.add_argument("--limit", type=int, default=50, help="1..200 (default 50)")
-    wk = asub.add_parser("workers", help="list, pause or resume the relay, store, dlq-replayer")
+    wk = asub.add_parser(
+        "workers", help="list, pause or resume the relay, store, dispatcher, dlq-replayer"
+    )
     wsub = wk.add_subparsers(dest="workers_command")
     wsub.add_parser("list", help="every worker's pause state (the default)")
     for verb in ("pause", "resume"):
         wp = wsub.add_parser(verb, help=f"{verb} a worker in every process")
-        wp.add_argument("name", help="relay, store or dlq-replayer")
+        wp.add_argument("name", help="relay, store, dispatcher or dlq-replayer")
     au = asub.add_parser("audit", help="the latest admin calls")
     au.add_argument("--limit", type=int, default=20)
 
@@ -89,6 +106,21 @@ def _create_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dispatch_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    base = "/api/v1/admin/dispatch"
+    if args.dispatch_command == "summary":
+        return "GET", f"{base}/summary", {}
+    if args.dispatch_command == "circuit":
+        if args.reset:
+            return "POST", f"{base}/circuits/{args.reset.upper()}/reset", {}
+        return "GET", f"{base}/circuits", {}
+    params: dict[str, Any] = {"limit": args.limit, "dryRun": str(args.dry_run).lower()}
+    for k, v in (("target", args.target), ("from", args.created_from), ("to", args.created_to)):
+        if v is not None:
+            params[k] = v
+    return "POST", f"{base}/replay", params
+
+
 def run_admin_command(args: argparse.Namespace) -> int:
     if args.admin_command == "token":
         return _create_token(args)
@@ -108,6 +140,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
         ):
             if v is not None:
                 params[k] = v
+    elif args.admin_command == "dispatch":
+        method, path, params = _dispatch_request(args)
     elif args.admin_command == "workers" and args.workers_command in ("pause", "resume"):
         method, path = "POST", f"/api/v1/admin/workers/{args.name}/{args.workers_command}"
     elif args.admin_command == "workers":
@@ -136,6 +170,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
         print(json.dumps(body))
     elif isinstance(body, dict):
         print(_table([body], list(body)))
+    elif args.admin_command == "dispatch":
+        print(_table(body, list(body[0]) if body else ["target"]))
     elif args.admin_command == "traces":
         print(
             _table(

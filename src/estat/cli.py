@@ -40,12 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--roles",
         default=None,
-        help="comma-separated roles of this process: ingest, relay, store (default: all three)",
+        help="comma-separated roles of this process: ingest, relay, store, dispatch (default: all four)",
     )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     for role, text in (
         ("relay", "publish the source outbox to the bus until SIGTERM/SIGINT"),
         ("store", "store the bus's events in the database until SIGTERM/SIGINT"),
+        (
+            "dispatch",
+            "send stored events to the destinations (PostHog, webhook) until SIGTERM/SIGINT",
+        ),
     ):
         sub.add_parser(role, help=text, description=text + " (same as serve --roles " + role + ")")
     ob = sub.add_parser("outbox", help="the source outbox: summary, replay FAILED rows")
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_outbox_command(settings, args)
     if args.command == "migrate":
         return _migrate(settings, args)
-    if args.command in ("relay", "store"):
+    if args.command in ("relay", "store", "dispatch"):
         args.roles, args.workers, args.reuse_port = args.command, 1, False
     stale = stale_compiled_modules()
     if stale:

@@ -126,7 +126,7 @@ class _Worker:
 
 
 def run_workers(
-    settings: Settings, n: int, roles: tuple[str, ...] = ("ingest", "relay", "store")
+    settings: Settings, n: int, roles: tuple[str, ...] = ("ingest", "relay", "store", "dispatch")
 ) -> int:
     setup_logging(settings.log_level, pretty=settings.log_pretty, env=settings.deploy_env)
     mpdir = tempfile.mkdtemp(prefix="estat-metrics-")

@@ -91,10 +91,13 @@ async def test_every_admin_route_needs_a_token_with_its_scope(admin: Admin) -> N
     assert f"{ADMIN_PREFIX}/audit" in paths
     assert f"{ADMIN_PREFIX}/workers/{{name}}/{{action}}" in paths
     assert f"{ADMIN_PREFIX}/dlq/replay" in paths
+    assert f"{ADMIN_PREFIX}/dispatch/replay" in paths
+    assert f"{ADMIN_PREFIX}/dispatch/circuits/{{target}}/reset" in paths
     assert "/openapi.json" in paths
     params = {"messageId": "m", "limit": "1"}
     for method, template, scope in routes:
         path = template.replace("{name}", "relay").replace("{action}", "resume")
+        path = path.replace("{target}", "POSTHOG")
         r = await admin.client.request(method, path, params=params)
         assert r.status_code == 401, (method, path)
         assert r.json()["code"] == "ADMIN_TOKEN_REQUIRED"
@@ -418,6 +421,7 @@ async def test_a_paused_store_keeps_its_backlog_and_resumes_it(admin: Admin) -> 
     listed = (await c.get(f"{ADMIN_PREFIX}/workers", headers=auth("reader"))).json()
     assert {x["name"]: (x["paused"], x["running"]) for x in listed} == {
         "relay": (False, True), "store": (True, True), "dlq-replayer": (False, True),
+        "dispatcher": (False, False),  # no destination configured
     }  # fmt: skip
     r = await c.post(f"{ADMIN_PREFIX}/workers/store/resume", headers=auth("operator"))
     assert r.json()["paused"] is False

@@ -72,6 +72,8 @@ class StoreConsumer:
     ) -> None:
         #: where the in-process bus's leftovers go at the end (the outbox)
         self.rescue = rescue
+        #: called when dispatch-outbox rows were committed (wakes the dispatcher)
+        self.on_dispatch: Callable[[], None] | None = None
         self.pauses = pauses
         self.bus = bus
         self.store = store
@@ -271,6 +273,8 @@ class StoreConsumer:
             log.debug("duplicate user events skipped", events=stored.duplicates)
         for target, n in stored.dispatch.items():
             self._m.dispatch_enqueue.labels("inserted", target).inc(n)
+        if stored.dispatch and self.on_dispatch is not None:
+            self.on_dispatch()
         for target in self.store.targets:
             dup = stored.inserted - stored.dispatch.get(target, 0)
             if dup:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 
@@ -18,6 +19,7 @@ from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.stage import Deadline, Spawn, finish_by
 from estat.store.db import Database
+from estat.store.lease import aware, due
 from estat.store.outbox import utcnow
 from estat.store.schema import user_activity_dispatch_outbox, user_activity_source_outbox
 from estat.store.trace import TraceLog
@@ -25,15 +27,20 @@ from estat.store.trace import TraceLog
 log = get_logger("estat.housekeeper")
 
 BACKLOG_EVERY = 10.0
+DISPATCH_STATUSES = ("PENDING", "FAILED", "PARKED", "DISPATCHED")
 PURGE_EVERY = 600.0
 
 
-def backlog(db: Database) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
-    """(source outbox rows by status, dispatch rows by (status, target));
-    FAILED rows with no next retry count as PARKED."""
+def backlog(
+    db: Database, now: datetime
+) -> tuple[dict[str, int], dict[tuple[str, str], int], dict[str, datetime]]:
+    """(source outbox rows by status, dispatch rows by (status, target),
+    the oldest due dispatch row's creation by target); FAILED rows with no
+    next retry count as PARKED."""
     s = user_activity_source_outbox
     d = user_activity_dispatch_outbox
     parked_s = (s.c.status == "FAILED") & s.c.next_retry_at.is_(None)
+    parked_d = (d.c.status == "FAILED") & d.c.next_retry_at.is_(None)
     with db.engine.connect() as conn:
         src: dict[str, int] = {"PENDING": 0, "FAILED": 0, "PARKED": 0, "PUBLISHED": 0}
         for status, parked, n in conn.execute(
@@ -41,13 +48,22 @@ def backlog(db: Database) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
         ):
             src["PARKED" if parked else status] = n
         dis: dict[tuple[str, str], int] = {}
-        for status, target, n in conn.execute(
-            select(d.c.status, d.c.dispatch_target, func.count()).group_by(
-                d.c.status, d.c.dispatch_target
+        for status, parked, target, n in conn.execute(
+            select(d.c.status, parked_d, d.c.dispatch_target, func.count()).group_by(
+                d.c.status, parked_d, d.c.dispatch_target
             )
         ):
-            dis[(status, target)] = n
-    return src, dis
+            dis[("PARKED" if parked else status, target)] = n
+        oldest = {
+            str(t): aware(at)
+            for t, at in conn.execute(
+                select(d.c.dispatch_target, func.min(d.c.created_at))
+                .where(due(d, now))
+                .group_by(d.c.dispatch_target)
+            )
+            if at is not None
+        }
+    return src, dis, oldest
 
 
 class Housekeeper:
@@ -62,7 +78,9 @@ class Housekeeper:
         retention: float,
         metrics: Metrics,
         clock: Clock,
+        targets: Sequence[str] = (),
     ) -> None:
+        self.targets = tuple(targets)
         self.db = db
         self.bus = bus
         self.trace = trace
@@ -104,7 +122,8 @@ class Housekeeper:
 
     async def refresh_backlog(self) -> None:
         try:
-            src, dis = await self.db.run(lambda: backlog(self.db))
+            now = utcnow(self._clock.time())
+            src, dis, oldest = await self.db.run(lambda: backlog(self.db, now))
         except TRANSIENT_DB as e:
             self.database_status = f"unavailable: {type(e).__name__}"
             log.warning("backlog gauges: database unavailable", error=str(e)[:200])
@@ -112,8 +131,13 @@ class Housekeeper:
             self.database_status = "ok"
             for status, n in src.items():
                 self._m.source_outbox_rows.labels(status).set(n)
-            for (status, target), n in dis.items():
-                self._m.dispatch_outbox_rows.labels(status, target).set(n)
+            for target in {*self.targets, *(t for _, t in dis)}:
+                for status in DISPATCH_STATUSES:
+                    n = dis.get((status, target), 0)
+                    self._m.dispatch_outbox_rows.labels(status, target).set(n)
+                at = oldest.get(target)
+                age = (now - at).total_seconds() if at is not None else 0.0
+                self._m.dispatch_oldest_due.labels(target).set(max(0.0, age))
         if self.bus is not None:
             try:
                 stats = await self.bus.stats()

@@ -32,6 +32,7 @@ from estat.admin.models import (
     REFUSALS,
     client_of,
 )
+from estat.admin.routes_dispatch import add_dispatch_routes
 from estat.admin.routes_ops import add_operations_routes
 from estat.admin.routes_pipeline import add_pipeline_routes
 from estat.ops.logging import get_logger
@@ -173,6 +174,7 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
         return app.openapi()
 
     add_pipeline_routes(app, ctx, scope)
+    add_dispatch_routes(app, ctx, scope)
     add_operations_routes(app, ctx, scope)
     return app
 

@@ -15,15 +15,17 @@ from estat.activity_app import Activity
 from estat.admin.api import build_admin_app
 from estat.admin.audit import AuditLog
 from estat.admin.auth import Authenticator
-from estat.admin.context import AdminContext, DlqOps
+from estat.admin.context import AdminContext, DispatchOps, DlqOps
 from estat.admin.listener import AdminListener
 from estat.admin.workers import PauseWatcher
 from estat.bus.base import BusError
+from estat.circuit import Circuit
 from estat.clock import Clock
 from estat.dlq.queue import DeadLetterQueue, Sink
 from estat.ops.metrics import Metrics
 from estat.settings import Settings
 from estat.store.db import Database
+from estat.store.dispatch import DispatchOutbox
 from estat.store.schema import (
     user_activity_dispatch_outbox,
     user_activity_event,
@@ -71,6 +73,7 @@ def build_admin(
         dlq=dlq,
         bus=activity.bus if activity is not None else None,
         store_counts=_store_counts(activity) if activity is not None else None,
+        dispatch=_dispatch_ops(settings, activity, clock) if activity is not None else None,
     )
     return AdminListener(build_admin_app(ctx), addr[0], addr[1])
 
@@ -85,7 +88,25 @@ def _running(activity: Activity | None) -> frozenset[str]:
             out.add("relay")
         if activity.consumer is not None:
             out.add("store")
+        if activity.dispatcher is not None:
+            out.add("dispatcher")
     return frozenset(out)
+
+
+def _dispatch_ops(settings: Settings, activity: Activity, clock: Clock) -> DispatchOps:
+    s = settings
+    d = activity.dispatcher
+    return DispatchOps(
+        outbox=d.outbox if d is not None else DispatchOutbox(activity.db),
+        circuit=Circuit(
+            s.dispatch_circuit_failure_threshold,
+            s.dispatch_circuit_open_duration,
+            max(s.dispatch_circuit_open_duration, s.dispatch_circuit_max_open_duration),
+        ),
+        clock=clock,
+        targets=s.targets,
+        notify=d.notify if d is not None else (lambda: None),
+    )
 
 
 def _store_counts(activity: Activity) -> Callable[[], Awaitable[dict[str, Any]]]:

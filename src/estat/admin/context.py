@@ -15,8 +15,11 @@ from estat.admin.auth import Authenticator
 from estat.admin.models import client_of
 from estat.admin.workers import PauseWatcher
 from estat.bus.base import Bus
+from estat.circuit import Circuit
+from estat.clock import Clock
 from estat.ops.metrics import Metrics
 from estat.settings.admin import AdminTokenEntry
+from estat.store.dispatch import DispatchOutbox
 from estat.store.outbox import ReplayFilter, SourceOutbox
 
 ADMIN_PREFIX = "/api/v1/admin"
@@ -43,6 +46,19 @@ class AdminContext:
     dlq: DlqOps | None = None
     store_counts: Callable[[], Awaitable[dict[str, Any]]] | None = None
     bus: Bus | None = None
+    dispatch: DispatchOps | None = None
+
+
+@dataclass
+class DispatchOps:
+    """The dispatch outbox and the circuits, and this process's
+    dispatcher to wake after a replay (when it runs one)."""
+
+    outbox: DispatchOutbox
+    circuit: Circuit
+    clock: Clock
+    targets: tuple[str, ...]
+    notify: Callable[[], None] = lambda: None
 
 
 @dataclass

@@ -30,6 +30,31 @@ class ReplayResult(BaseModel):
     dryRun: bool = False
 
 
+class DispatchTargetSummary(BaseModel):
+    target: str
+    pendingCount: int
+    failedCount: int  # waiting for their next retry
+    parkedCount: int  # FAILED with no next retry: replay them
+    dispatchedCount: int
+    maxRetryCount: int
+    oldestDueAt: datetime | None  # created_at of the oldest row due now
+
+
+class DispatchReplayResult(BaseModel):
+    replayedCount: int
+    target: str | None
+    dryRun: bool = False
+
+
+class CircuitView(BaseModel):
+    target: str
+    state: str  # closed, open, half_open
+    failures: int  # consecutive failed batches while closed
+    openForSeconds: float  # the open time of the next opening (doubles after a failed probe)
+    retryInSeconds: float  # until the next probe (0 when closed)
+    configured: bool  # in DISPATCH_TARGETS of this process
+
+
 class TraceRow(BaseModel):
     id: int
     messageId: str

@@ -1,5 +1,6 @@
 """The fields of the user-activity pipeline (seed 004): database, bus,
-publisher, relay, store consumer, trace log, server events. ``Settings``
+publisher, relay, store consumer, trace log, server events (the dispatcher's
+are in ``dispatch.py``). ``Settings``
 (``fields.py``) inherits them."""
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from estat.settings.values import (
     MqPrefix,
     NatsUrl,
     RedisUrl,
-    Targets,
     TokenHashes,
     accepts,
 )
@@ -141,11 +141,6 @@ class ActivityFields(BaseSettings):
         description="Publish attempts of a source outbox row before it is parked (FAILED, no next retry) until replayed.",
         json_schema_extra=accepts("an integer from 1 to 1000"),
     )
-    dispatch_targets: Targets = Field(
-        "",
-        description="Destinations the store consumer enqueues dispatch-outbox rows for (comma-separated, e.g. POSTHOG). Empty: none.",
-        json_schema_extra=accepts("names separated by commas"),
-    )
     # --- server events -----------------------------------------------------------
     server_event_tokens: TokenHashes | None = Field(
         None,
@@ -160,10 +155,6 @@ class ActivityFields(BaseSettings):
         if self.mq_provider == "nats" and self.mq_nats_url is None:
             raise ValueError("MQ_PROVIDER=nats needs MQ_NATS_URL")
         return self
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return tuple(t.strip().upper() for t in self.dispatch_targets.split(",") if t.strip())
 
     @property
     def server_tokens(self) -> dict[str, str]:

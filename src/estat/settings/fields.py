@@ -25,6 +25,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from estat.settings.activity import ActivityFields
 from estat.settings.admin import AdminFields
+from estat.settings.dispatch import DispatchFields
 from estat.settings.values import (
     DEFAULT_ALLOWLIST,
     Address,
@@ -56,7 +57,7 @@ class _MappingSource(EnvSettingsSource):
         )
 
 
-class Settings(ActivityFields, AdminFields):
+class Settings(ActivityFields, DispatchFields, AdminFields):
     @classmethod
     def settings_customise_sources(
         cls,

@@ -23,7 +23,7 @@ from sqlalchemy import and_, bindparam, func, select, update
 
 from estat.retry import RetryPolicy
 from estat.store.db import Database
-from estat.store.lease import due, lease
+from estat.store.lease import aware, due, lease
 from estat.store.schema import ERROR_MAX
 from estat.store.schema import user_activity_dispatch_outbox as T
 
@@ -131,6 +131,65 @@ class DispatchOutbox:
                     failed,
                 )
         return Marked(len(delivered), scheduled, parked)
+
+    def replay(
+        self,
+        limit: int,
+        now: datetime,
+        *,
+        target: str | None = None,
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """An operator's replay: up to ``limit`` FAILED rows (parked ones and
+        those waiting for their backoff), oldest first, PENDING and due now
+        with their attempts reset (the cause was fixed: each gets the whole
+        retry policy again); ``dry_run`` counts them only. ``from``
+        inclusive, ``to`` exclusive, on ``created_at``."""
+        cond = T.c.status == "FAILED"
+        if target is not None:
+            cond = and_(cond, T.c.dispatch_target == target)
+        if created_from is not None:
+            cond = and_(cond, T.c.created_at >= created_from)
+        if created_to is not None:
+            cond = and_(cond, T.c.created_at < created_to)
+        ids = select(T.c.id).where(cond).order_by(T.c.id).limit(limit)
+        if dry_run:
+            with self.db.engine.connect() as conn:
+                n = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
+                return int(n)
+        with self.db.engine.begin() as conn:
+            res = conn.execute(
+                update(T)
+                .where(T.c.id.in_(ids.scalar_subquery()))
+                .values(status="PENDING", retry_count=0, next_retry_at=None, updated_at=now)
+            )
+            return int(res.rowcount)
+
+    def summary(self, now: datetime) -> dict[str, dict[str, Any]]:
+        """target → rows by status (PARKED: FAILED with no next retry),
+        the highest retry count, and the oldest due row's creation."""
+        parked = and_(T.c.status == "FAILED", T.c.next_retry_at.is_(None))
+        out: dict[str, dict[str, Any]] = {}
+        with self.db.engine.connect() as conn:
+            for target, status, is_parked, n, mx in conn.execute(
+                select(
+                    T.c.dispatch_target, T.c.status, parked, func.count(), func.max(T.c.retry_count)
+                ).group_by(T.c.dispatch_target, T.c.status, parked)
+            ):
+                row = out.setdefault(str(target), {"maxRetryCount": 0, "oldestDue": None})
+                key = "PARKED" if is_parked else str(status)
+                row[key] = row.get(key, 0) + int(n)
+                row["maxRetryCount"] = max(row["maxRetryCount"], int(mx or 0))
+            for target, at in conn.execute(
+                select(T.c.dispatch_target, func.min(T.c.created_at))
+                .where(due(T, now))
+                .group_by(T.c.dispatch_target)
+            ):
+                if at is not None and str(target) in out:
+                    out[str(target)]["oldestDue"] = aware(at)
+        return out
 
     def counts(self) -> dict[tuple[str, str], int]:
         """(target, status) → rows."""

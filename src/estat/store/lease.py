@@ -39,10 +39,8 @@ def lease(
     )
     with db.engine.begin() as conn:
         rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r[0]))
-    return [
-        (int(r[0]), str(r[1]), str(r[2]).encode("utf-8"), int(r[3]), _aware(r[4])) for r in rows
-    ]
+    return [(int(r[0]), str(r[1]), str(r[2]).encode("utf-8"), int(r[3]), aware(r[4])) for r in rows]
 
 
-def _aware(t: datetime) -> datetime:
+def aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)  # SQLite keeps no zone

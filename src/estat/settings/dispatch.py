@@ -1,0 +1,135 @@
+"""The fields of the dispatcher and its destinations (PostHog, a
+webhook). ``Settings`` (``fields.py``) inherits them."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings
+
+from estat.settings.values import Duration, EndpointUrl, Targets, accepts
+
+DESTINATIONS = ("POSTHOG", "WEBHOOK")
+
+
+class DispatchFields(BaseSettings):
+    dispatch_targets: Targets | None = Field(
+        None,
+        description="Destinations every stored event is dispatched to, comma-separated: POSTHOG, WEBHOOK. Unset: POSTHOG when POSTHOG_HOST and POSTHOG_API_KEY are set, WEBHOOK when WEBHOOK_URL is; empty: none.",
+        json_schema_extra=accepts("POSTHOG, WEBHOOK, both separated by a comma, or empty"),
+    )
+    posthog_host: EndpointUrl | None = Field(
+        None,
+        description="PostHog's address (events go to <POSTHOG_HOST>/batch/), e.g. https://us.i.posthog.com or a self-hosted PostHog.",
+        json_schema_extra=accepts("an http:// or https:// URL"),
+    )
+    posthog_api_key: SecretStr | None = Field(
+        None,
+        description="The PostHog project API key (phc_...).",
+        json_schema_extra=accepts("a project API key"),
+    )
+    webhook_url: EndpointUrl | None = Field(
+        None,
+        description="The webhook destination's URL: a POST of a JSON batch per DISPATCH_BATCH_SIZE events, signed with WEBHOOK_SECRET.",
+        json_schema_extra=accepts("an http:// or https:// URL"),
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="The webhook's HMAC-SHA256 key (X-Estat-Signature: t=<unix seconds>,v1=<hex HMAC of '<t>.<body>'>).",
+        json_schema_extra=accepts("a secret string"),
+    )
+    dispatch_batch_size: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="Dispatch outbox rows sent per request to a destination.",
+        json_schema_extra=accepts("an integer from 1 to 1000"),
+    )
+    dispatch_poll_interval: Duration = Field(
+        1.0,
+        gt=0,
+        description="How often an idle dispatcher looks for due rows (the store consumer of the same process wakes it at once).",
+        json_schema_extra=accepts("a duration"),
+    )
+    dispatch_lease: Duration = Field(
+        60.0,
+        gt=0,
+        description="How long leased dispatch rows stay invisible to other dispatchers (one that dies leaves them due after this; also a dead probe's lease).",
+        json_schema_extra=accepts("a duration"),
+    )
+    dispatch_max_attempts: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Attempts of a dispatch row before it is parked (FAILED, no next retry) until replayed; a refused credential (401/403) never parks.",
+        json_schema_extra=accepts("an integer from 1 to 1000"),
+    )
+    dispatch_retry_base_delay: Duration = Field(
+        10.0,
+        gt=0,
+        description="First retry delay of a dispatch row; doubled per attempt (2^min(retries, 10)), jittered, a Retry-After as the minimum.",
+        json_schema_extra=accepts("a duration"),
+    )
+    dispatch_retry_max_delay: Duration = Field(
+        600.0,
+        gt=0,
+        description="Longest retry delay of a dispatch row.",
+        json_schema_extra=accepts("a duration"),
+    )
+    dispatch_circuit_failure_threshold: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="Consecutive failed batches (every event to retry) that open a target's circuit; 0 disables the breaker.",
+        json_schema_extra=accepts("an integer from 0 to 1000"),
+    )
+    dispatch_circuit_open_duration: Duration = Field(
+        60.0,
+        gt=0,
+        description="How long an open circuit leaves the target alone before one probe batch; doubled after a failed probe.",
+        json_schema_extra=accepts("a duration"),
+    )
+    dispatch_circuit_max_open_duration: Duration = Field(
+        600.0,
+        gt=0,
+        description="Longest open time of a circuit.",
+        json_schema_extra=accepts("a duration"),
+    )
+    dispatch_connect_timeout: Duration = Field(
+        2.0,
+        gt=0,
+        description="Connect timeout of a destination request.",
+        json_schema_extra=accepts("a duration"),
+    )
+    dispatch_read_timeout: Duration = Field(
+        3.0,
+        gt=0,
+        description="Read timeout of a destination request.",
+        json_schema_extra=accepts("a duration"),
+    )
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        if self.dispatch_targets is None:
+            auto = (
+                "POSTHOG" if self.posthog_host and self.posthog_api_key else "",
+                "WEBHOOK" if self.webhook_url else "",
+            )
+            return tuple(t for t in auto if t)
+        return tuple(
+            dict.fromkeys(t.strip().upper() for t in self.dispatch_targets.split(",") if t.strip())
+        )
+
+    @model_validator(mode="after")
+    def _destinations(self) -> DispatchFields:
+        for t in self.targets:
+            if t not in DESTINATIONS:
+                raise ValueError(
+                    f"DISPATCH_TARGETS: unknown destination {t!r} (known: {', '.join(DESTINATIONS)})"
+                )
+        if "POSTHOG" in self.targets and not (self.posthog_host and self.posthog_api_key):
+            raise ValueError("DISPATCH_TARGETS=POSTHOG needs POSTHOG_HOST and POSTHOG_API_KEY")
+        if "WEBHOOK" in self.targets and not (self.webhook_url and self.webhook_secret):
+            raise ValueError("DISPATCH_TARGETS=WEBHOOK needs WEBHOOK_URL and WEBHOOK_SECRET")
+        if self.dispatch_retry_max_delay < self.dispatch_retry_base_delay:
+            raise ValueError("DISPATCH_RETRY_MAX_DELAY must be at least DISPATCH_RETRY_BASE_DELAY")
+        return self
