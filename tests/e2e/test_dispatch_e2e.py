@@ -79,8 +79,8 @@ def env(capture: CaptureServer, redis: RedisServer, pg_url: str, **extra: str) -
     }
 
 
-def send_client(p: EstatProcess, n: int) -> list[str]:
-    ids = [uuid.uuid4().hex for _ in range(n)]
+def send_client(p: EstatProcess, n: int, ids: list[str] | None = None) -> list[str]:
+    ids = ids or [uuid.uuid4().hex for _ in range(n)]
     for i in range(0, n, 50):
         status, body = post(p.url + "/api/v1/analytics/events", client_batch(ids[i : i + 50]))
         assert status == 200, body
@@ -134,16 +134,19 @@ def test_posthog_outage_refusal_and_replay(
     wait_for(lambda: call(p, "GET", "/api/v1/admin/dispatch/circuits")[0]["state"] == "closed")
 
     # PostHog refuses one event: it alone is parked, the others delivered
-    refused = send_client(p, 10)
+    refused = [uuid.uuid4().hex for _ in range(10)]
     capture.bad_uuids = {event_uuid(refused[3])}
+    send_client(p, 10, refused)
     wait_for(lambda: call(p, "GET", "/api/v1/admin/dispatch/summary")[0]["parkedCount"] == 1)
     assert once_each(capture, [i for i in refused if i != refused[3]])
     assert event_uuid(refused[3]) not in capture.uuids()
     with psycopg.connect(pg_url) as conn:
-        (err,) = conn.execute(
+        row = conn.execute(
             "SELECT last_error FROM user_activity_dispatch_outbox WHERE event_id = %s",
             (refused[3],),
         ).fetchone()
+    assert row is not None
+    err = row[0]
     assert err.startswith("rejected: HTTP 400")
     capture.bad_uuids = set()  # the cause is fixed: replay
     dry = call(p, "POST", "/api/v1/admin/dispatch/replay?target=POSTHOG&limit=50&dryRun=true")
