@@ -89,6 +89,7 @@ bench: install-test
 	@bash scripts/test-deps.sh
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/pipeline_bench.py
+	$(PY) benchmarks/dispatch_bench.py
 	$(PY) benchmarks/dlq_bench.py
 	$(PY) benchmarks/ratelimit_bench.py
 

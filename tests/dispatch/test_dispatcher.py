@@ -97,7 +97,7 @@ async def test_an_outage_opens_the_breaker_and_everything_arrives_after(
 ) -> None:
     ids = store(db, 40)
     capture.status = 503
-    d = await running(db, capture, batch_size=10, breaker_threshold=2, open_for=0.5)
+    d = await running(db, capture, batch_size=10, breaker_threshold=2, open_for=0.5, concurrency=1)
     breaker = d.breakers["POSTHOG"]
     await until(lambda: breaker.last.state == "open")
     attempted = capture.requests

@@ -3,13 +3,14 @@ free port: mapping, per-event outcomes, bisecting of refused batches."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
 import msgspec
 import pytest
 
-from estat.dispatch.posthog import NAMESPACE, PostHog, event_uuid
+from estat.dispatch.posthog import NAMESPACE, PostHog, capture_event, event_uuid
 from estat.model import EventRecord
 from tests.capture import CaptureServer
 from tests.conftest import free_port
@@ -51,6 +52,26 @@ async def test_events_arrive_mapped_once_with_a_stable_uuid(capture: CaptureServ
     assert event_uuid("order-9f1c") == str(uuid.uuid5(NAMESPACE, "order-9f1c"))
     assert event_uuid("order-9f1c") in got
     await ph.close()
+
+
+@pytest.mark.parametrize(
+    ("props", "theirs"),
+    [
+        (b"{}", {}),
+        (b" { } ", {}),
+        (b'{"a": [1, {"b": "}"}] }', {"a": [1, {"b": "}"}]}),
+        (b'{"source":"forged","$lib":"x","n":1}', {"n": 1}),  # estat's keys win
+    ],
+)
+def test_properties_are_spliced_with_estats_keys_last(
+    props: bytes, theirs: dict[str, object]
+) -> None:
+    e = ev(props=props)
+    body = json.loads(msgspec.json.encode(capture_event(e)))
+    assert body["properties"] == {
+        **theirs, "event_id": e.event_id, "event_version": "2",
+        "occurred_at": "2026-12-01T10:00:00.000Z", "source": "SERVER", "$lib": "estat",
+    }  # fmt: skip
 
 
 async def test_a_large_batch_is_gzipped(capture: CaptureServer) -> None:

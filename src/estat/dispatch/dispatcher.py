@@ -14,8 +14,11 @@ store consumer of its process enqueues rows (``notify``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from estat.circuit import Circuit, State
 from estat.clock import Clock
@@ -28,13 +31,18 @@ from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn, Wakeup, finish_by
 from estat.store.circuit import SharedCircuit
 from estat.store.db import TRANSIENT_DB
-from estat.store.dispatch import DispatchOutbox, DispatchRow, Marked
+from estat.store.dispatch import DispatchOutbox, DispatchRow, Leased, Marked
 from estat.store.rows import BadPayload, decode
 
 log = get_logger("estat.dispatch")
 
+T = TypeVar("T")
+
 DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
 STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
+#: a closed circuit is read again at most this often (another dispatcher
+#: opening it is followed within this time)
+CIRCUIT_FRESH = 1.0
 
 
 class Dispatcher:
@@ -48,6 +56,7 @@ class Dispatcher:
         batch_size: int,
         poll_interval: float,
         clock: Clock,
+        concurrency: int = 2,
         metrics: Metrics | None = None,
         breaker_threshold: int = 5,
         open_for: float = 60.0,
@@ -58,6 +67,7 @@ class Dispatcher:
         self.destinations = list(destinations)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        self.concurrency = concurrency
         self._clock = clock
         self._m = metrics or Metrics()
         self.pauses = pauses
@@ -69,10 +79,23 @@ class Dispatcher:
             outbox.lease_for.total_seconds(),
         )
         self.breakers = {
-            d.name: SharedCircuit(outbox.db, d.name, circuit, clock, self._changed(d.name))
+            d.name: SharedCircuit(
+                outbox.db, d.name, circuit, clock, self._changed(d.name), fresh_for=CIRCUIT_FRESH
+            )
             for d in self.destinations
         }
         self._wakeups = {d.name: Wakeup() for d in self.destinations}
+        # PostgreSQL: each lane's lease and mark on a thread of its own (one
+        # lane's transaction is open while another leases); SQLite has one
+        # writer: the database's own thread
+        self._executor = (
+            ThreadPoolExecutor(
+                max_workers=concurrency * len(self.destinations),
+                thread_name_prefix="estat-dispatch",
+            )
+            if outbox.db.skip_locked
+            else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     def _changed(self, target: str) -> Callable[[State, State], None]:
@@ -93,7 +116,9 @@ class Dispatcher:
         for d in self.destinations:
             self._m.dispatch_circuit_state.labels(d.name).set(0)
         self._tasks = [
-            spawn(f"dispatcher-{d.name.lower()}", self._run(d)) for d in self.destinations
+            spawn(f"dispatcher-{d.name.lower()}-{lane}", self._run(d))
+            for d in self.destinations
+            for lane in range(self.concurrency)
         ]
 
     def close(self) -> None:
@@ -107,19 +132,25 @@ class Dispatcher:
             await finish_by(t, deadline)
         for d in self.destinations:
             await d.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
         return 0  # what was not sent stays in the outbox
+
+    async def _db(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            return await self.outbox.db.run(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def _run(self, dest: Destination) -> None:
         wake = self._wakeups[dest.name]
         breaker = self.breakers[dest.name]
-        db = self.outbox.db
         failures = 0
         while not wake.closing:
             if self.pauses is not None and self.pauses.paused("dispatcher"):
                 await self.pauses.wait_change(1.0)
                 continue
             try:
-                if not await db.run(breaker.allow):
+                if not (breaker.fresh() or await self._db(breaker.allow)):
                     self._m.dispatch_circuit_state.labels(dest.name).set(
                         STATE_VALUE[breaker.last.state]
                     )
@@ -140,17 +171,39 @@ class Dispatcher:
 
     async def dispatch_once(self, dest: Destination, breaker: SharedCircuit) -> int:
         """One batch: lease, send, mark; the rows handled."""
-        db = self.outbox.db
         now = datetime.fromtimestamp(self._clock.time(), UTC)
-        rows = await db.run(lambda: self.outbox.lease(dest.name, self.batch_size, now))
+        leased = await self._db(lambda: self.outbox.lease(dest.name, self.batch_size, now))
+        rows = leased.rows
         if not rows:
             if breaker.last.state == "half_open":
-                await db.run(breaker.abandon)  # a probe with nothing to send decides nothing
+                await self._db(breaker.abandon)  # a probe with nothing to send decides nothing
             return 0
+        try:
+            marked = await self._send(dest, breaker, leased)
+        except BaseException:
+            # not marked (a database error, a stop cut the send short): the
+            # rows go back as they were, due now
+            if not leased.done:
+                later = datetime.fromtimestamp(self._clock.time(), UTC)
+                with contextlib.suppress(*TRANSIENT_DB):
+                    await asyncio.shield(self._db(lambda: self.outbox.release(leased, later)))
+            if breaker.last.state == "half_open":
+                with contextlib.suppress(*TRANSIENT_DB):
+                    await asyncio.shield(self._db(breaker.abandon))
+            raise
+        if marked.parked:
+            log.error(
+                "dispatch: rows parked (replay them once the cause is fixed)",
+                target=dest.name,
+                rows=marked.parked,
+            )
+        return len(rows)
+
+    async def _send(self, dest: Destination, breaker: SharedCircuit, leased: Leased) -> Marked:
         events: list[EventRecord] = []
         sendable: list[DispatchRow] = []
         rejected: list[tuple[DispatchRow, str]] = []
-        for r in rows:
+        for r in leased.rows:
             try:
                 events.append(decode(r.payload))
                 sendable.append(r)
@@ -161,19 +214,13 @@ class Dispatcher:
         except Exception as e:  # a bug in the destination: nothing is lost, retried
             log.exception("destination failed", target=dest.name)
             outcomes = retry_all(len(events), f"destination error: {type(e).__name__}")
-        marked = await self._settle(dest, breaker, sendable, outcomes, rejected)
-        if marked.parked:
-            log.error(
-                "dispatch: rows parked (replay them once the cause is fixed)",
-                target=dest.name,
-                rows=marked.parked,
-            )
-        return len(rows)
+        return await self._settle(dest, breaker, leased, sendable, outcomes, rejected)
 
     async def _settle(
         self,
         dest: Destination,
         breaker: SharedCircuit,
+        leased: Leased,
         rows: list[DispatchRow],
         outcomes: list[Outcome],
         rejected: list[tuple[DispatchRow, str]],
@@ -187,9 +234,8 @@ class Dispatcher:
                 rejected.append((row, o.reason))
             else:
                 retry.append((row, o.reason, o.not_before, o.config_error))
-        db = self.outbox.db
         now = datetime.fromtimestamp(self._clock.time(), UTC)
-        marked = await db.run(lambda: self.outbox.mark(delivered, retry, rejected, now))
+        marked = await self._db(lambda: self.outbox.mark(delivered, retry, rejected, now, leased))
         target = dest.name
         m = self._m
         if delivered:
@@ -204,7 +250,7 @@ class Dispatcher:
         if marked.parked:
             m.dispatch_retry.labels("parked", target).inc(marked.parked)
         if outcomes and len(retry) == len(outcomes):
-            await db.run(breaker.failure)
+            await self._db(breaker.failure)
             first = next(o for o in outcomes if o.kind == "retry")
             m.dispatch_config_error.labels(target).set(1 if first.config_error else 0)
             log.warning(
@@ -215,5 +261,5 @@ class Dispatcher:
         elif outcomes:
             m.dispatch_config_error.labels(target).set(0)
             if breaker.last != breaker.circuit.success(breaker.last):
-                await db.run(breaker.success)
+                await self._db(breaker.success)
         return marked

@@ -41,15 +41,19 @@ def event_uuid(event_id: str) -> str:
         return str(uuid.uuid5(NAMESPACE, event_id))
 
 
-def capture_event(e: EventRecord) -> dict[str, Any]:
-    props: dict[str, Any] = {}
-    try:
-        decoded = msgspec.json.decode(e.properties)
-        if isinstance(decoded, dict):
-            props.update(decoded)
-    except msgspec.DecodeError:
-        pass
-    props.update(
+class CaptureEvent(msgspec.Struct):
+    event: str
+    distinct_id: str
+    timestamp: str
+    uuid: str
+    properties: msgspec.Raw
+
+
+def _properties(e: EventRecord) -> msgspec.Raw:
+    """The event's properties with estat's keys after them (a JSON reader
+    keeps the last of two equal keys, so estat's win), spliced as bytes:
+    the properties are never decoded."""
+    ours = _encode(
         {
             "event_id": e.event_id,
             "event_version": e.event_version,
@@ -58,13 +62,20 @@ def capture_event(e: EventRecord) -> dict[str, Any]:
             "$lib": "estat",
         }
     )
-    return {
-        "event": e.event_name,
-        "distinct_id": e.member_id or e.anonymous_id or e.event_id,
-        "timestamp": e.occurred_at,
-        "uuid": event_uuid(e.event_id),
-        "properties": props,
-    }
+    raw = bytes(e.properties).strip()
+    if len(raw) < 2 or raw[:1] != b"{" or raw[-1:] != b"}" or not raw[1:-1].strip():
+        return msgspec.Raw(ours)  # empty (or, impossibly, not an object)
+    return msgspec.Raw(raw[:-1] + b"," + ours[1:])
+
+
+def capture_event(e: EventRecord) -> CaptureEvent:
+    return CaptureEvent(
+        e.event_name,
+        e.member_id or e.anonymous_id or e.event_id,
+        e.occurred_at,
+        event_uuid(e.event_id),
+        _properties(e),
+    )
 
 
 class PostHog(HttpBatchDestination):
@@ -89,7 +100,7 @@ class PostHog(HttpBatchDestination):
         )
         self.api_key = api_key
 
-    def item(self, e: EventRecord) -> dict[str, Any]:
+    def item(self, e: EventRecord) -> CaptureEvent:
         return capture_event(e)
 
     def body(self, batch: list[Any]) -> bytes:

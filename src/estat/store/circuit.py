@@ -60,7 +60,14 @@ class SharedCircuit:
         circuit: Circuit,
         clock: Clock,
         on_change: Callable[[State, State], None] | None = None,
+        *,
+        fresh_for: float = 0.0,
     ) -> None:
+        #: while this process saw the circuit closed less than this long
+        #: ago, ``allow`` answers from that view without a query (another
+        #: process's opening is seen at most this late)
+        self.fresh_for = fresh_for
+        self._seen_at = -math.inf
         self.db = db
         self.target = target
         self.circuit = circuit
@@ -101,6 +108,7 @@ class SharedCircuit:
         else:
             raise RuntimeError(f"circuit {self.target}: too much contention")
         self.last = new
+        self._seen_at = self._clock.monotonic()
         if new.state != old.state and self._on_change is not None:
             self._on_change(old.state, new.state)
         return result
@@ -108,9 +116,19 @@ class SharedCircuit:
     def read(self) -> CircuitState:
         with self.db.engine.connect() as conn:
             self.last = self._read(conn)[0]
+        self._seen_at = self._clock.monotonic()
         return self.last
 
+    def fresh(self) -> bool:
+        """Closed as this process saw it less than ``fresh_for`` ago: a
+        caller may go ahead without asking the database (no I/O)."""
+        return self.last.state == "closed" and (
+            self._clock.monotonic() - self._seen_at < self.fresh_for
+        )
+
     def allow(self) -> bool:
+        if self.fresh():
+            return True
         return self._transition(self.circuit.allow)
 
     def success(self) -> None:
