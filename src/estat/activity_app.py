@@ -91,6 +91,7 @@ def build_dispatcher(
         build_destinations(s),
         batch_size=s.dispatch_batch_size,
         poll_interval=s.dispatch_poll_interval,
+        concurrency=s.dispatch_concurrency,
         clock=clock,
         metrics=metrics,
         breaker_threshold=s.dispatch_circuit_failure_threshold,

@@ -49,10 +49,12 @@ class Recorder:
         pass
 
 
-async def run(db: Database, dest: Recorder, failed: list[str]) -> Dispatcher:
+async def run(
+    db: Database, dest: Recorder, failed: list[str], breaker_threshold: int = 5
+) -> Dispatcher:
     d = Dispatcher(
         DispatchOutbox(db, policy=FAST), [dest], batch_size=10, poll_interval=0.05,
-        clock=SystemClock(), concurrency=1,
+        clock=SystemClock(), concurrency=1, breaker_threshold=breaker_threshold, open_for=60,
     )  # fmt: skip
     await d.start(Supervisor(Metrics(), failed.append).spawn)
     return d
@@ -110,10 +112,10 @@ async def test_the_database_failing_at_mark_gives_the_rows_back(db: Database) ->
     await until(lambda: {s for s, _, _ in statuses(db).values()} == {"DISPATCHED"})
     d.close()
     await d.join(Deadline.after(10, SystemClock()))
-    # the first batch was sent, not marked, given back and sent again: the
+    # the first lease was sent, not marked, given back and sent again: the
     # destination deduplicates (PostHog on uuid); nothing is lost
     assert sorted(set(dest.got)) == sorted(ids)
-    assert len(dest.got) == len(ids) + 10
+    assert len(dest.got) == 2 * len(ids)  # all 12 fit in one lease (10 requests' worth)
 
 
 async def test_a_stop_during_a_send_gives_the_rows_back(db: Database) -> None:
@@ -124,3 +126,35 @@ async def test_a_stop_during_a_send_gives_the_rows_back(db: Database) -> None:
     await d.join(Deadline.after(0.5, SystemClock()))  # the deadline cancels the send
     assert all(s == "PENDING" and n == 0 for s, n, _ in statuses(db).values())
     await deliver_all(db, ids)
+
+
+class DownAfter(Recorder):
+    """Delivers the first ``n`` requests, then answers like a dead host."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.requests = 0
+
+    async def send(self, events: Sequence[EventRecord]) -> list[Outcome]:
+        self.requests += 1
+        if self.requests > self.n:
+            return [Outcome("retry", "connection: ConnectError")] * len(events)
+        return await super().send(events)
+
+
+async def test_a_lease_stops_at_the_first_failed_request(db: Database) -> None:
+    """A lease holds ten requests' worth; the destination dies after two:
+    the third is charged a retry, the seven not sent are untouched."""
+    store(db, 100)
+    dest = DownAfter(2)
+    d = await run(db, dest, [], breaker_threshold=1)  # then open for a minute
+    await until(lambda: d.breakers["POSTHOG"].last.state == "open")
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    st = statuses(db)
+    assert sorted(i for i, (s, _, _) in st.items() if s == "DISPATCHED") == sorted(dest.got)
+    assert len(dest.got) == 20
+    assert sum(1 for s, n, _ in st.values() if s == "FAILED" and n == 1) == 10
+    assert sum(1 for s, n, _ in st.values() if s == "PENDING" and n == 0) == 70
+    assert dest.requests == 3

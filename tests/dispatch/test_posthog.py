@@ -140,3 +140,23 @@ async def test_connection_refused_and_timeouts_are_retries(capture: CaptureServe
     # (the server may still take that batch after the client gave up: the
     # retry carries the same uuids, which PostHog deduplicates)
     await ph.close()
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [
+        "0f8fad5b-d9cb-469f-a165-70867728950e",
+        "0F8FAD5BD9CB469FA16570867728950E",
+        "{0f8fad5b-d9cb-469f-a165-70867728950e}",
+        "urn:uuid:0f8fad5b-d9cb-469f-a165-70867728950e",
+        "order-9f1c",
+        "0f8fad5b-d9cb-469f-a165-70867728950",  # one digit short: not a UUID
+        "",
+    ],
+)
+def test_event_uuid_is_the_uuid_or_a_v5_of_the_id(event_id: str) -> None:
+    try:
+        want = str(uuid.UUID(event_id))
+    except ValueError:
+        want = str(uuid.uuid5(NAMESPACE, event_id))
+    assert event_uuid(event_id) == want

@@ -24,8 +24,9 @@ from estat.circuit import Circuit, State
 from estat.clock import Clock
 from estat.dispatch.destination import Destination, Outcome, retry_all
 from estat.model import EventRecord
+from estat.ops.hist import FastHistogram
 from estat.ops.logging import get_logger
-from estat.ops.metrics import Metrics
+from estat.ops.metrics import DISPATCH_LATENCY_BUCKETS, Metrics
 from estat.pause import Pauses
 from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn, Wakeup, finish_by
@@ -43,6 +44,7 @@ STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 #: a closed circuit is read again at most this often (another dispatcher
 #: opening it is followed within this time)
 CIRCUIT_FRESH = 1.0
+LEASE_ROWS = 1000
 
 
 class Dispatcher:
@@ -68,6 +70,9 @@ class Dispatcher:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.concurrency = concurrency
+        #: rows per lease: several requests' worth (the database's cost is
+        #: per statement as much as per row), sent one request at a time
+        self.lease_rows = max(batch_size, min(LEASE_ROWS, batch_size * 10))
         self._clock = clock
         self._m = metrics or Metrics()
         self.pauses = pauses
@@ -85,6 +90,12 @@ class Dispatcher:
             for d in self.destinations
         }
         self._wakeups = {d.name: Wakeup() for d in self.destinations}
+        self._latency = {
+            d.name: FastHistogram(self._m.dispatch_latency.labels(d.name), DISPATCH_LATENCY_BUCKETS)
+            for d in self.destinations
+        }
+        for h in self._latency.values():
+            self._m.add_flusher(h.flush)
         # PostgreSQL: each lane's lease and mark on a thread of its own (one
         # lane's transaction is open while another leases); SQLite has one
         # writer: the database's own thread
@@ -170,9 +181,10 @@ class Dispatcher:
                 await wake.wait(self.poll_interval)
 
     async def dispatch_once(self, dest: Destination, breaker: SharedCircuit) -> int:
-        """One batch: lease, send, mark; the rows handled."""
+        """One lease: up to ``lease_rows`` rows, sent in requests of
+        ``batch_size``, marked; the rows handled."""
         now = datetime.fromtimestamp(self._clock.time(), UTC)
-        leased = await self._db(lambda: self.outbox.lease(dest.name, self.batch_size, now))
+        leased = await self._db(lambda: self.outbox.lease(dest.name, self.lease_rows, now))
         rows = leased.rows
         if not rows:
             if breaker.last.state == "half_open":
@@ -200,66 +212,76 @@ class Dispatcher:
         return len(rows)
 
     async def _send(self, dest: Destination, breaker: SharedCircuit, leased: Leased) -> Marked:
-        events: list[EventRecord] = []
-        sendable: list[DispatchRow] = []
-        rejected: list[tuple[DispatchRow, str]] = []
-        for r in leased.rows:
-            try:
-                events.append(decode(r.payload))
-                sendable.append(r)
-            except BadPayload as e:
-                rejected.append((r, str(e)))
-        try:
-            outcomes = await dest.send(events) if events else []
-        except Exception as e:  # a bug in the destination: nothing is lost, retried
-            log.exception("destination failed", target=dest.name)
-            outcomes = retry_all(len(events), f"destination error: {type(e).__name__}")
-        return await self._settle(dest, breaker, leased, sendable, outcomes, rejected)
-
-    async def _settle(
-        self,
-        dest: Destination,
-        breaker: SharedCircuit,
-        leased: Leased,
-        rows: list[DispatchRow],
-        outcomes: list[Outcome],
-        rejected: list[tuple[DispatchRow, str]],
-    ) -> Marked:
+        """The leased rows in requests of ``batch_size``. A request whose
+        every event must be retried is a failure for the breaker and ends
+        the lease: the rows not sent yet stay as they were (not charged)."""
         delivered: list[DispatchRow] = []
         retry: list[tuple[DispatchRow, str, float, bool]] = []
-        for row, o in zip(rows, outcomes, strict=True):
-            if o.kind == "delivered":
-                delivered.append(row)
-            elif o.kind == "rejected":
-                rejected.append((row, o.reason))
-            else:
-                retry.append((row, o.reason, o.not_before, o.config_error))
+        rejected: list[tuple[DispatchRow, str]] = []
+        rows = leased.rows
+        sent = 0
+        failed: Outcome | None = None
+        while sent < len(rows) and failed is None:
+            chunk = rows[sent : sent + self.batch_size]
+            sent += len(chunk)
+            events: list[EventRecord] = []
+            sendable: list[DispatchRow] = []
+            for r in chunk:
+                try:
+                    events.append(decode(r.payload))
+                    sendable.append(r)
+                except BadPayload as e:
+                    rejected.append((r, str(e)))
+            if not events:
+                continue
+            try:
+                outcomes = await dest.send(events)
+            except Exception as e:  # a bug in the destination: nothing is lost, retried
+                log.exception("destination failed", target=dest.name)
+                outcomes = retry_all(len(events), f"destination error: {type(e).__name__}")
+            retried = 0
+            for row, o in zip(sendable, outcomes, strict=True):
+                if o.kind == "delivered":
+                    delivered.append(row)
+                elif o.kind == "rejected":
+                    rejected.append((row, o.reason))
+                else:
+                    retry.append((row, o.reason, o.not_before, o.config_error))
+                    retried += 1
+            if retried == len(outcomes):
+                failed = next(o for o in outcomes if o.kind == "retry")
+                await self._db(breaker.failure)
+            elif breaker.last != breaker.circuit.success(breaker.last):
+                await self._db(breaker.success)
+        untouched = rows[sent:]
         now = datetime.fromtimestamp(self._clock.time(), UTC)
-        marked = await self._db(lambda: self.outbox.mark(delivered, retry, rejected, now, leased))
-        target = dest.name
+        marked = await self._db(
+            lambda: self.outbox.mark(delivered, retry, rejected, now, leased, untouched)
+        )
+        self._count(dest.name, marked, delivered, now, len(retry) + len(rejected))
+        if failed is not None:
+            self._m.dispatch_config_error.labels(dest.name).set(1 if failed.config_error else 0)
+            log.warning(
+                "dispatch failed, rows rescheduled", target=dest.name, rows=len(retry),
+                error=failed.reason[:300], configError=failed.config_error,
+                circuit=breaker.last.state, notSent=len(untouched),
+            )  # fmt: skip
+        elif delivered:
+            self._m.dispatch_config_error.labels(dest.name).set(0)
+        return marked
+
+    def _count(
+        self, target: str, marked: Marked, delivered: list[DispatchRow], now: datetime, fail: int
+    ) -> None:
         m = self._m
         if delivered:
             m.dispatch_execute.labels("success", target).inc(len(delivered))
-            h = m.dispatch_latency.labels(target)
+            h = self._latency[target]
             for row in delivered:
                 h.observe(max(0.0, (now - row.created_at).total_seconds()))
-        if retry or rejected:
-            m.dispatch_execute.labels("fail", target).inc(len(retry) + len(rejected))
+        if fail:
+            m.dispatch_execute.labels("fail", target).inc(fail)
         if marked.scheduled:
             m.dispatch_retry.labels("scheduled", target).inc(marked.scheduled)
         if marked.parked:
             m.dispatch_retry.labels("parked", target).inc(marked.parked)
-        if outcomes and len(retry) == len(outcomes):
-            await self._db(breaker.failure)
-            first = next(o for o in outcomes if o.kind == "retry")
-            m.dispatch_config_error.labels(target).set(1 if first.config_error else 0)
-            log.warning(
-                "dispatch failed, rows rescheduled", target=target, rows=len(retry),
-                error=first.reason[:300], configError=first.config_error,
-                circuit=breaker.last.state,
-            )  # fmt: skip
-        elif outcomes:
-            m.dispatch_config_error.labels(target).set(0)
-            if breaker.last != breaker.circuit.success(breaker.last):
-                await self._db(breaker.success)
-        return marked

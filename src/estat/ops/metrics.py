@@ -340,7 +340,7 @@ class Metrics:
             "dispatch_delivery_latency_seconds",
             "Time from the store consumer enqueuing an event to its delivery, by target.",
             ("target",),
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+            buckets=DISPATCH_LATENCY_BUCKETS,
             registry=r,
         )
         self.dispatch_oldest_due = gauge(
@@ -473,5 +473,6 @@ class Metrics:
         return render(self.registry)
 
 
+DISPATCH_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"

@@ -44,6 +44,13 @@ class DispatchFields(BaseSettings):
         description="Dispatch outbox rows sent per request to a destination.",
         json_schema_extra=accepts("an integer from 1 to 1000"),
     )
+    dispatch_concurrency: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Requests in flight per destination and dispatcher process (each lane leases up to 10 batches' worth of rows, at most 1,000, and sends them one request at a time).",
+        json_schema_extra=accepts("an integer from 1 to 16"),
+    )
     dispatch_poll_interval: Duration = Field(
         1.0,
         gt=0,

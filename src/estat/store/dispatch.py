@@ -166,8 +166,10 @@ class DispatchOutbox:
         rejected: Sequence[tuple[DispatchRow, str]],
         now: datetime,
         leased: Leased | None = None,
+        untouched: Sequence[DispatchRow] = (),
     ) -> Marked:
-        """One transaction (the lease's, on PostgreSQL): ``delivered`` rows DISPATCHED; ``retry`` rows
+        """One transaction (the lease's, on PostgreSQL): ``untouched`` rows
+        (not sent) as they were; ``delivered`` rows DISPATCHED; ``retry`` rows
         (row, reason, not-before seconds, configuration error) FAILED with
         the next try, or parked once their attempts are spent (never for a
         configuration error); ``rejected`` rows parked with the reason."""
@@ -199,12 +201,18 @@ class DispatchOutbox:
             leased.conn = None  # committed or rolled back here, either way
             try:
                 self._write(held, delivered, failed, now)
-                held.commit()
+                held.commit()  # the untouched rows' locks go with it
             finally:
                 held.close()
         else:
             with self.db.engine.begin() as conn:
                 self._write(conn, delivered, failed, now)
+                if untouched:  # leased ahead: due again, as they were
+                    conn.execute(
+                        update(T)
+                        .where(T.c.id.in_([r.id for r in untouched]))
+                        .values(next_retry_at=now, updated_at=now)
+                    )
         if leased is not None:
             leased.done = True
         return Marked(len(delivered), scheduled, parked)
