@@ -36,6 +36,9 @@ Ts = DateTime(timezone=True)
 
 ERROR_MAX = 1000
 
+#: the outboxes' status indexes hold the rows still to be sent only
+OPEN = text("status IN ('PENDING', 'FAILED')")
+
 user_activity_event = Table(
     "user_activity_event",
     metadata,
@@ -78,7 +81,14 @@ user_activity_source_outbox = Table(
     Column("published_at", Ts),
     Column("created_at", Ts, nullable=False, server_default=func.now()),
     Column("updated_at", Ts, nullable=False, server_default=func.now()),
-    Index("idx_user_activity_source_outbox_status_retry", "status", "next_retry_at", "id"),
+    Index(
+        "idx_user_activity_source_outbox_status_retry",
+        "status",
+        "next_retry_at",
+        "id",
+        postgresql_where=OPEN,
+        sqlite_where=OPEN,
+    ),
     Index("idx_user_activity_source_outbox_created", "created_at", "id"),
 )
 
@@ -99,8 +109,22 @@ user_activity_dispatch_outbox = Table(
     UniqueConstraint(
         "event_id", "dispatch_target", name="uk_user_activity_dispatch_outbox_event_target"
     ),
-    Index("idx_user_activity_dispatch_outbox_status_retry", "status", "next_retry_at", "id"),
-    Index("idx_user_activity_dispatch_outbox_target_status", "dispatch_target", "status", "id"),
+    Index(
+        "idx_user_activity_dispatch_outbox_status_retry",
+        "status",
+        "next_retry_at",
+        "id",
+        postgresql_where=OPEN,
+        sqlite_where=OPEN,
+    ),
+    Index(
+        "idx_user_activity_dispatch_outbox_target_status",
+        "dispatch_target",
+        "status",
+        "id",
+        postgresql_where=OPEN,
+        sqlite_where=OPEN,
+    ),
 )
 
 message_queue_trace_log = Table(
