@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,43 @@ def test_an_injected_environment_is_the_only_source(monkeypatch: pytest.MonkeyPa
         load_settings({"HTTP_ADDR": ":99999"})
     assert "HTTP_ADDR=':99999'" in str(e.value)
     assert load_settings().batch_size == 7  # and the process's again without one
+
+
+def test_dispatch_targets_follow_the_destinations_configured() -> None:
+    ph = {"POSTHOG_HOST": "https://eu.i.posthog.com", "POSTHOG_API_KEY": "phc_x"}
+    hook = {"WEBHOOK_URL": "https://hooks.example.org/estat", "WEBHOOK_SECRET": "s"}
+    assert load_settings({}).targets == ()
+    assert load_settings(ph).targets == ("POSTHOG",)  # set up: dispatched to
+    assert load_settings({**ph, **hook}).targets == ("POSTHOG", "WEBHOOK")
+    assert load_settings({**ph, "DISPATCH_TARGETS": ""}).targets == ()  # explicitly none
+    assert load_settings({**ph, **hook, "DISPATCH_TARGETS": "webhook"}).targets == ("WEBHOOK",)
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"DISPATCH_TARGETS": "POSTHOG"}, "needs POSTHOG_HOST and POSTHOG_API_KEY"),
+        ({"DISPATCH_TARGETS": "MIXPANEL"}, "unknown destination 'MIXPANEL'"),
+        ({"WEBHOOK_URL": "https://h.example.org/x"}, "needs WEBHOOK_URL and WEBHOOK_SECRET"),
+        ({"POSTHOG_HOST": "eu.i.posthog.com"}, "http:// or https://"),
+        ({"DISPATCH_BATCH_SIZE": "1001"}, "1000"),
+        ({"DISPATCH_RETRY_MAX_DELAY": "5s"}, "at least DISPATCH_RETRY_BASE_DELAY"),
+    ],
+)
+def test_dispatch_settings_are_checked_at_start(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(env)
+    assert says in str(e.value)
+
+
+def test_estat_dispatch_without_a_destination_says_what_to_set(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "estat", "dispatch"],
+        env={**os.environ, "DATA_DIR": str(tmp_path), "ADMIN_ADDR": "off"},
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "POSTHOG_HOST" in run.stderr + run.stdout

@@ -68,3 +68,37 @@ def test_the_failures_mode_traces_only_failures(db: Database) -> None:
         row = conn.execute(select(message_queue_trace_log)).mappings().one()
     assert row["stage"] == "CONSUME_FAIL"
     assert len(row["error_message"]) == 1000
+
+
+async def test_dispatch_gauges_by_target_parked_apart_and_the_oldest_due_age(
+    db: Database,
+) -> None:
+    import time
+
+    from estat.store.dispatch import DispatchOutbox
+    from estat.store.events import EventStore
+    from estat.store.rows import encode, event_row
+
+    records = [rec() for _ in range(6)]
+    EventStore(db, ["POSTHOG", "WEBHOOK"]).store(
+        [event_row(r) for r in records], [encode(r).decode() for r in records]
+    )
+    box = DispatchOutbox(db, max_attempts=1)
+    now = datetime.now(UTC)
+    leased = box.lease("POSTHOG", 3, now)
+    a, b, c = leased.rows
+    box.mark([a], [(b, "HTTP 500", 0.0, False)], [(c, "HTTP 400")], now, leased)  # b, c parked
+    m = Metrics()
+    clock = FakeClock(time.time() + 30)  # the oldest due rows were enqueued ~30 s ago
+    hk = Housekeeper(
+        db, None, None, retention=60, metrics=m, clock=clock, targets=("POSTHOG", "WEBHOOK")
+    )
+    await hk.refresh_backlog()
+    for target, want in (
+        ("POSTHOG", {"PENDING": 3, "FAILED": 0, "PARKED": 2, "DISPATCHED": 1}),
+        ("WEBHOOK", {"PENDING": 6, "FAILED": 0, "PARKED": 0, "DISPATCHED": 0}),
+    ):
+        got = {s: value(m, "dispatch_outbox_rows", status=s, target=target) for s in want}
+        assert got == want
+        age = value(m, "dispatch_oldest_due_age_seconds", target=target)
+        assert 29 <= age <= 40

@@ -1,0 +1,172 @@
+"""The admin API's dispatch routes on an in-process estat with PostHog
+configured (a capture server): the summary by target and status, the
+circuit opened by an outage, a manual reset that sends at once, the replay
+of a parked event (dry run, target filter), the dispatcher paused and
+resumed; every call audited."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from estat.admin.context import ADMIN_PREFIX
+from estat.app import App
+from estat.dispatch.posthog import event_uuid
+from estat.store.schema import admin_audit_log
+from tests.admin.test_admin import ENTRIES, auth, rec
+from tests.capture import CaptureServer
+from tests.conftest import free_port
+from tests.ingest.helpers import close_all, start_app
+
+
+async def until(cond: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never held")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[tuple[App, httpx.AsyncClient, CaptureServer]]:
+    capture = CaptureServer()
+    capture.start()
+    app = await start_app(
+        tmp_path, admin_addr=f"127.0.0.1:{free_port()}", admin_tokens=ENTRIES,
+        posthog_host=capture.url, posthog_api_key="phc_test", dispatch_poll_interval="50ms",
+        dispatch_circuit_failure_threshold="1", dispatch_circuit_open_duration="1h",
+        dispatch_retry_base_delay="1h", dispatch_retry_max_delay="2h",
+    )  # fmt: skip
+    assert app.admin is not None
+    assert app.admin.address is not None
+    host, port = app.admin.address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as client:
+        yield app, client, capture
+    await close_all()
+    await app.shutdown()
+    capture.stop()
+
+
+async def stored(app: App, n: int) -> list[str]:
+    assert app.activity is not None
+    assert app.activity.publisher is not None
+    records = [rec() for _ in range(n)]
+    app.activity.publisher.put(records, None)
+    return [r.event_id for r in records]
+
+
+async def test_circuit_summary_reset_replay_and_pause(
+    setup: tuple[App, httpx.AsyncClient, CaptureServer],
+) -> None:
+    app, c, capture = setup
+    circuits = f"{ADMIN_PREFIX}/dispatch/circuits"
+    summary = f"{ADMIN_PREFIX}/dispatch/summary"
+
+    async def get(path: str) -> object:
+        r = await c.get(path, headers=auth("reader"))
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = await stored(app, 5)
+    await until(lambda: len(capture.uuids()) == 5)
+    assert (await get(circuits)) == [
+        {"target": "POSTHOG", "state": "closed", "failures": 0, "openForSeconds": 3600.0,
+         "retryInSeconds": 0.0, "configured": True},
+    ]  # fmt: skip
+
+    # an outage: one failed request opens the circuit for an hour
+    capture.status = 503
+    second = await stored(app, 4)
+    await until(lambda: capture.requests >= 2)
+    view = (await get(circuits))[0]  # type: ignore[index]
+    assert view["state"] == "open"
+    assert view["retryInSeconds"] > 3500
+    rows = (await get(summary))[0]  # type: ignore[index]
+    assert (rows["failedCount"], rows["dispatchedCount"], rows["parkedCount"]) == (4, 5, 0)
+    assert rows["oldestDueAt"] is None  # failed rows wait for their retry in an hour
+
+    # the destination is back; the operator resets the circuit and replays
+    capture.status = None
+    r = await c.post(f"{circuits}/posthog/reset", headers=auth("reader"))
+    assert r.status_code == 403  # operate scope
+    r = await c.post(f"{circuits}/posthog/reset", headers=auth("operator"))
+    assert r.status_code == 200
+    assert r.json()["state"] == "closed"
+    r = await c.post(
+        f"{ADMIN_PREFIX}/dispatch/replay", params={"dryRun": "true", "target": "WEBHOOK"},
+        headers=auth("replayer"),
+    )  # fmt: skip
+    assert r.json() == {"replayedCount": 0, "target": "WEBHOOK", "dryRun": True}
+    r = await c.post(
+        f"{ADMIN_PREFIX}/dispatch/replay", params={"target": "posthog", "limit": 10},
+        headers=auth("replayer"),
+    )  # fmt: skip
+    assert r.json() == {"replayedCount": 4, "target": "POSTHOG", "dryRun": False}
+    await until(lambda: len(capture.uuids()) == 9)  # woken at once, not in an hour
+    assert sorted(capture.uuids()) == sorted(event_uuid(i) for i in first + second)
+
+    # paused, the dispatcher leaves new rows where they are
+    r = await c.post(f"{ADMIN_PREFIX}/workers/dispatcher/pause", headers=auth("operator"))
+    assert r.json()["paused"] is True
+    await until(lambda: app.pauses.paused("dispatcher"), timeout=10)
+    third = await stored(app, 3)
+    await asyncio.sleep(1.0)  # stored, enqueued, and left alone
+    assert len(capture.uuids()) == 9
+    rows = (await get(summary))[0]  # type: ignore[index]
+    assert rows["pendingCount"] == 3
+    r = await c.post(f"{ADMIN_PREFIX}/workers/dispatcher/resume", headers=auth("operator"))
+    await until(lambda: len(capture.uuids()) == 12, timeout=10)
+    assert set(capture.uuids()) >= {event_uuid(i) for i in third}
+
+    assert app.activity is not None
+    db = app.activity.db
+    with db.engine.connect() as conn:
+        routes = [r.route for r in conn.execute(select(admin_audit_log.c.route))]
+    assert routes.count(f"{ADMIN_PREFIX}/dispatch/replay") == 2
+    assert routes.count(f"{ADMIN_PREFIX}/dispatch/circuits/{{target}}/reset") == 2
+
+
+async def test_the_dispatch_commands(setup: tuple[App, httpx.AsyncClient, CaptureServer]) -> None:
+    import json
+    import sys
+
+    from tests.admin.test_admin import TOKENS
+
+    app, c, capture = setup
+    await stored(app, 3)
+    await until(lambda: len(capture.uuids()) == 3)
+
+    async def estat(*args: str, token: str = "operator") -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "estat", "admin", "--url", str(c.base_url),
+            "--token", TOKENS[token], *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    rc, out = await estat("--json", "dispatch", "summary", token="reader")
+    assert rc == 0, out
+    assert json.loads(out)[0]["dispatchedCount"] == 3
+    rc, out = await estat("dispatch", "circuit", token="reader")
+    assert rc == 0, out
+    assert "POSTHOG" in out
+    assert "closed" in out
+    rc, out = await estat("dispatch", "replay", "--target", "POSTHOG", "--dry-run", token="reader")
+    assert rc == 2  # the reader may not replay
+    assert "ADMIN_SCOPE_REQUIRED" in out
+    rc, out = await estat("--json", "dispatch", "replay", "--dry-run", token="replayer")
+    assert rc == 0, out
+    assert json.loads(out) == {"replayedCount": 0, "target": None, "dryRun": True}
+    rc, out = await estat("--json", "dispatch", "circuit", "--reset", "posthog")
+    assert rc == 0, out
+    assert json.loads(out)["state"] == "closed"
+    rc, out = await estat("workers", "pause", "dispatcher")
+    assert rc == 0, out
+    assert app.pauses.paused("dispatcher")
