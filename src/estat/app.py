@@ -41,6 +41,7 @@ from estat.lake.keys import KeyMaker
 from estat.model import EventRecord
 from estat.ops.fds import default_max_connections
 from estat.ops.flush import MetricsFlusher
+from estat.ops.host import HostGauges
 from estat.ops.logging import Sampler, get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
@@ -225,6 +226,7 @@ class App:
         if db is None:  # the pause state and the audit log
             self.admin_db = db = Database(settings.database)
         self.pause_watcher = PauseWatcher(db, self.pauses, m)
+        m.add_flusher(HostGauges(m, settings.data_dir).refresh)
         self.admin = build_admin(
             settings, metrics=m, clock=self.clock, ready=self._ready, activity=self.activity,
             db=db, workers=self.pause_watcher, dlq=dlq_ops(self.dlq, self.sink),

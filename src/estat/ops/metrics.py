@@ -440,6 +440,33 @@ class Metrics:
             ("action",),
         )
 
+        # -- the host (ops/host.py) ------------------------------------------------
+        self.process_start_time = gauge(
+            "process_start_time_seconds",
+            "Unix time of the latest start among estat's processes: restarts are "
+            "changes(process_start_time_seconds[10m]).",
+            mode="livemax",
+        )
+        self.resident_memory = gauge(
+            "process_resident_memory_bytes",
+            "Resident memory of estat's processes (summed over the workers).",
+        )
+        self.memory_limit = gauge(
+            "process_memory_limit_bytes",
+            "The memory estat may use: the cgroup's limit, else the machine's.",
+            mode="livemax",
+        )
+        self.data_dir_total = gauge(
+            "data_dir_disk_total_bytes",
+            "Size of the filesystem holding DATA_DIR (the DLQ, the spool, SQLite).",
+            mode="livemostrecent",
+        )
+        self.data_dir_free = gauge(
+            "data_dir_disk_free_bytes",
+            "Free bytes on the filesystem holding DATA_DIR.",
+            mode="livemostrecent",
+        )
+
         self._flushers: list[Callable[[], None]] = []
 
     def add_flusher(self, fn: Callable[[], None]) -> None:
