@@ -19,6 +19,7 @@ import uvloop
 
 from estat.activity_app import ROLES, StartFailed
 from estat.app import App, LakeCheckFailed
+from estat.lake.sink import LakeUnusable
 from estat.ops.fds import raise_nofile_limit
 from estat.ops.logging import get_logger, setup_logging
 from estat.roles_app import RolesApp
@@ -29,11 +30,15 @@ log = get_logger("estat.app")
 
 async def _serve(settings: Settings, reuse_port: bool, roles: tuple[str, ...]) -> int:
     raise_nofile_limit()
-    app: App | RolesApp = (
-        App(settings, reuse_port=reuse_port, roles=roles)
-        if "ingest" in roles
-        else RolesApp(settings, roles)
-    )
+    try:
+        app: App | RolesApp = (
+            App(settings, reuse_port=reuse_port, roles=roles)
+            if "ingest" in roles
+            else RolesApp(settings, roles)
+        )
+    except LakeUnusable as e:
+        log.error("cannot start", error=str(e))
+        return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)

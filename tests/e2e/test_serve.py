@@ -261,3 +261,17 @@ def _worker_lines(p: EstatProcess) -> list[dict[str, Any]]:
         for line in p.log.read_text().splitlines()
         if line.startswith("{") and '"worker started"' in line
     ]
+
+
+def test_a_lake_directory_that_cannot_be_made_is_a_clear_start_error(
+    estat_factory: Any, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    p = estat_factory({"LAKE_DIR": str(blocked / "lake")})
+    p.start(wait=False)
+    assert p.proc is not None
+    assert p.proc.wait(30) == 2
+    log = p.log.read_text()
+    assert "cannot be created: Not a directory" in log
+    assert "Traceback" not in log

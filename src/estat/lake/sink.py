@@ -76,9 +76,16 @@ class ObjectStoreSink:
         return None
 
 
+class LakeUnusable(Exception):
+    """The local lake directory cannot be created (a configuration error)."""
+
+
 def local_sink(root: Path) -> ObjectStoreSink:
     root = root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LakeUnusable(f"the lake directory {root} cannot be created: {e.strerror}") from e
     # LocalFileSystem has no per-object attributes; the key and the gzip
     # container say what the object is.
     return ObjectStoreSink(
