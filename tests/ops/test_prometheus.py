@@ -1,12 +1,14 @@
 """A real Prometheus (Debian's binary) scraping a real ``estat serve``'s
 admin listener with estat's alert rules loaded: the counters estat
-incremented arrive with the right values, and an alert fires when its
-condition is produced for real (a lake that cannot be written and a DLQ too
-small for a batch: events dropped, EstatDlqEventsDropped firing)."""
+incremented arrive with the right values, an alert fires when its
+condition is produced for real (a lake nobody answers and a DLQ too small
+for a batch: events dropped, EstatDlqEventsDropped firing), and every
+query of the Grafana dashboard runs and names only metrics estat exports."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -22,7 +24,9 @@ from tests.conftest import EstatProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "estat-alerts.yml"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+RULES = DEPLOY / "prometheus" / "estat-alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "estat-overview.json"
 
 
 class Prometheus:
@@ -140,6 +144,29 @@ def test_prometheus_scrapes_estat_and_fires_an_alert(
         [line for line in RULES.read_text().splitlines() if line.strip().startswith("- alert:")]
     )  # every rule loaded
     assert all(r["health"] == "ok" for g in rules for r in g["rules"])
+    # every query of the dashboard parses and runs, with Grafana's variables
+    # given values, and the ones on metrics estat has already set return data
+    for q in dashboard_queries():
+        expr = q.replace("$__rate_interval", "1m").replace("$__range", "1h")
+        prom.api("query", query=expr)  # a syntax error is a 400: api() fails
+    assert prom.value("max(lake_circuit_state)") is not None
+
+
+def dashboard_queries() -> list[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for panel in doc["panels"] for t in panel.get("targets", [])]
+
+
+def test_the_dashboard_names_only_metrics_estat_exports() -> None:
+    from tests.ops.test_alert_rules import PROMQL_WORDS, exported_names
+
+    names = exported_names()
+    words = PROMQL_WORDS | {"quantile", "route", "reason", "error_class", "provider", "worker"}
+    for q in dashboard_queries():
+        bare = re.sub(r'"[^"]*"', "", q)
+        bare = re.sub(r"\[[^\]]*\]", "", bare)
+        used = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare)) - words
+        assert used <= names, f"{q}: {sorted(used - names)}"
 
 
 def own_value(p: EstatProcess, name: str) -> float:

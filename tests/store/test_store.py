@@ -303,3 +303,28 @@ def test_the_migrations_create_exactly_the_declared_schema(db: Database) -> None
     assert diff == []
     where = partial["idx_user_activity_dispatch_outbox_target_status"]
     assert "PENDING" in str(where.get(f"{db.dialect}_where", ""))
+
+
+def test_concurrent_migrations_of_one_database_do_not_collide(db: Database) -> None:
+    """The workers of a server migrate one fresh database at the same time."""
+    import threading
+
+    db.downgrade("base")
+    others = [Database(db.url) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def migrate(d: Database) -> None:
+        try:
+            d.upgrade()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=migrate, args=(d,)) for d in others]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for d in others:
+        d.close()
+    assert errors == []
+    assert db.current() == db.head()

@@ -24,12 +24,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 T = TypeVar("T")
+
+#: the advisory lock (PostgreSQL) that serialises migrations
+MIGRATION_LOCK = 0x657374617401  # "estat" 1
 
 #: a transient database failure: retried with backoff, nothing is given up
 TRANSIENT_DB = (SQLAlchemyError, OSError)
@@ -154,6 +157,10 @@ class Database:
         self.check_schema()
         cfg = self._config()
         with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # the workers of a server (and every role) migrate at start:
+                # one at a time, the others then find the schema at head
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
 
