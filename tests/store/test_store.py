@@ -316,7 +316,7 @@ def test_concurrent_migrations_of_one_database_do_not_collide(db: Database) -> N
     def migrate(d: Database) -> None:
         try:
             d.upgrade()
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=migrate, args=(d,)) for d in others]
