@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     from estat.adminctl import add_admin_parser
 
     add_admin_parser(sub)
+    from estat.doctor import add_doctor_parser
+
+    add_doctor_parser(sub)
     mg = sub.add_parser("migrate", help="migrate the database (DATABASE_URL) to this version")
     mg.add_argument(
         "action", nargs="?", default="upgrade", choices=["upgrade", "current", "downgrade"]
@@ -125,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         from estat.adminctl import run_admin_command
 
         return run_admin_command(args)
+    if args.command == "doctor":
+        from estat.doctor import run_doctor
+
+        return run_doctor(args)
     if args.command == "config" and args.markdown:
         sys.stdout.write(markdown_table())
         return 0

@@ -306,6 +306,7 @@ class DeadLetterQueue:
                 self._moved(-1, -entry.events, -entry.nbytes)
         if problem is None:
             self._m.dlq_events_reuploaded.inc(entry.events)
+            self._m.lake_last_upload.set(time.time())
             log.info(
                 f"DLQ → RAW success: {key} events={entry.events}", batchKey=key, events=entry.events
             )

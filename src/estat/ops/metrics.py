@@ -440,6 +440,12 @@ class Metrics:
             ("action",),
         )
 
+        self.lake_last_upload = gauge(
+            "lake_last_upload_timestamp_seconds",
+            "Unix time of the latest batch stored in the lake (a live upload or a DLQ replay); "
+            "0 before the first.",
+            mode="livemax",
+        )
         # -- the host (ops/host.py) ------------------------------------------------
         self.process_start_time = gauge(
             "process_start_time_seconds",

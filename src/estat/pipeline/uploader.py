@@ -261,6 +261,7 @@ class Uploader:
         if err is None:
             self.gate.uploaded()
             self._m.s3_events_stored.inc(enc.events)
+            self._m.lake_last_upload.set(time.time())
             self._m.s3_objects_stored.inc()
             self._m.s3_bytes_stored.inc(len(enc.data))
             log.info(

@@ -1,0 +1,119 @@
+"""``estat doctor`` against real ``estat serve`` processes: a healthy one
+(exit 0, every check OK, the last lake upload seconds ago), one losing
+events (a lake nobody answers, a DLQ too small: exit 2, the loss and the
+upload errors CRIT with their runbook sections), one paused worker (exit 1),
+and no listener at all (exit 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import EstatProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "estat_doc_" + uuid.uuid4().hex
+ENTRY = f"ops:read+operate:{hashlib.sha256(TOKEN.encode()).hexdigest()}"
+
+
+def doctor(url: str, *args: str) -> tuple[int, dict[str, Any]]:
+    run = subprocess.run(
+        [sys.executable, "-m", "estat", "doctor", "--url", url, "--interval", "1", "--json", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    body = json.loads(run.stdout) if run.stdout.strip() else {}
+    return run.returncode, body
+
+
+def collect(p: EstatProcess, n: int) -> None:
+    for _ in range(n):
+        req = urllib.request.Request(p.url + "/collect", data=b'{"e":"x"}', method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200
+
+
+def by_name(body: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {c["name"]: c for c in body["checks"]}
+
+
+def test_a_healthy_estat_is_ok(estat_factory: Any) -> None:
+    p: EstatProcess = estat_factory({"FLUSH_INTERVAL": "200ms", "ADMIN_TOKENS": ENTRY})
+    p.start()
+    collect(p, 5)
+    import time
+
+    deadline = time.monotonic() + 30
+    while p.metrics().get("s3_events_stored_total", 0) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    rc, body = doctor(p.admin_url)
+    assert rc == 0, body
+    assert body["status"] == "OK"
+    checks = by_name(body)
+    assert {c["status"] for c in checks.values()} == {"OK"}
+    assert checks["last lake upload"]["value"].endswith("s ago")
+    assert checks["events lost"]["value"] == "0 since start"
+    # a paused worker is a WARN: exit 1
+    req = urllib.request.Request(
+        p.admin_url + "/api/v1/admin/workers/dlq-replayer/pause", method="POST",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )  # fmt: skip
+    urllib.request.urlopen(req, timeout=5).close()
+    deadline = time.monotonic() + 10
+    while p.metrics().get('worker_paused{worker="dlq-replayer"}', 0) != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    rc, body = doctor(p.admin_url)
+    assert rc == 1
+    assert by_name(body)["paused workers"] == {
+        "name": "paused workers", "status": "WARN", "value": "dlq-replayer",
+        "threshold": "WARN any (its backlog grows)", "runbook": "docs/admin.md#pausing-a-worker",
+    }  # fmt: skip
+    assert p.stop() == 0
+
+
+def test_an_estat_losing_events_is_critical(estat_factory: Any) -> None:
+    p: EstatProcess = estat_factory(
+        {
+            "RAW_BUCKET": "lake",
+            "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_REGION": "us-east-1",
+            "S3_APP_RETRIES": "0",
+            "DLQ_MAX_SIZE_BYTES": "64",
+            "FLUSH_INTERVAL": "200ms",
+            "MQ_PROVIDER": "none",
+        }
+    )
+    p.start()
+    collect(p, 10)
+    import time
+
+    deadline = time.monotonic() + 30
+    while p.metrics().get("dlq_events_dropped_total", 0) < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    rc, body = doctor(p.admin_url)
+    assert rc == 2
+    assert body["status"] == "CRIT"
+    checks = by_name(body)
+    assert checks["events lost"]["status"] == "CRIT"
+    assert checks["events lost"]["value"] == "10 since start"
+    assert checks["events lost"]["runbook"] == "docs/runbook.md#estatdlqeventsdropped"
+    p.kill()
+
+
+def test_no_listener_is_critical(tmp_path: Path) -> None:
+    rc, body = doctor(f"http://127.0.0.1:{free_port()}")
+    assert rc == 2
+    assert body == {}
