@@ -246,6 +246,14 @@ class Activity:
             self.relay.notify()
         return result
 
+    def destinations(self) -> dict[str, str]:
+        """Each destination's circuit as this process's dispatcher last saw
+        it (``closed``, ``open``, ``half_open``), for ``/ready``."""
+        d = self.dispatcher
+        if d is None:
+            return {}
+        return {name: b.last.state for name, b in d.breakers.items()}
+
     def notify_relay(self) -> None:
         if self.relay is not None:
             self.relay.notify()

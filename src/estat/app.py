@@ -41,7 +41,7 @@ from estat.lake.keys import KeyMaker
 from estat.model import EventRecord
 from estat.ops.fds import default_max_connections
 from estat.ops.flush import MetricsFlusher
-from estat.ops.host import HostGauges
+from estat.ops.host import HostGauges, disk_status
 from estat.ops.logging import Sampler, get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
@@ -319,10 +319,14 @@ class App:
             "lake": self.lake_status(),
             "dlq": "ok" if self.gate.accepting else "unwritable",
         }
+        detail["dlqDisk"] = disk_status(self.settings.dlq_path)
         if self.activity is not None:
             # reported, not required: the source outbox absorbs a bus outage
+            # and the dispatch outbox a destination's
             detail["database"] = self.activity.housekeeper.database_status
             detail["bus"] = self.activity.housekeeper.bus_status
+            if self.activity.dispatcher is not None:
+                detail["destinations"] = self.activity.destinations()
         if failed:
             detail["failedStages"] = list(failed)
         ready = not self.draining and room and self.gate.accepting and not failed

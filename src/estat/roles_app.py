@@ -63,6 +63,8 @@ class RolesApp:
             "database": hk.database_status,
             "bus": hk.bus_status,
         }
+        if self.activity.dispatcher is not None:
+            detail["destinations"] = self.activity.destinations()
         if failed:
             detail["failedStages"] = list(failed)
         return not failed, detail

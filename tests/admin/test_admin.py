@@ -123,6 +123,8 @@ async def test_ops_routes_answer_without_a_token(admin: Admin) -> None:
     detail = ready.json()
     assert detail["ready"] is True
     assert {"lake", "dlq", "queueHasRoom", "database", "bus"} <= set(detail)
+    assert detail["dlqDisk"] in ("ok",) or detail["dlqDisk"].startswith("low: ")
+    assert "destinations" not in detail  # no destination configured
     text = await admin.client.get("/metrics")
     assert text.headers["content-type"].startswith("text/plain")
     assert "http_requests_accepted_total" in text.text

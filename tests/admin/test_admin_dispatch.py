@@ -86,6 +86,9 @@ async def test_circuit_summary_reset_replay_and_pause(
     await until(lambda: capture.requests >= 2)
     view = (await get(circuits))[0]  # type: ignore[index]
     assert view["state"] == "open"
+    ready = (await c.get("/ready")).json()
+    assert ready["ready"] is True  # reported, not required: the outbox absorbs it
+    assert ready["destinations"] == {"POSTHOG": "open"}
     assert view["retryInSeconds"] > 3500
     rows = (await get(summary))[0]  # type: ignore[index]
     assert (rows["failedCount"], rows["dispatchedCount"], rows["parkedCount"]) == (4, 5, 0)

@@ -62,3 +62,16 @@ class HostGauges:
             return
         self._m.data_dir_total.set(du.total)
         self._m.data_dir_free.set(du.free)
+
+
+def disk_status(path: Path, full: float = 0.9) -> str:
+    """``ok``, ``low: 93% used`` above ``full``, or ``unreadable`` (for ``/ready``)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # not created yet: the filesystem it will be on
+    try:
+        du = shutil.disk_usage(probe)
+    except OSError:
+        return "unreadable"
+    used = 1 - du.free / du.total if du.total else 0.0
+    return f"low: {used:.0%} used" if used > full else "ok"
