@@ -226,6 +226,12 @@ class Activity:
             metrics=metrics,
             clock=clock,
             targets=s.targets,
+            pauses=pauses,
+            ages={
+                "source_outbox": s.outbox_retention,
+                "dispatch_outbox": s.dispatch_retention,
+                "audit": s.audit_retention,
+            },
         )
         self.writer = OutboxCommit(self.outbox, metrics, self.notify_relay)
 

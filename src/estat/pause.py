@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-WORKERS = ("relay", "store", "dispatcher", "dlq-replayer")
+WORKERS = ("relay", "store", "dispatcher", "dlq-replayer", "retention")
 
 
 class Pauses:

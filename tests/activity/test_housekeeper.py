@@ -102,3 +102,71 @@ async def test_dispatch_gauges_by_target_parked_apart_and_the_oldest_due_age(
         assert got == want
         age = value(m, "dispatch_oldest_due_age_seconds", target=target)
         assert 29 <= age <= 40
+
+
+async def test_retention_deletes_finished_rows_only_in_bounded_batches(db: Database) -> None:
+    import uuid
+
+    from sqlalchemy import insert
+
+    from estat.pause import Pauses
+    from estat.store.retention import purge, rules
+    from estat.store.schema import (
+        admin_audit_log,
+        user_activity_dispatch_outbox,
+        user_activity_source_outbox,
+    )
+
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(days=10), now - timedelta(days=1)
+    s, d, a = user_activity_source_outbox, user_activity_dispatch_outbox, admin_audit_log
+
+    def src(status: str, at: datetime | None) -> dict[str, object]:
+        return {
+            "event_id": uuid.uuid4().hex, "event_name": "e", "event_version": "v1",
+            "occurred_at": now, "payload": {}, "status": status, "published_at": at,
+            "created_at": old, "updated_at": old,
+        }  # fmt: skip
+
+    def dis(status: str, at: datetime | None) -> dict[str, object]:
+        return {
+            "event_id": uuid.uuid4().hex, "dispatch_target": "POSTHOG", "payload": {},
+            "status": status, "dispatched_at": at, "created_at": old, "updated_at": old,
+        }  # fmt: skip
+
+    with db.engine.begin() as conn:
+        conn.execute(insert(s), [src("PUBLISHED", old) for _ in range(7)])
+        conn.execute(insert(s), [src("PUBLISHED", recent), src("FAILED", None)])
+        conn.execute(insert(d), [dis("DISPATCHED", old) for _ in range(5)])
+        conn.execute(insert(d), [dis("DISPATCHED", recent), dis("FAILED", None)])
+        conn.execute(insert(d), [dis("PENDING", None)])
+        conn.execute(
+            insert(a),
+            [
+                {"created_at": t, "client": "127.0.0.1", "method": "GET", "route": "/x",
+                 "parameters": {}, "status": 200}
+                for t in (old, old, recent)
+            ],
+        )  # fmt: skip
+    # one bounded batch at a time
+    assert purge(db, rules()["source_outbox"], now - timedelta(days=7), batch=3) == 3
+    m = Metrics()
+    pauses = Pauses()
+    ages = {"source_outbox": 7 * 86400.0, "dispatch_outbox": 7 * 86400.0, "audit": 0.0}
+    hk = Housekeeper(
+        db, None, None, retention=60, metrics=m, clock=FakeClock(now.timestamp()),
+        ages=ages, pauses=pauses,
+    )  # fmt: skip
+    pauses.set("retention", True)
+    assert await hk.purge_done() == {}  # paused: nothing deleted
+    pauses.set("retention", False)
+    assert await hk.purge_done() == {"source_outbox": 4, "dispatch_outbox": 5}
+    assert value(m, "retention_rows_deleted_total", table="source_outbox") == 4
+    assert value(m, "retention_rows_deleted_total", table="dispatch_outbox") == 5
+    with db.engine.connect() as conn:
+        left_s = sorted(r.status for r in conn.execute(select(s.c.status)))
+        left_d = sorted(r.status for r in conn.execute(select(d.c.status)))
+        audit = conn.execute(select(func.count()).select_from(a)).scalar_one()
+    assert left_s == ["FAILED", "PUBLISHED"]  # work to do, and the recent one
+    assert left_d == ["DISPATCHED", "FAILED", "PENDING"]
+    assert audit == 3  # AUDIT_RETENTION 0: kept forever

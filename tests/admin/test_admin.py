@@ -424,6 +424,7 @@ async def test_a_paused_store_keeps_its_backlog_and_resumes_it(admin: Admin) -> 
     assert {x["name"]: (x["paused"], x["running"]) for x in listed} == {
         "relay": (False, True), "store": (True, True), "dlq-replayer": (False, True),
         "dispatcher": (False, False),  # no destination configured
+        "retention": (False, True),
     }  # fmt: skip
     r = await c.post(f"{ADMIN_PREFIX}/workers/store/resume", headers=auth("operator"))
     assert r.json()["paused"] is False

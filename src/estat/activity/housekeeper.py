@@ -1,12 +1,15 @@
 """The housekeeper: writes buffered trace rows every second, refreshes the
 backlog gauges (source and dispatch outbox by status, bus pending and
-parked) every ``BACKLOG_EVERY`` seconds, and deletes trace rows older than
-``MQ_TRACE_RETENTION`` in bounded batches."""
+parked) every ``BACKLOG_EVERY`` seconds, and every ``PURGE_EVERY`` deletes
+in bounded batches the trace rows older than ``MQ_TRACE_RETENTION`` and the
+finished outbox rows and audit rows older than theirs (``store/retention.py``)
+unless an operator paused ``retention``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -17,10 +20,13 @@ from estat.bus.base import Bus, BusError
 from estat.clock import Clock
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
+from estat.pause import Pauses
 from estat.stage import Deadline, Spawn, finish_by
 from estat.store.db import Database
 from estat.store.lease import aware, due
 from estat.store.outbox import utcnow
+from estat.store.retention import BATCH, purge
+from estat.store.retention import rules as retention_rules
 from estat.store.schema import user_activity_dispatch_outbox, user_activity_source_outbox
 from estat.store.trace import TraceLog
 
@@ -28,6 +34,7 @@ log = get_logger("estat.housekeeper")
 
 BACKLOG_EVERY = 10.0
 DISPATCH_STATUSES = ("PENDING", "FAILED", "PARKED", "DISPATCHED")
+RULES = retention_rules()
 PURGE_EVERY = 600.0
 
 
@@ -79,8 +86,13 @@ class Housekeeper:
         metrics: Metrics,
         clock: Clock,
         targets: Sequence[str] = (),
+        ages: dict[str, float] | None = None,
+        pauses: Pauses | None = None,
     ) -> None:
         self.targets = tuple(targets)
+        #: rule name (``store/retention.py``) → age in seconds (0: kept forever)
+        self.ages = dict(ages or {})
+        self.pauses = pauses
         self.db = db
         self.bus = bus
         self.trace = trace
@@ -149,8 +161,39 @@ class Housekeeper:
                 self._m.bus_pending.labels(self.bus.topic, self.bus.provider).set(stats.pending)
                 self._m.bus_parked.labels(self.bus.topic, self.bus.provider).set(stats.parked)
 
+    async def purge_done(self) -> dict[str, int]:
+        """Rows of the outboxes and the audit log older than their
+        retention, in bounded batches; skipped while ``retention`` is paused."""
+        out: dict[str, int] = {}
+        if self.pauses is not None and self.pauses.paused("retention"):
+            return out
+        now = utcnow(self._clock.time())
+        for name, age in self.ages.items():
+            if age <= 0:
+                continue  # kept forever
+            rule = RULES[name]
+            before = now - timedelta(seconds=age)
+            total = 0
+            while not self._closing:
+                try:
+                    n = await self.db.run(functools.partial(purge, self.db, rule, before))
+                except TRANSIENT_DB as e:
+                    log.warning("retention: delete failed", table=name, error=str(e)[:200])
+                    break
+                total += n
+                if n < BATCH:
+                    break
+                await asyncio.sleep(0)  # a busy table: let the loop breathe between batches
+            if total:
+                self._m.retention_deleted.labels(name).inc(total)
+                log.info("retention: rows deleted", table=name, rows=total, olderThanS=age)
+            out[name] = total
+        return out
+
     async def purge_traces(self) -> int:
         if self.trace is None:
+            return 0
+        if self.pauses is not None and self.pauses.paused("retention"):
             return 0
         before = utcnow(self._clock.time()) - timedelta(seconds=self.retention)
         total = 0
@@ -179,6 +222,7 @@ class Housekeeper:
             if now >= next_purge:
                 next_purge = now + PURGE_EVERY
                 await self.purge_traces()
+                await self.purge_done()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)

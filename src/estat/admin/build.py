@@ -90,6 +90,7 @@ def _running(activity: Activity | None) -> frozenset[str]:
             out.add("store")
         if activity.dispatcher is not None:
             out.add("dispatcher")
+        out.add("retention")  # the housekeeper of every pipeline process
     return frozenset(out)
 
 

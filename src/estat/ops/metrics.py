@@ -434,6 +434,12 @@ class Metrics:
             "down; published at the next start).",
             mode="livemostrecent",
         )
+        self.retention_deleted = counter(
+            "retention_rows_deleted_total",
+            "Rows deleted by retention, by table (source_outbox: PUBLISHED, dispatch_outbox: "
+            "DISPATCHED, audit); trace rows are in mq_trace_rows_total.",
+            ("table",),
+        )
         self.trace_rows = counter(
             "mq_trace_rows_total",
             "message_queue_trace_log rows written, and deleted by retention, by action.",

@@ -107,6 +107,24 @@ class ActivityFields(BaseSettings):
         description="Trace rows older than this are deleted (in bounded batches).",
         json_schema_extra=accepts("a duration"),
     )
+    outbox_retention: Duration = Field(
+        7 * 86400.0,
+        ge=0,
+        description="PUBLISHED source outbox rows older than this (by published_at) are deleted, in bounded batches; 0 keeps them. A server event sent again after its row is gone is published again and found a duplicate by the event store.",
+        json_schema_extra=accepts("a duration, 0 to keep"),
+    )
+    dispatch_retention: Duration = Field(
+        7 * 86400.0,
+        ge=0,
+        description="DISPATCHED dispatch outbox rows older than this (by dispatched_at) are deleted, in bounded batches; 0 keeps them.",
+        json_schema_extra=accepts("a duration, 0 to keep"),
+    )
+    audit_retention: Duration = Field(
+        90 * 86400.0,
+        ge=0,
+        description="admin_audit_log rows older than this are deleted, in bounded batches; 0 keeps them.",
+        json_schema_extra=accepts("a duration, 0 to keep"),
+    )
     # --- store consumer and relay -----------------------------------------------
     store_batch_size: int = Field(
         500,

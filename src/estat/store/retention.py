@@ -1,0 +1,61 @@
+"""Retention: rows whose work is done, deleted once older than their age,
+in bounded batches (a statement never holds many locks or a long
+transaction, and a busy table is never scanned whole):
+
+- ``user_activity_source_outbox`` PUBLISHED rows, by ``published_at``;
+- ``user_activity_dispatch_outbox`` DISPATCHED rows, by ``dispatched_at``;
+- ``admin_audit_log`` rows, by ``created_at``.
+
+(``message_queue_trace_log`` has its own, ``store/trace.py``.) FAILED and
+PENDING rows are never deleted: they are work still to do. After a source
+outbox row is gone, a server event sent again with its ``eventId`` is
+accepted as new, published, and found a duplicate by the event store
+(``UNIQUE (event_id)``): nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Column, Table, and_, delete, select
+
+from estat.store.db import Database
+from estat.store.schema import (
+    admin_audit_log,
+    user_activity_dispatch_outbox,
+    user_activity_source_outbox,
+)
+
+BATCH = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str  # the metric's table label
+    table: Table
+    column: Column[Any]  # the time compared with the age
+    where: Any = None  # which rows are done
+
+
+def rules() -> dict[str, Rule]:
+    s, d, a = user_activity_source_outbox, user_activity_dispatch_outbox, admin_audit_log
+    return {
+        "source_outbox": Rule("source_outbox", s, s.c.published_at, s.c.status == "PUBLISHED"),
+        "dispatch_outbox": Rule(
+            "dispatch_outbox", d, d.c.dispatched_at, d.c.status == "DISPATCHED"
+        ),
+        "audit": Rule("audit", a, a.c.created_at),
+    }
+
+
+def purge(db: Database, rule: Rule, before: datetime, batch: int = BATCH) -> int:
+    """Delete one batch of ``rule``'s rows older than ``before``; how many."""
+    t = rule.table
+    cond = rule.column < before
+    if rule.where is not None:
+        cond = and_(rule.where, cond)
+    ids = select(t.c.id).where(cond).order_by(t.c.id).limit(batch)
+    with db.engine.begin() as conn:
+        return int(conn.execute(delete(t).where(t.c.id.in_(ids.scalar_subquery()))).rowcount)
