@@ -42,7 +42,7 @@ from estat.model import EventRecord
 from estat.ops.fds import default_max_connections
 from estat.ops.flush import MetricsFlusher
 from estat.ops.host import HostGauges, disk_status
-from estat.ops.logging import Sampler, get_logger
+from estat.ops.logging import Sampler, count_errors, get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.pause import Pauses
@@ -227,6 +227,7 @@ class App:
             self.admin_db = db = Database(settings.database)
         self.pause_watcher = PauseWatcher(db, self.pauses, m)
         m.add_flusher(HostGauges(m, settings.data_dir).refresh)
+        count_errors(lambda reason: m.log_errors.labels(reason).inc())
         self.admin = build_admin(
             settings, metrics=m, clock=self.clock, ready=self._ready, activity=self.activity,
             db=db, workers=self.pause_watcher, dlq=dlq_ops(self.dlq, self.sink),

@@ -14,7 +14,7 @@ from estat.admin.workers import PauseWatcher
 from estat.clock import SystemClock
 from estat.ops.flush import MetricsFlusher
 from estat.ops.host import HostGauges
-from estat.ops.logging import get_logger
+from estat.ops.logging import count_errors, get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.pause import Pauses
@@ -36,6 +36,7 @@ class RolesApp:
         self.activity = Activity(settings, roles, self.metrics, self.clock, self.pauses)
         self.pause_watcher = PauseWatcher(self.activity.db, self.pauses, self.metrics)
         self.metrics.add_flusher(HostGauges(self.metrics, settings.data_dir).refresh)
+        count_errors(lambda reason: self.metrics.log_errors.labels(reason).inc())
         self._stop = asyncio.Event()
         self.supervisor = Supervisor(self.metrics, lambda name: self._stop.set())
         low, middle, high = self.activity.layers()

@@ -91,3 +91,32 @@ def test_every_metric_is_in_the_runbook() -> None:
         names.add(name)
     missing = sorted(n for n in names if f"`{n}" not in runbook)
     assert missing == []
+
+
+def test_every_error_line_is_counted_by_its_reason() -> None:
+    code = (
+        "from prometheus_client import CollectorRegistry\n"
+        "from estat.ops.logging import setup_logging, get_logger, count_errors\n"
+        "from estat.ops.metrics import Metrics\n"
+        "m = Metrics(CollectorRegistry())\n"
+        "setup_logging('info')\n"
+        "count_errors(lambda r: m.log_errors.labels(r).inc())\n"
+        "log = get_logger('t')\n"
+        "log.error('local DLQ save failed', reason='No space left on device')\n"
+        "log.error('DLQ capacity → removed=1_a_000001.jsonl.gz', events=3)\n"
+        "log.error('DLQ capacity → removed=1_a_000002.jsonl.gz', events=2)\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n    log.exception('destination failed')\n"
+        "log.warning('lake upload failed')\n"
+        "print(m.exposition().decode())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    counted = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in out.stdout.splitlines()
+        if line.startswith("log_errors_total{")
+    }
+    assert counted == {
+        'log_errors_total{reason="local DLQ save failed"}': 1.0,
+        'log_errors_total{reason="DLQ capacity → removed"}': 2.0,  # one label, not one per file
+        'log_errors_total{reason="destination failed"}': 1.0,
+    }  # the warning is not counted

@@ -169,7 +169,8 @@ class DeadLetterQueue:
                 self._m.dlq_write_errors.inc()
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
                 log.error(
-                    f"local DLQ save failed: {reason}",
+                    "local DLQ save failed",
+                    reason=reason,
                     batchKey=batch.key,
                     events=batch.events,
                 )

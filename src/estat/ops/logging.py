@@ -3,18 +3,44 @@
 Fields: ``level``, ``time`` (ISO 8601, UTC), ``service``, ``env``, ``msg``,
 plus event fields (``durationMs``, ``batchKey``, ``events`` ...). Request
 bodies and tokens are never logged. ``LOG_PRETTY=true`` renders for humans.
+Every ERROR line is also counted (``log_errors_total{reason}``, the reason
+being its ``msg``) once a process calls ``count_errors``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_ERRORS = ("error", "exception", "critical")
+
+#: called with the reason of every ERROR line (``count_errors``)
+_error_counter: Callable[[str], None] | None = None
+
+
+def count_errors(counter: Callable[[str], None] | None) -> None:
+    """Count every ERROR line from now on: ``counter(reason)``, the reason
+    being the line's ``msg`` without its ``=value`` parts (bounded)."""
+    global _error_counter
+    _error_counter = counter
+
+
+def reason_of(msg: str) -> str:
+    return re.sub(r"=\S*", "", msg)[:100]
+
+
+def _count(_logger: Any, method: str, event: Any) -> Any:
+    counter = _error_counter
+    if counter is not None and method in _ERRORS:
+        counter(reason_of(str(event.get("event", ""))))
+    return event
 
 
 def _dumps(obj: Any, default: Any = None) -> bytes:
@@ -27,6 +53,7 @@ def setup_logging(
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        _count,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
         structlog.processors.format_exc_info,
     ]

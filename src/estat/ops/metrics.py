@@ -434,6 +434,12 @@ class Metrics:
             "down; published at the next start).",
             mode="livemostrecent",
         )
+        self.log_errors = counter(
+            "log_errors_total",
+            "ERROR log lines, by reason (the line's msg): every error the log reports is "
+            "also a number to alert on.",
+            ("reason",),
+        )
         self.retention_deleted = counter(
             "retention_rows_deleted_total",
             "Rows deleted by retention, by table (source_outbox: PUBLISHED, dispatch_outbox: "
