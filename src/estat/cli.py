@@ -51,7 +51,13 @@ def _parser() -> argparse.ArgumentParser:
             "send stored events to the destinations (PostHog, webhook) until SIGTERM/SIGINT",
         ),
     ):
-        sub.add_parser(role, help=text, description=text + " (same as serve --roles " + role + ")")
+        rp_ = sub.add_parser(
+            role, help=text, description=text + " (same as serve --roles " + role + ")"
+        )
+        if role == "store":
+            from estat.backupctl import add_backup_parser
+
+            add_backup_parser(rp_)
     ob = sub.add_parser("outbox", help="the source outbox: summary, replay FAILED rows")
     osub = ob.add_subparsers(dest="outbox_command", required=True)
     osub.add_parser("summary", help="pendingCount, failedCount, publishedCount, maxRetryCount")
@@ -155,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_outbox_command(settings, args)
     if args.command == "migrate":
         return _migrate(settings, args)
+    if args.command == "store" and getattr(args, "store_command", None) == "verify-backup":
+        from estat.backupctl import run_verify_backup
+
+        return run_verify_backup(settings, args)
     if args.command in ("relay", "store", "dispatch"):
         args.roles, args.workers, args.reuse_port = args.command, 1, False
     stale = stale_compiled_modules()
