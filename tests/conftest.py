@@ -339,3 +339,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         params = {str(v) for v in callspec.params.values()} if callspec is not None else set()
         if names & _SERVER_FIXTURES or params & _SERVER_PARAMS:
             item.add_marker(pytest.mark.servers)
+
+
+@pytest.fixture
+def capture() -> Iterator[Any]:
+    """A PostHog-compatible capture server (and signed-webhook receiver) on
+    a free port (``tests/capture.py``); stopped at the end if still up."""
+    from tests.capture import CaptureServer
+
+    c = CaptureServer()
+    c.start()
+    yield c
+    if c.server.started and not c.server.should_exit:
+        c.stop()
+
+
+def losing_lake_env() -> dict[str, str]:
+    """estat settings under which every accepted event is lost, counted: an
+    S3 lake nobody answers (every upload fails at once) and a DLQ too small
+    for any batch (each one dropped), cut every 200 ms."""
+    return {
+        "RAW_BUCKET": "lake",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+        "S3_APP_RETRIES": "0",
+        "DLQ_MAX_SIZE_BYTES": "64",
+        "FLUSH_INTERVAL": "200ms",
+        "MQ_PROVIDER": "none",
+    }

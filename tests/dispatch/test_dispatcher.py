@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,14 +29,6 @@ from tests.capture import CaptureServer
 from tests.store.test_store import rec
 
 FAST = RetryPolicy(base=0.1, cap=0.2, jitter="none")
-
-
-@pytest.fixture
-def capture() -> Iterator[CaptureServer]:
-    c = CaptureServer()
-    c.start()
-    yield c
-    c.stop()
 
 
 def store(db: Database, n: int) -> list[str]:

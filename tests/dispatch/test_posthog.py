@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -14,14 +13,6 @@ from estat.dispatch.posthog import NAMESPACE, PostHog, capture_event, event_uuid
 from estat.model import EventRecord
 from tests.capture import CaptureServer
 from tests.conftest import free_port
-
-
-@pytest.fixture
-def capture() -> Iterator[CaptureServer]:
-    c = CaptureServer()
-    c.start()
-    yield c
-    c.stop()
 
 
 def ev(

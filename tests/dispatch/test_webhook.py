@@ -6,43 +6,32 @@ old timestamp fails the receiver's check."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from estat.dispatch.webhook import Webhook, signature, verify
 from tests.capture import CaptureServer
 from tests.store.test_store import rec
 
 
-@pytest.fixture
-def receiver() -> Iterator[CaptureServer]:
-    c = CaptureServer()
-    c.start()
-    yield c
-    c.stop()
-
-
-async def test_signed_batches_arrive_with_the_stored_fields(receiver: CaptureServer) -> None:
-    hook = Webhook(receiver.url + "/hook", "whsec_test", gzip_above=2000)
+async def test_signed_batches_arrive_with_the_stored_fields(capture: CaptureServer) -> None:
+    hook = Webhook(capture.url + "/hook", "whsec_test", gzip_above=2000)
     events = [rec() for _ in range(40)]
     outcomes = await hook.send(events)
     await hook.close()
     assert [o.kind for o in outcomes] == ["delivered"] * 40
-    assert [e["event_id"] for e in receiver.hooked] == [e.event_id for e in events]
-    first = receiver.hooked[0]
+    assert [e["event_id"] for e in capture.hooked] == [e.event_id for e in events]
+    first = capture.hooked[0]
     assert first["event_name"] == events[0].event_name
     assert first["member_id"] == events[0].member_id
-    assert receiver.hook_refused == 0
+    assert capture.hook_refused == 0
 
 
-async def test_a_wrong_secret_is_a_configuration_error(receiver: CaptureServer) -> None:
-    hook = Webhook(receiver.url + "/hook", "not-the-secret")
+async def test_a_wrong_secret_is_a_configuration_error(capture: CaptureServer) -> None:
+    hook = Webhook(capture.url + "/hook", "not-the-secret")
     outcomes = await hook.send([rec() for _ in range(3)])
     await hook.close()
     assert {(o.kind, o.config_error) for o in outcomes} == {("retry", True)}
-    assert receiver.hook_refused == 1
-    assert receiver.hooked == []
+    assert capture.hook_refused == 1
+    assert capture.hooked == []
 
 
 def test_the_receiver_check_refuses_tampering_and_old_requests() -> None:

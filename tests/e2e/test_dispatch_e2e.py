@@ -41,15 +41,6 @@ def call(p: EstatProcess, method: str, path: str) -> Any:
 
 
 @pytest.fixture
-def capture() -> Iterator[CaptureServer]:
-    c = CaptureServer()
-    c.start()
-    yield c
-    if c.server.started and not c.server.should_exit:
-        c.stop()
-
-
-@pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
     (tmp_path / "redis").mkdir()
     r = RedisServer(free_port(), tmp_path / "redis")

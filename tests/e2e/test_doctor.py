@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EstatProcess, free_port
+from tests.conftest import EstatProcess, free_port, losing_lake_env
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +41,15 @@ def collect(p: EstatProcess, n: int) -> None:
             assert r.status == 200
 
 
+def until_metric(p: EstatProcess, name: str, value: float, timeout: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while p.metrics().get(name, 0) < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.1)
+
+
 def by_name(body: dict[str, Any]) -> dict[str, dict[str, str]]:
     return {c["name"]: c for c in body["checks"]}
 
@@ -49,12 +58,7 @@ def test_a_healthy_estat_is_ok(estat_factory: Any) -> None:
     p: EstatProcess = estat_factory({"FLUSH_INTERVAL": "200ms", "ADMIN_TOKENS": ENTRY})
     p.start()
     collect(p, 5)
-    import time
-
-    deadline = time.monotonic() + 30
-    while p.metrics().get("s3_events_stored_total", 0) < 5:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    until_metric(p, "s3_events_stored_total", 5)
     rc, body = doctor(p.admin_url)
     assert rc == 0, body
     assert body["status"] == "OK"
@@ -68,10 +72,7 @@ def test_a_healthy_estat_is_ok(estat_factory: Any) -> None:
         headers={"Authorization": f"Bearer {TOKEN}"},
     )  # fmt: skip
     urllib.request.urlopen(req, timeout=5).close()
-    deadline = time.monotonic() + 10
-    while p.metrics().get('worker_paused{worker="dlq-replayer"}', 0) != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    until_metric(p, 'worker_paused{worker="dlq-replayer"}', 1, timeout=10)
     rc, body = doctor(p.admin_url)
     assert rc == 1
     assert by_name(body)["paused workers"] == {
@@ -82,27 +83,10 @@ def test_a_healthy_estat_is_ok(estat_factory: Any) -> None:
 
 
 def test_an_estat_losing_events_is_critical(estat_factory: Any) -> None:
-    p: EstatProcess = estat_factory(
-        {
-            "RAW_BUCKET": "lake",
-            "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_REGION": "us-east-1",
-            "S3_APP_RETRIES": "0",
-            "DLQ_MAX_SIZE_BYTES": "64",
-            "FLUSH_INTERVAL": "200ms",
-            "MQ_PROVIDER": "none",
-        }
-    )
+    p: EstatProcess = estat_factory(losing_lake_env())
     p.start()
     collect(p, 10)
-    import time
-
-    deadline = time.monotonic() + 30
-    while p.metrics().get("dlq_events_dropped_total", 0) < 10:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    until_metric(p, "dlq_events_dropped_total", 10)
     rc, body = doctor(p.admin_url)
     assert rc == 2
     assert body["status"] == "CRIT"

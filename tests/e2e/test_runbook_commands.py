@@ -12,7 +12,6 @@ import shlex
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +58,6 @@ def concrete(cmd: str, admin_url: str, event_id: str, dump: Path) -> list[str]:
     if cmd.startswith("estat doctor") and "--interval" not in cmd:
         cmd += " --interval 1"  # the two reads of /metrics, 1 s apart rather than 10
     return shlex.split(cmd)
-
-
-@pytest.fixture
-def capture() -> Iterator[CaptureServer]:
-    c = CaptureServer()
-    c.start()
-    yield c
-    c.stop()
 
 
 def test_every_estat_command_of_the_runbook_runs(

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EstatProcess, free_port
+from tests.conftest import EstatProcess, free_port, losing_lake_env
 
 pytestmark = pytest.mark.e2e
 
@@ -92,20 +92,7 @@ def wait(cond: Callable[[], bool], timeout: float = 60) -> None:
 
 @pytest.fixture
 def setup(estat_factory: Any, tmp_path: Path) -> Iterator[tuple[EstatProcess, Prometheus]]:
-    p: EstatProcess = estat_factory(
-        {
-            # an S3 lake nobody listens for: every upload fails, batches spill
-            "RAW_BUCKET": "lake",
-            "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_REGION": "us-east-1",
-            "S3_APP_RETRIES": "0",
-            "DLQ_MAX_SIZE_BYTES": "64",  # every batch is larger: dropped, counted
-            "FLUSH_INTERVAL": "200ms",
-            "MQ_PROVIDER": "none",
-        }
-    )
+    p: EstatProcess = estat_factory(losing_lake_env())
     p.start()
     prom = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{p.admin_port}")
     yield p, prom

@@ -5,8 +5,6 @@ the probe, a probe whose process died is taken over after its lease."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +13,7 @@ from estat.circuit import Circuit
 from estat.clock import FakeClock
 from estat.store.circuit import SharedCircuit, circuits
 from estat.store.db import Database
+from tests.test_circuit import Model
 
 CIRCUIT = Circuit(threshold=3, open_for=5, max_open_for=40, probe_lease=30)
 
@@ -57,45 +56,28 @@ def test_two_dispatchers_behave_as_one_breaker(
     _n += 1
     clock = FakeClock()
     a, b, seen = pair(shared_db, clock, f"T{_n}")
-    state, failures, open_for, until, probe_until = "closed", 0, 5.0, 0.0, math.inf
+    model = Model(probe_lease=30)
     transitions = 0
     for op, first in ops:
         c = a if first else b
         now = clock.time()
-        before = state
+        before = model.state
         if op == "allow":
-            due = (state == "open" and now >= until) or (
-                state == "half_open" and now >= probe_until
-            )
-            expect = state == "closed" or due
-            if due:
-                state, probe_until = "half_open", now + 30
-            assert c.allow() == expect
+            assert c.allow() == model.allow(now)
         elif op == "success":
             c.success()
-            state, failures, open_for = "closed", 0, 5.0
+            model.success()
         elif op == "failure":
             c.failure()
-            if state == "half_open":
-                open_for = min(40.0, open_for * 2)
-                state, until, failures = "open", now + open_for, 0
-            elif state == "closed":
-                failures += 1
-                if failures >= 3:
-                    state, until, failures = "open", now + open_for, 0
+            model.failure(now)
         elif op == "abandon":
             c.abandon()
-            if state == "half_open":
-                state, until = "open", now
-        elif op == "tick":
-            clock.advance(1)
-        elif op == "wait":
-            clock.advance(10)
+            model.abandon(now)
         else:
-            clock.advance(31)
-        transitions += state != before
-        assert c.read().state == state
-        assert (a.read().state, b.read().state) == (state, state)
+            clock.advance({"tick": 1, "wait": 10, "lease": 31}[op])
+        transitions += model.state != before
+        assert c.read().state == model.state
+        assert (a.read().state, b.read().state) == (model.state, model.state)
     assert len(seen) == transitions  # each transition reported once, by the one that made it
 
 

@@ -21,9 +21,12 @@ from tests.servers import pg_bin
 from tests.store.test_store import rec
 
 
+def libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def dump(url: str, path: Path, fmt: str) -> Path:
-    libpq = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    subprocess.run([pg_bin("pg_dump"), f"-F{fmt}", "-f", str(path), libpq], check=True)
+    subprocess.run([pg_bin("pg_dump"), f"-F{fmt}", "-f", str(path), libpq(url)], check=True)
     return path
 
 
@@ -38,8 +41,7 @@ def verify(url: str, tmp_path: Path, *args: str) -> tuple[int, str]:
 
 
 def scratch_databases(url: str) -> list[str]:
-    libpq = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(libpq) as conn:
+    with psycopg.connect(libpq(url)) as conn:
         rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'estat_verify_%'")
         return [r[0] for r in rows]
 
@@ -86,9 +88,7 @@ def test_an_old_broken_or_foreign_backup_is_refused(pg_url: str, tmp_path: Path)
     assert rc == 2, out
     assert "user_activity_event is missing" in out
     # the live store holds fewer events than the backup: not this store's backup
-    with psycopg.connect(
-        make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    ) as conn:
+    with psycopg.connect(libpq(pg_url)) as conn:
         conn.execute("DELETE FROM user_activity_dispatch_outbox")
         conn.execute("DELETE FROM user_activity_event")
     rc, out = verify(pg_url, tmp_path, str(good))
@@ -103,8 +103,7 @@ def test_a_backup_older_than_the_max_age_is_a_warning(pg_url: str, tmp_path: Pat
     db.upgrade()
     store(db, 2)
     backup = dump(pg_url, tmp_path / "estat.dump", "c")
-    libpq = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(libpq) as conn:  # the live store's newest event is two days later
+    with psycopg.connect(libpq(pg_url)) as conn:  # the live store's newest event is 2 days on
         conn.execute("UPDATE user_activity_event SET occurred_at = occurred_at + interval '2 days'")
     rc, out = verify(pg_url, tmp_path, str(backup), "--max-age", "26h")
     assert rc == 1, out

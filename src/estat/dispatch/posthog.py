@@ -21,12 +21,11 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Unpack
 
-import httpx
 import msgspec
 
-from estat.dispatch.http import HttpBatchDestination
+from estat.dispatch.http import HttpBatchDestination, HttpOptions
 from estat.model import EventRecord
 
 #: the namespace of the UUID v5 of an event id that is not a UUID
@@ -92,23 +91,8 @@ def capture_event(e: EventRecord) -> CaptureEvent:
 class PostHog(HttpBatchDestination):
     name = "POSTHOG"
 
-    def __init__(
-        self,
-        host: str,
-        api_key: str,
-        *,
-        connect_timeout: float = 2.0,
-        read_timeout: float = 3.0,
-        gzip_above: int = 64 * 1024,
-        client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(
-            host.rstrip("/") + "/batch/",
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            gzip_above=gzip_above,
-            client=client,
-        )
+    def __init__(self, host: str, api_key: str, **options: Unpack[HttpOptions]) -> None:
+        super().__init__(host.rstrip("/") + "/batch/", **options)
         self.api_key = api_key
 
     def item(self, e: EventRecord) -> CaptureEvent:

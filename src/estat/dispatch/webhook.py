@@ -17,12 +17,11 @@ import hashlib
 import hmac
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Unpack
 
-import httpx
 import msgspec
 
-from estat.dispatch.http import HttpBatchDestination
+from estat.dispatch.http import HttpBatchDestination, HttpOptions
 from estat.model import EventRecord
 
 SIGNATURE_HEADER = "x-estat-signature"
@@ -51,23 +50,8 @@ def verify(secret: bytes, body: bytes, header: str, now: float, tolerance: float
 class Webhook(HttpBatchDestination):
     name = "WEBHOOK"
 
-    def __init__(
-        self,
-        url: str,
-        secret: str,
-        *,
-        connect_timeout: float = 2.0,
-        read_timeout: float = 3.0,
-        gzip_above: int = 64 * 1024,
-        client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(
-            url,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            gzip_above=gzip_above,
-            client=client,
-        )
+    def __init__(self, url: str, secret: str, **options: Unpack[HttpOptions]) -> None:
+        super().__init__(url, **options)
         self.secret = secret.encode()
 
     def item(self, e: EventRecord) -> EventRecord:
