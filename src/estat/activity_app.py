@@ -31,6 +31,7 @@ from estat.dispatch.posthog import PostHog
 from estat.dispatch.webhook import Webhook
 from estat.errors import Overloaded
 from estat.model import EventRecord
+from estat.ops.ledger import Ledger
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pause import Pauses
@@ -251,6 +252,14 @@ class Activity:
         if self.relay is not None and result[0]:
             self.relay.notify()
         return result
+
+    def count_in(self, ledger: Ledger) -> None:
+        """The completeness ledger counts what the store consumer stores and
+        what the dispatcher delivers."""
+        if self.consumer is not None:
+            self.consumer.ledger = ledger
+        if self.dispatcher is not None:
+            self.dispatcher.ledger = ledger
 
     def destinations(self) -> dict[str, str]:
         """Each destination's circuit as this process's dispatcher last saw

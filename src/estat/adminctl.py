@@ -25,7 +25,8 @@ DEFAULT_URL = "http://127.0.0.1:8081"
 
 def add_admin_parser(sub: Any) -> None:
     a = sub.add_parser(
-        "admin", help="the admin API: tokens, outbox, dispatch, traces, workers, audit"
+        "admin",
+        help="the admin API: tokens, outbox, dispatch, completeness, traces, workers, audit",
     )
     a.add_argument("--url", default=None, help=f"admin listener (ESTAT_ADMIN_URL; {DEFAULT_URL})")
     a.add_argument("--token", default=None, help="bearer token (ESTAT_ADMIN_TOKEN)")
@@ -58,6 +59,11 @@ def add_admin_parser(sub: Any) -> None:
     dr.add_argument("--to", dest="created_to", default=None, help="created_at < (ISO 8601)")
     dc = dsub.add_parser("circuit", help="each target's circuit breaker; --reset TARGET closes one")
     dc.add_argument("--reset", metavar="TARGET", default=None, help="close this target's circuit")
+    cp = asub.add_parser(
+        "completeness", help="events per dataset and hour: accepted, in the lake, stored, delivered"
+    )
+    cp.add_argument("--from", dest="start", default=None, help="hour >= (ISO 8601; 24 h ago)")
+    cp.add_argument("--to", dest="end", default=None, help="hour < (ISO 8601; now)")
     tr = asub.add_parser("traces", help="the MQ trace rows of one message, newest first")
     tr.add_argument("message_id")
     tr.add_argument("--limit", type=int, default=50, help="1..200 (default 50)")
@@ -142,6 +148,9 @@ def run_admin_command(args: argparse.Namespace) -> int:
                 params[k] = v
     elif args.admin_command == "dispatch":
         method, path, params = _dispatch_request(args)
+    elif args.admin_command == "completeness":
+        path = "/api/v1/admin/completeness"
+        params = {k: v for k, v in (("from", args.start), ("to", args.end)) if v is not None}
     elif args.admin_command == "workers" and args.workers_command in ("pause", "resume"):
         method, path = "POST", f"/api/v1/admin/workers/{args.name}/{args.workers_command}"
     elif args.admin_command == "workers":
@@ -170,8 +179,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
         print(json.dumps(body))
     elif isinstance(body, dict):
         print(_table([body], list(body)))
-    elif args.admin_command == "dispatch":
-        print(_table(body, list(body[0]) if body else ["target"]))
+    elif args.admin_command in ("dispatch", "completeness"):
+        print(_table(body, list(body[0]) if body else ["none"]))
     elif args.admin_command == "traces":
         print(
             _table(

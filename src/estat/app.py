@@ -42,6 +42,7 @@ from estat.model import EventRecord
 from estat.ops.fds import default_max_connections
 from estat.ops.flush import MetricsFlusher
 from estat.ops.host import HostGauges, disk_status
+from estat.ops.ledger import Ledger
 from estat.ops.logging import Sampler, count_errors, get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
@@ -54,6 +55,7 @@ from estat.runtime import Runtime
 from estat.settings import Settings
 from estat.stage import Deadline, Stage
 from estat.store.db import Database
+from estat.store.ledger import LedgerFlusher
 from estat.wiring import build_dlq, build_limiter, build_sink, secret
 
 log = get_logger("estat.app")
@@ -125,6 +127,9 @@ class App:
             self.sink.description,
         )
         self.supervisor = Supervisor(self.metrics, self._stage_failed)
+        #: the completeness ledger: per dataset and hour, events accepted, in the lake, stored
+        self.ledger = Ledger(settings.partition_tz)
+        self.dlq.ledger = self.ledger
         self.gate = LakeGate(
             threshold=settings.lake_failure_threshold,
             probe_interval=settings.lake_probe_interval,
@@ -226,6 +231,11 @@ class App:
         if db is None:  # the pause state and the audit log
             self.admin_db = db = Database(settings.database)
         self.pause_watcher = PauseWatcher(db, self.pauses, m)
+        if self.activity is not None:
+            self.activity.count_in(self.ledger)
+        ledger_flusher = LedgerFlusher(
+            self.ledger, db, m, self.clock, grace=settings.completeness_grace
+        )
         m.add_flusher(HostGauges(m, settings.data_dir).refresh)
         count_errors(lambda reason: m.log_errors.labels(reason).inc())
         self.admin = build_admin(
@@ -243,6 +253,7 @@ class App:
             [
                 [
                     MetricsFlusher(self.metrics),
+                    ledger_flusher,
                     self.pause_watcher,
                     *([self.admin] if self.admin else []),
                     *low,
@@ -284,6 +295,8 @@ class App:
             spill=self.dlq,
             gate=self.gate,
             name=name,
+            partition_tz=s.partition_tz,
+            ledger=self.ledger,
         )
 
     def lake_status(self) -> str:

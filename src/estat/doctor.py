@@ -155,6 +155,10 @@ def checks(before: Samples, after: Samples, seconds: float, ready: dict[str, Any
         mem = total(after, "process_resident_memory_bytes") / limit
         add("memory", grade(mem, 0.85, 0.95), f"{mem:.0%} of the limit", "WARN > 85 %, CRIT > 95 %",
             "estatmemoryhigh")  # fmt: skip
+    gaps = {k: v for k, v in by_label(after, "completeness_gap_events", "dataset").items() if v}
+    add("completeness", "CRIT" if gaps else "OK",
+        ", ".join(f"{d}: {n:.0f} missing" for d, n in sorted(gaps.items())) or "no gap",
+        "CRIT any event of a closed hour not in the lake", "estatcompletenessgap")  # fmt: skip
     failed = by_label(after, "stage_failures_total", "stage")
     failed = {k: v for k, v in failed.items() if v}
     add("failed stages", "CRIT" if failed else "OK", ", ".join(sorted(failed)) or "none",

@@ -14,6 +14,7 @@ from estat.admin.workers import PauseWatcher
 from estat.clock import SystemClock
 from estat.ops.flush import MetricsFlusher
 from estat.ops.host import HostGauges
+from estat.ops.ledger import Ledger
 from estat.ops.logging import count_errors, get_logger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
@@ -21,6 +22,7 @@ from estat.pause import Pauses
 from estat.runtime import Runtime
 from estat.settings import Settings
 from estat.stage import Deadline, Stage
+from estat.store.ledger import LedgerFlusher
 
 log = get_logger("estat.app")
 
@@ -51,9 +53,19 @@ class RolesApp:
                 db=self.activity.db,
                 workers=self.pause_watcher,
             )
-        first: list[Stage] = [MetricsFlusher(self.metrics), self.pause_watcher, *low]
+        self.ledger = Ledger(settings.partition_tz)
+        self.activity.count_in(self.ledger)
+        first: list[Stage] = [
+            MetricsFlusher(self.metrics),
+            LedgerFlusher(
+                self.ledger, self.activity.db, self.metrics, self.clock,
+                grace=settings.completeness_grace,
+            ),
+            self.pause_watcher,
+            *low,
+        ]  # fmt: skip
         if self.admin is not None:
-            first.insert(2, self.admin)
+            first.insert(3, self.admin)
         self.runtime = Runtime([first, middle, high], self.supervisor, self.clock)
 
     def _ready(self) -> tuple[bool, dict[str, object]]:

@@ -148,3 +148,47 @@ def test_lines_put_whole_come_out_verbatim_and_count_against_the_bounds() -> Non
     data, n = q.take(10, 1_000_000)
     assert (bytes(data), n) == (b'{"a":1}\n{"a":2}\n{"a":"\\u00e9"}\n', 3)
     assert (len(q), q.nbytes) == (0, 0)
+
+
+def test_a_batch_never_spans_a_partition_hour() -> None:
+    """The completeness ledger counts per hour exactly: a batch opened in
+    one hour is cut when the hour ends, and its key names that hour."""
+    from estat.lake.keys import KeyMaker
+
+    clock = FakeClock(1_700_002_800.0 - 30)  # 22:59:30 UTC
+    keys = KeyMaker("raw", "i1", "Asia/Kolkata")  # +05:30: hours end at :30 UTC
+    b = BatchBuilder(
+        max_events=1000, max_bytes=10**6, max_age=3600, clock=clock, make_key=keys.make,
+        partition_tz="Asia/Kolkata",
+    )  # fmt: skip
+    q = EventQueue(100, 100_000)
+    q.put({"i": 0})
+    assert b.fill(q) is None
+    assert b.time_left() == pytest.approx(1830)  # 04:29:30 in Kolkata; the hour ends at 05:00
+    clock.advance(b.time_left() or 0)
+    q.put({"i": 1})  # taken after the hour ended: not into this batch
+    assert b.fill(q) == "hour"
+    first = b.cut()
+    assert ids(first) == [0]
+    assert "/hr=04/" in first.key  # 04:59:59 in Kolkata at the latest
+    assert b.fill(q) is None
+    assert "/hr=05/" in b.cut().key
+
+
+def test_partition_hours_in_any_zone() -> None:
+    from zoneinfo import ZoneInfo
+
+    from estat.ops.ledger import Ledger, hour_bounds
+
+    assert hour_bounds(1_700_002_799.0, ZoneInfo("UTC")) == (1_699_999_200, 1_700_002_800)
+    start, end = hour_bounds(1_700_002_799.0, ZoneInfo("Asia/Kolkata"))
+    assert (start % 3600, end - start) == (1800, 3600)
+    ledger = Ledger("Asia/Kolkata")
+    ledger.add_key("raw/dt=2023-11-15/hr=04/1700002799_i1_000001.jsonl.gz", "lake", 7)
+    ledger.add_key("collector/events/dt=2023-11-15/hr=04/x.jsonl.gz", "lake", 2)
+    ledger.add_key("not-a-lake-key", "lake", 1)
+    assert ledger.take() == {
+        ("raw", start, "lake"): 7,
+        ("collector/events", start, "lake"): 2,
+    }
+    assert ledger.take() == {}

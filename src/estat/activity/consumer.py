@@ -24,6 +24,7 @@ from estat.bus.base import Bus, BusError, Consumer, Delivery, short
 from estat.bus.memory import MemoryBus
 from estat.clock import Clock
 from estat.model import EventRecord
+from estat.ops.ledger import Ledger, hour_bounds
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pause import Pauses
@@ -37,6 +38,8 @@ from estat.store.trace import TraceLog
 log = get_logger("estat.store")
 
 DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
+#: the completeness ledger's dataset of the event store and its destinations
+LEDGER_DATASET = "user-activity"
 BUS_RETRY = RetryPolicy(base=0.5, cap=30.0)
 
 
@@ -74,6 +77,8 @@ class StoreConsumer:
         self.rescue = rescue
         #: called when dispatch-outbox rows were committed (wakes the dispatcher)
         self.on_dispatch: Callable[[], None] | None = None
+        #: the completeness ledger: new events, in the hour they were stored
+        self.ledger: Ledger | None = None
         self.pauses = pauses
         self.bus = bus
         self.store = store
@@ -268,6 +273,9 @@ class StoreConsumer:
             # stored; the bus will deliver them again and they count as duplicates
             log.warning("store: ack failed after commit", events=len(items), error=str(e)[:300])
         self._m.store_events.labels("inserted").inc(stored.inserted)
+        if self.ledger is not None:
+            hour = hour_bounds(self._clock.time(), self.ledger.tz)[0]
+            self.ledger.add(LEDGER_DATASET, hour, "stored", stored.inserted)
         if stored.duplicates:
             self._m.store_events.labels("duplicate").inc(stored.duplicates)
             log.debug("duplicate user events skipped", events=stored.duplicates)

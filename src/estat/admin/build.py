@@ -74,6 +74,7 @@ def build_admin(
         bus=activity.bus if activity is not None else None,
         store_counts=_store_counts(activity) if activity is not None else None,
         dispatch=_dispatch_ops(settings, activity, clock) if activity is not None else None,
+        ledger=(db, settings.completeness_grace) if db is not None else None,
     )
     return AdminListener(build_admin_app(ctx), addr[0], addr[1])
 

@@ -19,6 +19,7 @@ from estat.circuit import Circuit
 from estat.clock import Clock
 from estat.ops.metrics import Metrics
 from estat.settings.admin import AdminTokenEntry
+from estat.store.db import Database
 from estat.store.dispatch import DispatchOutbox
 from estat.store.outbox import ReplayFilter, SourceOutbox
 
@@ -47,6 +48,8 @@ class AdminContext:
     store_counts: Callable[[], Awaitable[dict[str, Any]]] | None = None
     bus: Bus | None = None
     dispatch: DispatchOps | None = None
+    #: the completeness ledger's database and grace (seconds)
+    ledger: tuple[Database, float] | None = None
 
 
 @dataclass

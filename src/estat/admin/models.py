@@ -55,6 +55,18 @@ class CircuitView(BaseModel):
     configured: bool  # in DISPATCH_TARGETS of this process
 
 
+class CompletenessHour(BaseModel):
+    dataset: str  # a lake prefix (raw, events), or user-activity (the event store)
+    hour: datetime  # the partition hour's start
+    accepted: int  # taken into batches bound for the hour's partition
+    lake: int  # stored in the lake (live uploads and DLQ replays)
+    stored: int  # user-activity: new events stored in the hour
+    dispatched: dict[str, int]  # user-activity: of those, delivered per destination
+    closed: bool  # the hour and COMPLETENESS_GRACE have passed
+    complete: bool  # closed, and every accepted event is in the lake
+    gap: int  # closed: accepted and not in the lake
+
+
 class TraceRow(BaseModel):
     id: int
     messageId: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -17,6 +18,7 @@ from estat.admin.context import (
 from estat.admin.models import (
     REFUSALS,
     AuditRow,
+    CompletenessHour,
     DlqFile,
     DlqReplay,
     DlqStats,
@@ -28,6 +30,7 @@ from estat.admin.models import (
 from estat.admin.workers import PauseWatcher
 from estat.pause import WORKERS
 from estat.settings.admin import AdminTokenEntry
+from estat.store.ledger import read as ledger_read
 
 
 def add_operations_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], Any]) -> None:
@@ -125,6 +128,49 @@ def add_operations_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str]
         result = DlqReplay(**await dlq().replay(limit))
         request.state.effect = result.model_dump()
         return result
+
+    # -- the completeness ledger ------------------------------------------------------
+    @app.get(
+        f"{ADMIN_PREFIX}/completeness", tags=["completeness"], responses=REFUSALS,
+        openapi_extra=doc("read"),
+    )  # fmt: skip
+    async def completeness(
+        start: Annotated[IsoTime, Query(alias="from")] = None,
+        end: Annotated[IsoTime, Query(alias="to")] = None,
+        _: AdminTokenEntry = scope("read"),
+    ) -> list[CompletenessHour]:
+        """Per dataset and partition hour (from inclusive, to exclusive; the
+        last 24 hours by default): events accepted, in the lake, stored and
+        delivered per destination, and whether the hour is complete."""
+        if ctx.ledger is None:
+            raise AdminError(409, "ADMIN_LEDGER_UNAVAILABLE", "no database for the ledger")
+        db, grace_s = ctx.ledger
+        now = ctx.now()
+        to = aware(end) or now
+        frm = aware(start) or to - timedelta(hours=24)
+        hours = await db.run(lambda: ledger_read(db, frm, to))
+        grace = timedelta(seconds=grace_s)
+        out = []
+        for h in hours:
+            closed = h.closed(now, grace)
+            out.append(
+                CompletenessHour(
+                    dataset=h.dataset,
+                    hour=h.hour,
+                    accepted=h.accepted,
+                    lake=h.lake,
+                    stored=h.stages.get("stored", 0),
+                    dispatched={
+                        k.split(":", 1)[1]: v
+                        for k, v in h.stages.items()
+                        if k.startswith("dispatched:")
+                    },
+                    closed=closed,
+                    complete=closed and h.lake >= h.accepted,
+                    gap=h.gap(now, grace),
+                )
+            )
+        return out
 
     # -- the audit log -------------------------------------------------------------
     @app.get(f"{ADMIN_PREFIX}/audit", tags=["audit"], responses=REFUSALS, openapi_extra=doc("read"))

@@ -25,6 +25,7 @@ from estat.clock import Clock
 from estat.dispatch.destination import Destination, Outcome, retry_all
 from estat.model import EventRecord
 from estat.ops.hist import FastHistogram
+from estat.ops.ledger import Ledger, hour_bounds
 from estat.ops.logging import get_logger
 from estat.ops.metrics import DISPATCH_LATENCY_BUCKETS, Metrics
 from estat.pause import Pauses
@@ -108,6 +109,8 @@ class Dispatcher:
             else None
         )
         self._tasks: list[asyncio.Task[None]] = []
+        #: the completeness ledger: deliveries, in the hour their event was stored
+        self.ledger: Ledger | None = None
 
     def _changed(self, target: str) -> Callable[[State, State], None]:
         def changed(old: State, new: State) -> None:
@@ -276,6 +279,11 @@ class Dispatcher:
         m = self._m
         if delivered:
             m.dispatch_execute.labels("success", target).inc(len(delivered))
+            if self.ledger is not None:
+                stage, tz = f"dispatched:{target}", self.ledger.tz
+                for row in delivered:
+                    hour = hour_bounds(row.created_at.timestamp(), tz)[0]
+                    self.ledger.add("user-activity", hour, stage, 1)
             h = self._latency[target]
             for row in delivered:
                 h.observe(max(0.0, (now - row.created_at).total_seconds()))

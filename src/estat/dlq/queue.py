@@ -39,6 +39,7 @@ from estat.dlq.faults import crash_point
 from estat.dlq.store import DiskStore, Entry, Meta
 from estat.errors import DeliveryError
 from estat.model import EncodedBatch
+from estat.ops.ledger import Ledger
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 
@@ -79,6 +80,8 @@ class DeadLetterQueue:
         self.attempt_timeout = attempt_timeout
         #: the lake this DLQ's batches are bound for (recorded in every file)
         self.destination = destination
+        #: counts what a replay stores in the lake (the completeness ledger)
+        self.ledger: Ledger | None = None
         self.files = 0
         self.nbytes = 0
         self.events = 0
@@ -308,6 +311,8 @@ class DeadLetterQueue:
         if problem is None:
             self._m.dlq_events_reuploaded.inc(entry.events)
             self._m.lake_last_upload.set(time.time())
+            if self.ledger is not None:
+                self.ledger.add_key(key, "lake", entry.events)
             log.info(
                 f"DLQ → RAW success: {key} events={entry.events}", batchKey=key, events=entry.events
             )

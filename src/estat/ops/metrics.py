@@ -434,6 +434,14 @@ class Metrics:
             "down; published at the next start).",
             mode="livemostrecent",
         )
+        self.completeness_gap = gauge(
+            "completeness_gap_events",
+            "Events accepted for a lake partition hour of the last 48 hours and not in the lake "
+            "once the hour closed and COMPLETENESS_GRACE passed (the completeness ledger), by "
+            "dataset: lost, or still in a DLQ.",
+            ("dataset",),
+            mode="livemax",
+        )
         self.log_errors = counter(
             "log_errors_total",
             "ERROR log lines, by reason (the line's msg): every error the log reports is "

@@ -1,4 +1,7 @@
-"""The batcher: cuts the record stream into batches by size, bytes and age.
+"""The batcher: cuts the record stream into batches by size, bytes and age,
+and at partition-hour boundaries (``PARTITION_TZ``), so a batch's events
+were all taken within the hour its key names (the completeness ledger
+counts per hour exactly).
 
 ``BatchBuilder`` holds the cut rules and is synchronous (unit-tested with a
 fake clock); ``run_batcher`` drives it from the event queue into the upload
@@ -11,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from zoneinfo import ZoneInfo
 
 from estat.clock import Clock
 from estat.model import Batch
+from estat.ops.ledger import hour_bounds
 from estat.pipeline.queue import EventQueue
 
 
@@ -26,7 +31,10 @@ class BatchBuilder:
         max_age: float,
         clock: Clock,
         make_key: Callable[[float], str],
+        partition_tz: str = "UTC",
     ) -> None:
+        self._tz = ZoneInfo(partition_tz)
+        self._hour_end = 0.0
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.max_age = max_age
@@ -46,7 +54,11 @@ class BatchBuilder:
             return self.due()
         if not self.events:
             self._opened_mono = self._clock.monotonic()
-            self._first_ts = int(self._clock.time())
+            now = self._clock.time()
+            self._first_ts = int(now)
+            self._hour_end = hour_bounds(now, self._tz)[1]
+        elif self._clock.time() >= self._hour_end:
+            return "hour"  # a batch holds one partition hour: the ledger counts exactly
         elif self.nbytes + queue.next_line_size() > self.max_bytes:
             return "bytes"
         chunk, n = queue.take(self.max_events - self.events, self.max_bytes - self.nbytes)
@@ -62,18 +74,22 @@ class BatchBuilder:
     def due(self) -> str | None:
         if self.events and self._clock.monotonic() - self._opened_mono >= self.max_age:
             return "age"
+        if self.events and self._clock.time() >= self._hour_end:
+            return "hour"
         return None
 
     def time_left(self) -> float | None:
         if not self.events:
             return None
-        return max(0.0, self._opened_mono + self.max_age - self._clock.monotonic())
+        age = self._opened_mono + self.max_age - self._clock.monotonic()
+        return max(0.0, min(age, self._hour_end - self._clock.time()))
 
     def cut(self) -> Batch:
         now = self._clock.time()
         parts = self._parts
         batch = Batch(
-            key=self._make_key(now),
+            # the key's partition is the hour the events were taken in
+            key=self._make_key(min(now, self._hour_end - 1)),
             data=parts[0] if len(parts) == 1 else b"".join(parts),
             events=self.events,
             first_ts=self._first_ts,
@@ -95,6 +111,7 @@ async def run_batcher(
     builder: BatchBuilder,
     out: asyncio.Queue[Batch],
     on_cut: Callable[[str], None],
+    on_batch: Callable[[Batch], None] | None = None,
 ) -> None:
     """Cut batches until the queue is closed and empty; the last one is cut as ``drain``."""
     while True:
@@ -103,17 +120,23 @@ async def run_batcher(
         reason = builder.fill(queue)
         while reason is not None:
             on_cut(reason)
-            await _hand_off(builder, out)
+            await _hand_off(builder, out, on_batch)
             reason = builder.fill(queue)
         if queue.closed and not len(queue):
             if builder.events:
                 on_cut("drain")
-                await _hand_off(builder, out)
+                await _hand_off(builder, out, on_batch)
             return
 
 
-async def _hand_off(builder: BatchBuilder, out: asyncio.Queue[Batch]) -> None:
+async def _hand_off(
+    builder: BatchBuilder,
+    out: asyncio.Queue[Batch],
+    on_batch: Callable[[Batch], None] | None = None,
+) -> None:
     batch = builder.cut()
+    if on_batch is not None:
+        on_batch(batch)
     builder.handing_off = batch.events  # still counted while it waits for room
     await out.put(batch)
     builder.handing_off = 0

@@ -9,6 +9,7 @@ from concurrent.futures import Executor
 
 from estat.clock import Clock
 from estat.model import Batch
+from estat.ops.ledger import Ledger
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pipeline.batcher import BatchBuilder, run_batcher
@@ -45,8 +46,11 @@ class Pipeline:
         spill: Spill | None = None,
         gate: LakeGate | None = None,
         name: str = "raw",
+        partition_tz: str = "UTC",
+        ledger: Ledger | None = None,
     ) -> None:
         self.name = name
+        self.ledger = ledger
         self._has_spill = spill is not None
         self.queue = EventQueue(channel_size, channel_max_bytes)
         self.inbox: asyncio.Queue[Batch] = asyncio.Queue(maxsize=upload_queue)
@@ -56,6 +60,7 @@ class Pipeline:
             max_age=flush_interval,
             clock=clock,
             make_key=make_key,
+            partition_tz=partition_tz,
         )
         self.uploader = Uploader(
             self.inbox,
@@ -70,6 +75,7 @@ class Pipeline:
             spill=spill,
             gate=gate,
             dataset=name,
+            ledger=ledger,
         )
         self.uploader.gate.watch(self.queue)
         self._clock = clock
@@ -84,6 +90,10 @@ class Pipeline:
         self._m.event_queue_capacity.labels(d).set(self.queue.max_events)
         self._m.upload_queue_batches.labels(d).set(self.inbox.qsize())
 
+    def _on_batch(self, batch: Batch) -> None:
+        if self.ledger is not None:
+            self.ledger.add_key(batch.key, "accepted", batch.events)
+
     def _on_cut(self, reason: str) -> None:
         self._m.batches_cut.labels(self.name, reason).inc()
 
@@ -91,7 +101,7 @@ class Pipeline:
     async def start(self, spawn: Spawn) -> None:
         self._batcher_task = spawn(
             f"batcher:{self.name}",
-            run_batcher(self.queue, self.builder, self.inbox, self._on_cut),
+            run_batcher(self.queue, self.builder, self.inbox, self._on_cut, self._on_batch),
         )
         self.uploader.start(spawn, f"uploader:{self.name}")
 

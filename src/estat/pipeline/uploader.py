@@ -35,6 +35,7 @@ from typing import Final, Protocol
 from estat.clock import Clock
 from estat.errors import DeliveryError, RetryableDeliveryError
 from estat.model import Batch, EncodedBatch
+from estat.ops.ledger import Ledger
 from estat.ops.logging import get_logger
 from estat.ops.metrics import Metrics
 from estat.pipeline.gate import LakeGate
@@ -127,7 +128,9 @@ class Uploader:
         gate: LakeGate | None = None,
         dataset: str = "raw",
         rng: random.Random | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
+        self._ledger = ledger
         self._rng = rng
         self._encode = encode
         self._in_flight_gauge = metrics.uploads_in_flight.labels(dataset)
@@ -262,6 +265,8 @@ class Uploader:
             self.gate.uploaded()
             self._m.s3_events_stored.inc(enc.events)
             self._m.lake_last_upload.set(time.time())
+            if self._ledger is not None:
+                self._ledger.add_key(enc.key, "lake", enc.events)
             self._m.s3_objects_stored.inc()
             self._m.s3_bytes_stored.inc(len(enc.data))
             log.info(

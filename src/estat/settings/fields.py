@@ -142,6 +142,12 @@ class Settings(ActivityFields, DispatchFields, AdminFields):
         description="Time zone of the dt=/hr= partitions of object keys.",
         json_schema_extra=accepts("an IANA time zone such as UTC or Asia/Seoul"),
     )
+    completeness_grace: Duration = Field(
+        900.0,
+        gt=0,
+        description="How long after a lake partition hour closes its late batches may still arrive (the batch age, upload retries, the DLQ's replay); after it, events accepted for the hour and not in the lake are a completeness gap (completeness_gap_events).",
+        json_schema_extra=accepts("a duration"),
+    )
 
     # --- HTTP --------------------------------------------------------------
     http_addr: Address = Field(

@@ -184,3 +184,15 @@ estat_dispatch_circuit = Table(
     Column("version", BigInteger, nullable=False),
     Column("updated_at", Ts, nullable=False, server_default=func.now()),
 )
+
+#: the completeness ledger: events per dataset, partition hour and stage,
+#: added to by every process (``store/ledger.py``)
+estat_ledger = Table(
+    "estat_ledger",
+    metadata,
+    Column("dataset", String(200), primary_key=True),
+    Column("hour", Ts, primary_key=True),
+    Column("stage", String(60), primary_key=True),
+    Column("events", BigInteger, nullable=False),
+    Column("updated_at", Ts, nullable=False, server_default=func.now()),
+)

@@ -1,0 +1,101 @@
+"""The completeness ledger: counts from every process added up in the
+database (SQLite and PostgreSQL), an hour complete only once it closed and
+its grace passed with every accepted event in the lake, the gap gauge; and
+an in-process estat whose /collect and client events are counted accepted,
+in the lake, stored, by the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+from estat.clock import FakeClock
+from estat.ops.ledger import Ledger
+from estat.ops.metrics import Metrics
+from estat.store.db import Database
+from estat.store.ledger import LedgerFlusher, add, read
+from tests.admin.test_admin import ENTRIES, auth
+from tests.conftest import free_port
+from tests.e2e.test_pipeline_e2e import client_batch
+from tests.ingest.helpers import close_all, start_app
+
+H = 1_700_002_800  # an hour's start
+
+
+def test_counts_from_every_process_add_up(db: Database) -> None:
+    now = datetime.now(UTC)
+    add(db, {("raw", H, "accepted"): 10, ("raw", H, "lake"): 4}, now)
+    add(db, {("raw", H, "accepted"): 5, ("raw", H, "lake"): 11}, now)  # another process
+    add(db, {("events", H + 3600, "accepted"): 3}, now)
+    hours = read(db, datetime.fromtimestamp(H, UTC), datetime.fromtimestamp(H + 7200, UTC))
+    assert [(h.dataset, int(h.hour.timestamp()), h.stages) for h in hours] == [
+        ("raw", H, {"accepted": 15, "lake": 15}),
+        ("events", H + 3600, {"accepted": 3}),
+    ]
+
+
+async def test_a_gap_counts_only_once_the_hour_and_its_grace_passed(db: Database) -> None:
+    ledger = Ledger()
+    ledger.add("raw", H, "accepted", 10)
+    ledger.add("raw", H, "lake", 7)  # three still in a DLQ, or lost
+    m = Metrics(CollectorRegistry())
+    clock = FakeClock(H + 3600 + 600)  # the hour closed ten minutes ago
+    f = LedgerFlusher(ledger, db, m, clock, grace=900)
+    await f.flush()
+    await f.refresh_gaps()
+    assert m.registry.get_sample_value("completeness_gap_events", {"dataset": "raw"}) == 0
+    clock.advance(301)  # past the grace: a gap
+    await f.refresh_gaps()
+    assert m.registry.get_sample_value("completeness_gap_events", {"dataset": "raw"}) == 3
+    ledger.add("raw", H, "lake", 3)  # the DLQ replayed them
+    await f.flush()
+    await f.refresh_gaps()
+    assert m.registry.get_sample_value("completeness_gap_events", {"dataset": "raw"}) == 0
+
+
+async def test_an_estat_counts_what_it_accepted_stored_and_kept(tmp_path: Path) -> None:
+    app = await start_app(
+        tmp_path, admin_addr=f"127.0.0.1:{free_port()}", admin_tokens=ENTRIES,
+        flush_interval="100ms",
+    )  # fmt: skip
+    assert app.admin is not None
+    assert app.admin.address is not None
+    host, port = app.admin.address
+    assert app.address is not None
+    ingest = f"http://{app.address[0]}:{app.address[1]}"
+    async with httpx.AsyncClient(timeout=10) as c:
+        for _ in range(7):
+            assert (await c.post(ingest + "/collect", content=b'{"e":1}')).status_code == 200
+        r = await c.post(ingest + "/api/v1/analytics/events", json=client_batch(["a1", "a2", "a3"]))
+        assert r.status_code == 200
+
+        async def hours() -> dict[str, dict[str, object]]:
+            r = await c.get(
+                f"http://{host}:{port}/api/v1/admin/completeness", headers=auth("reader")
+            )
+            assert r.status_code == 200, r.text
+            return {h["dataset"]: h for h in r.json()}
+
+        deadline = time.monotonic() + 20
+        while True:
+            got = await hours()
+            if (
+                got.get("raw", {}).get("lake") == 7
+                and got.get("events", {}).get("lake") == 3
+                and got.get("user-activity", {}).get("stored") == 3
+            ):
+                break
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.2)
+    raw = got["raw"]
+    assert (raw["accepted"], raw["lake"], raw["closed"], raw["gap"]) == (7, 7, False, 0)
+    assert got["events"]["accepted"] == 3
+    hour = datetime.fromisoformat(str(raw["hour"]))
+    assert datetime.now(UTC) - hour < timedelta(hours=1)
+    await close_all()
+    await app.shutdown()
