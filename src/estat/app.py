@@ -234,8 +234,9 @@ class App:
         if self.activity is not None:
             self.activity.count_in(self.ledger)
         ledger_flusher = LedgerFlusher(
-            self.ledger, db, m, self.clock, grace=settings.completeness_grace
-        )
+            self.ledger, db, m, self.clock, grace=settings.completeness_grace,
+            put=lambda key, data: self.sink.put(key, data, {"estat-manifest": "1"}),
+        )  # fmt: skip
         m.add_flusher(HostGauges(m, settings.data_dir).refresh)
         count_errors(lambda reason: m.log_errors.labels(reason).inc())
         self.admin = build_admin(

@@ -26,16 +26,21 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import Engine, make_url
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
-from estat.settings import Settings, parse_duration
-from estat.store.db import Database
-from estat.store.schema import metadata, user_activity_event
+    from estat.settings import Settings
 
-TABLES = sorted(t.name for t in metadata.sorted_tables)
+# SQLAlchemy and the store are imported where used: ``estat serve`` builds
+# the command-line parser (this module's part too) before it holds SIGTERM.
+
+
+def tables() -> list[str]:
+    from estat.store.schema import metadata
+
+    return sorted(t.name for t in metadata.sorted_tables)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,10 @@ def add_backup_parser(store_parser: Any) -> None:
 
 
 def snapshot(engine: Engine) -> Snapshot:
+    from sqlalchemy import func, select, text
+
+    from estat.store.schema import metadata, user_activity_event
+
     rows: dict[str, int | None] = {}
     with engine.connect() as conn:
         present = set(
@@ -76,7 +85,7 @@ def snapshot(engine: Engine) -> Snapshot:
             if "alembic_version" in present
             else None
         )
-        for name in TABLES:
+        for name in tables():
             rows[name] = (
                 int(
                     conn.execute(
@@ -96,6 +105,8 @@ def snapshot(engine: Engine) -> Snapshot:
 
 def _restore(file: Path, url: str) -> str | None:
     """Restore ``file`` into ``url``; the error, or None."""
+    from sqlalchemy.engine import make_url
+
     libpq = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with file.open("rb") as f:
         custom = f.read(5) == b"PGDMP"
@@ -119,6 +130,12 @@ def _restore(file: Path, url: str) -> str | None:
 
 
 def run_verify_backup(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from estat.settings import parse_duration
+    from estat.store.db import Database
+
     live_url = Database(settings.database).url
     if make_url(live_url).get_backend_name() != "postgresql":
         print(
@@ -165,10 +182,11 @@ def _verdict(
     if got is None:
         print(f"FAIL: it did not restore: {error}")
         return 2
-    width = max(len(t) for t in TABLES)
+    names = tables()
+    width = max(len(t) for t in names)
     print(f"{'table'.ljust(width)}  {'backup':>10}  {'live':>10}")
     problems: list[str] = []
-    for name in TABLES:
+    for name in names:
         b, lv = got.rows[name], want.rows[name]
         print(
             f"{name.ljust(width)}  {'missing' if b is None else b:>10}  {'-' if lv is None else lv:>10}"

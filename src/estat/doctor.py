@@ -8,6 +8,9 @@ workers' pause state. Each check is OK, WARN or CRIT with its threshold and
 the runbook section to read; ``--json`` prints the same as JSON. Exit
 status: 0 all OK, 1 a WARN, 2 a CRIT (or the listener did not answer), so
 cron or CI can run it.
+
+Imports only the standard library at module level: ``estat serve`` builds
+the command-line parser (this module's part too) before it holds SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 RUNBOOK = "docs/runbook.md#"
@@ -56,6 +56,8 @@ def add_doctor_parser(sub: Any) -> None:
 
 
 def parse(text: str) -> Samples:
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: Samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -200,6 +202,8 @@ def table(rows: list[Check]) -> str:
 
 
 def run_doctor(args: argparse.Namespace, sleep: Callable[[float], None] = time.sleep) -> int:
+    import httpx  # here, not at import: the parser is built before signals are held
+
     url = (args.url or os.environ.get("ESTAT_ADMIN_URL") or DEFAULT_URL).rstrip("/")
     token = args.token or os.environ.get("ESTAT_ADMIN_TOKEN")
     headers = {"authorization": f"Bearer {token}"} if token else {}

@@ -43,6 +43,7 @@ class EncodedBatch:
     first_ts: int
     last_ts: int
     metadata: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""  # of ``data`` (the completeness ledger's manifests)
 
 
 class EventRecord(msgspec.Struct, gc=False):

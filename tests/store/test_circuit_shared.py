@@ -121,7 +121,9 @@ def test_postgres_shares_it_too(pg_url: str) -> None:
     db.upgrade()
     clock = FakeClock()
     a, b, _ = pair(db, clock, "PG")
-    for _ in range(3):
+    a.failure()
+    assert circuits(db)["PG"].failures == 1  # the row's creation counted once
+    for _ in range(2):
         a.failure()
     clock.advance(5)
     assert b.allow()

@@ -99,3 +99,32 @@ async def test_an_estat_counts_what_it_accepted_stored_and_kept(tmp_path: Path) 
     assert datetime.now(UTC) - hour < timedelta(hours=1)
     await close_all()
     await app.shutdown()
+
+
+async def test_a_complete_hour_gets_a_manifest_once(db: Database, tmp_path: Path) -> None:
+    import json
+
+    from estat.lake.sink import local_sink
+
+    sink = local_sink(tmp_path / "lake")
+    ledger = Ledger()
+    part = "raw/dt=2023-11-14/hr=23"  # the hour starting at H (UTC)
+    for i, n in enumerate((4, 6)):
+        data = f"object {i}".encode()
+        await sink.put(f"{part}/{H}_i1_{i:06d}.jsonl.gz", data, {})
+        ledger.stored_object(f"{part}/{H}_i1_{i:06d}.jsonl.gz", n, len(data), f"{i:064x}")
+    ledger.add("raw", H, "accepted", 10)
+    ledger.add("events", H, "accepted", 5)  # nothing in the lake: incomplete, no manifest
+    clock = FakeClock(H + 3600 + 60)
+    writers = [
+        LedgerFlusher(ledger, db, Metrics(CollectorRegistry()), clock, grace=900, put=put)
+        for put in (lambda k, d: sink.put(k, d, {}),) * 2
+    ]  # two processes
+    await writers[0].flush()
+    assert await writers[0].write_manifests() == 0  # the hour's grace has not passed
+    clock.advance(900)
+    assert [await w.write_manifests() for w in writers] == [1, 0]  # written once
+    manifest = json.loads(await sink.get(f"{part}/_MANIFEST.json"))
+    assert (manifest["dataset"], manifest["accepted"], manifest["events"]) == ("raw", 10, 10)
+    assert [(o["events"], o["sha256"][-1]) for o in manifest["objects"]] == [(4, "0"), (6, "1")]
+    assert not (tmp_path / "lake" / "events").exists()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -312,7 +313,8 @@ class DeadLetterQueue:
             self._m.dlq_events_reuploaded.inc(entry.events)
             self._m.lake_last_upload.set(time.time())
             if self.ledger is not None:
-                self.ledger.add_key(key, "lake", entry.events)
+                digest = await self._run(lambda: hashlib.sha256(data).hexdigest())
+                self.ledger.stored_object(key, entry.events, len(data), digest)
             log.info(
                 f"DLQ → RAW success: {key} events={entry.events}", batchKey=key, events=entry.events
             )

@@ -14,12 +14,22 @@ new row of ``user_activity_event``) and ``dispatched:<TARGET>``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 _KEY = re.compile(r"^(?P<prefix>.*)/dt=(?P<d>\d{4}-\d{2}-\d{2})/hr=(?P<h>\d{2})/")
 
 Counts = dict[tuple[str, int, str], int]
+
+
+def key_hour(key: str, tz: ZoneInfo) -> tuple[str, int] | None:
+    """(dataset, hour start) of a lake object key, or None."""
+    m = _KEY.match(key)
+    if m is None:
+        return None
+    local = datetime.strptime(f"{m['d']} {m['h']}", "%Y-%m-%d %H").replace(tzinfo=tz)
+    return m["prefix"], int(local.timestamp())
 
 
 def hour_bounds(ts: float, tz: ZoneInfo) -> tuple[int, int]:
@@ -29,10 +39,32 @@ def hour_bounds(ts: float, tz: ZoneInfo) -> tuple[int, int]:
     return start, start + 3600
 
 
+@dataclass(frozen=True, slots=True)
+class LakeObject:
+    key: str
+    events: int
+    nbytes: int
+    sha256: str  # of the object's bytes as stored (gzip)
+
+
 class Ledger:
     def __init__(self, tz: str = "UTC") -> None:
         self.tz = ZoneInfo(tz)
         self._counts: Counts = {}
+        self._objects: list[LakeObject] = []
+
+    def stored_object(self, key: str, events: int, nbytes: int, sha256: str) -> None:
+        """A lake object was stored: counted ``lake``, and listed for its
+        hour's manifest."""
+        self.add_key(key, "lake", events)
+        self._objects.append(LakeObject(key, events, nbytes, sha256))
+
+    def take_objects(self) -> list[LakeObject]:
+        objects, self._objects = self._objects, []
+        return objects
+
+    def put_back_objects(self, objects: list[LakeObject]) -> None:
+        self._objects[:0] = objects
 
     def add(self, dataset: str, hour: int, stage: str, n: int) -> None:
         if n:
@@ -42,11 +74,9 @@ class Ledger:
     def add_key(self, key: str, stage: str, n: int) -> None:
         """Count ``n`` events of the lake object ``key`` (its dataset is the
         key's prefix, its hour the partition's)."""
-        m = _KEY.match(key)
-        if m is None:
-            return
-        local = datetime.strptime(f"{m['d']} {m['h']}", "%Y-%m-%d %H").replace(tzinfo=self.tz)
-        self.add(m["prefix"], int(local.timestamp()), stage, n)
+        found = key_hour(key, self.tz)
+        if found is not None:
+            self.add(found[0], found[1], stage, n)
 
     def add_received(self, dataset: str, received_at: str, stage: str, n: int = 1) -> None:
         """Count by the hour an event was received (ISO 8601)."""

@@ -202,7 +202,8 @@ class Metrics:
         )
         self.batches_cut = counter(
             "batches_cut_total",
-            "Batches cut by the batcher, by dataset and reason (size, bytes, age, drain).",
+            "Batches cut by the batcher, by dataset and reason (size, bytes, age, hour: the "
+            "partition hour ended, drain).",
             ("dataset", "reason"),
         )
         self.http_refused = counter(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -98,6 +99,7 @@ def encode_batch(
     return EncodedBatch(
         key=batch.key,
         data=data,
+        sha256=hashlib.sha256(data).hexdigest(),  # here, off the event loop
         events=batch.events,
         raw_bytes=batch.nbytes,
         first_ts=batch.first_ts,
@@ -266,7 +268,7 @@ class Uploader:
             self._m.s3_events_stored.inc(enc.events)
             self._m.lake_last_upload.set(time.time())
             if self._ledger is not None:
-                self._ledger.add_key(enc.key, "lake", enc.events)
+                self._ledger.stored_object(enc.key, enc.events, len(enc.data), enc.sha256)
             self._m.s3_objects_stored.inc()
             self._m.s3_bytes_stored.inc(len(enc.data))
             log.info(

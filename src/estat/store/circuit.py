@@ -85,12 +85,13 @@ class SharedCircuit:
     def _write(self, conn: Connection, s: CircuitState, version: int) -> bool:
         now = datetime.fromtimestamp(self._clock.time(), UTC)
         if version < 0:
-            res = conn.execute(
+            created = conn.execute(
                 self.db.insert(C)
                 .values(target=self.target, version=0, updated_at=now, **_values(s))
                 .on_conflict_do_nothing()
-            )
-            return res.rowcount == 1  # 0: another process created it first
+                .returning(C.c.target)  # rowcount is not reliable here (psycopg: -1)
+            ).first()
+            return created is not None  # None: another process created it first
         res = conn.execute(
             update(C)
             .where(C.c.target == self.target, C.c.version == version)

@@ -196,3 +196,27 @@ estat_ledger = Table(
     Column("events", BigInteger, nullable=False),
     Column("updated_at", Ts, nullable=False, server_default=func.now()),
 )
+
+#: every lake object stored, for its hour's manifest
+estat_lake_objects = Table(
+    "estat_lake_objects",
+    metadata,
+    Column("key", String(500), primary_key=True),
+    Column("dataset", String(200), nullable=False),
+    Column("hour", Ts, nullable=False),
+    Column("events", BigInteger, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("stored_at", Ts, nullable=False, server_default=func.now()),
+    Index("idx_estat_lake_objects_hour", "dataset", "hour"),
+)
+
+#: the manifests written (or being written: a claim) per dataset and hour
+estat_manifests = Table(
+    "estat_manifests",
+    metadata,
+    Column("dataset", String(200), primary_key=True),
+    Column("hour", Ts, primary_key=True),
+    Column("key", String(500), nullable=False),
+    Column("written_at", Ts),
+)
