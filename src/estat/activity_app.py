@@ -232,6 +232,9 @@ class Activity:
                 "source_outbox": s.outbox_retention,
                 "dispatch_outbox": s.dispatch_retention,
                 "audit": s.audit_retention,
+                "ledger": s.ledger_retention,
+                "lake_objects": s.ledger_retention,
+                "manifests": s.ledger_retention,
             },
         )
         self.writer = OutboxCommit(self.outbox, metrics, self.notify_relay)

@@ -113,6 +113,7 @@ async def test_retention_deletes_finished_rows_only_in_bounded_batches(db: Datab
     from estat.store.retention import purge, rules
     from estat.store.schema import (
         admin_audit_log,
+        estat_ledger,
         user_activity_dispatch_outbox,
         user_activity_source_outbox,
     )
@@ -148,11 +149,22 @@ async def test_retention_deletes_finished_rows_only_in_bounded_batches(db: Datab
                 for t in (old, old, recent)
             ],
         )  # fmt: skip
+        conn.execute(
+            insert(estat_ledger),
+            [
+                {"dataset": "raw", "hour": t, "stage": stage, "events": 1, "updated_at": t}
+                for t in (old, recent)
+                for stage in ("accepted", "lake")
+            ],
+        )
     # one bounded batch at a time
     assert purge(db, rules()["source_outbox"], now - timedelta(days=7), batch=3) == 3
     m = Metrics()
     pauses = Pauses()
-    ages = {"source_outbox": 7 * 86400.0, "dispatch_outbox": 7 * 86400.0, "audit": 0.0}
+    ages = {
+        "source_outbox": 7 * 86400.0, "dispatch_outbox": 7 * 86400.0, "audit": 0.0,
+        "ledger": 7 * 86400.0,
+    }  # fmt: skip
     hk = Housekeeper(
         db, None, None, retention=60, metrics=m, clock=FakeClock(now.timestamp()),
         ages=ages, pauses=pauses,
@@ -160,7 +172,7 @@ async def test_retention_deletes_finished_rows_only_in_bounded_batches(db: Datab
     pauses.set("retention", True)
     assert await hk.purge_done() == {}  # paused: nothing deleted
     pauses.set("retention", False)
-    assert await hk.purge_done() == {"source_outbox": 4, "dispatch_outbox": 5}
+    assert await hk.purge_done() == {"source_outbox": 4, "dispatch_outbox": 5, "ledger": 2}
     assert value(m, "retention_rows_deleted_total", table="source_outbox") == 4
     assert value(m, "retention_rows_deleted_total", table="dispatch_outbox") == 5
     with db.engine.connect() as conn:

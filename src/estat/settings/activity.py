@@ -125,6 +125,12 @@ class ActivityFields(BaseSettings):
         description="admin_audit_log rows older than this are deleted, in bounded batches; 0 keeps them.",
         json_schema_extra=accepts("a duration, 0 to keep"),
     )
+    ledger_retention: Duration = Field(
+        90 * 86400.0,
+        ge=0,
+        description="Completeness ledger rows (counts, lake objects, manifests written) of hours older than this are deleted; 0 keeps them.",
+        json_schema_extra=accepts("a duration, 0 to keep"),
+    )
     # --- store consumer and relay -----------------------------------------------
     store_batch_size: int = Field(
         500,

@@ -4,7 +4,9 @@ transaction, and a busy table is never scanned whole):
 
 - ``user_activity_source_outbox`` PUBLISHED rows, by ``published_at``;
 - ``user_activity_dispatch_outbox`` DISPATCHED rows, by ``dispatched_at``;
-- ``admin_audit_log`` rows, by ``created_at``.
+- ``admin_audit_log`` rows, by ``created_at``;
+- the completeness ledger (``estat_ledger``, ``estat_lake_objects``,
+  ``estat_manifests``), by the hour counted.
 
 (``message_queue_trace_log`` has its own, ``store/trace.py``.) FAILED and
 PENDING rows are never deleted: they are work still to do. After a source
@@ -24,6 +26,9 @@ from sqlalchemy import Column, Table, and_, delete, select
 from estat.store.db import Database
 from estat.store.schema import (
     admin_audit_log,
+    estat_lake_objects,
+    estat_ledger,
+    estat_manifests,
     user_activity_dispatch_outbox,
     user_activity_source_outbox,
 )
@@ -37,6 +42,7 @@ class Rule:
     table: Table
     column: Column[Any]  # the time compared with the age
     where: Any = None  # which rows are done
+    by: str = "id"  # the column a batch is chosen by
 
 
 def rules() -> dict[str, Rule]:
@@ -47,6 +53,11 @@ def rules() -> dict[str, Rule]:
             "dispatch_outbox", d, d.c.dispatched_at, d.c.status == "DISPATCHED"
         ),
         "audit": Rule("audit", a, a.c.created_at),
+        "ledger": Rule("ledger", estat_ledger, estat_ledger.c.hour, by="hour"),
+        "lake_objects": Rule(
+            "lake_objects", estat_lake_objects, estat_lake_objects.c.hour, by="key"
+        ),
+        "manifests": Rule("manifests", estat_manifests, estat_manifests.c.hour, by="hour"),
     }
 
 
@@ -56,6 +67,7 @@ def purge(db: Database, rule: Rule, before: datetime, batch: int = BATCH) -> int
     cond = rule.column < before
     if rule.where is not None:
         cond = and_(rule.where, cond)
-    ids = select(t.c.id).where(cond).order_by(t.c.id).limit(batch)
+    col = t.c[rule.by]
+    ids = select(col).where(cond).group_by(col).order_by(col).limit(batch)
     with db.engine.begin() as conn:
-        return int(conn.execute(delete(t).where(t.c.id.in_(ids.scalar_subquery()))).rowcount)
+        return int(conn.execute(delete(t).where(col.in_(ids.scalar_subquery()))).rowcount)
