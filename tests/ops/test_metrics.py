@@ -120,3 +120,12 @@ def test_every_error_line_is_counted_by_its_reason() -> None:
         'log_errors_total{reason="DLQ capacity → removed"}': 2.0,  # one label, not one per file
         'log_errors_total{reason="destination failed"}': 1.0,
     }  # the warning is not counted
+
+
+def test_client_addresses_are_masked_in_info_lines() -> None:
+    from estat.ops.logging import mask_ip
+
+    assert mask_ip("203.0.113.77") == "203.0.113.0/24"
+    assert mask_ip("2001:db8:abcd:12::1") == "2001:db8:abcd::/48"
+    assert mask_ip("127.0.0.1") == "127.0.0.1"  # the host itself
+    assert mask_ip("testclient") == "testclient"

@@ -35,7 +35,7 @@ from estat.admin.models import (
 from estat.admin.routes_dispatch import add_dispatch_routes
 from estat.admin.routes_ops import add_operations_routes
 from estat.admin.routes_pipeline import add_pipeline_routes
-from estat.ops.logging import get_logger
+from estat.ops.logging import get_logger, mask_ip
 from estat.ops.metrics import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE
 from estat.settings.admin import AdminTokenEntry
 
@@ -130,7 +130,7 @@ def build_admin_app(ctx: AdminContext) -> FastAPI:
             log.info(
                 "admin call",
                 token=token_name,
-                client=client_of(request),
+                client=mask_ip(client_of(request)),  # the audit row has the full address
                 method=request.method,
                 route=route,
                 params=dict(request.query_params),

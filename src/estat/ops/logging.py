@@ -2,13 +2,15 @@
 
 Fields: ``level``, ``time`` (ISO 8601, UTC), ``service``, ``env``, ``msg``,
 plus event fields (``durationMs``, ``batchKey``, ``events`` ...). Request
-bodies and tokens are never logged. ``LOG_PRETTY=true`` renders for humans.
+bodies and tokens are never logged, client addresses at info level only
+masked (``mask_ip``). ``LOG_PRETTY=true`` renders for humans.
 Every ERROR line is also counted (``log_errors_total{reason}``, the reason
 being its ``msg``) once a process calls ``count_errors``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import sys
@@ -30,6 +32,20 @@ def count_errors(counter: Callable[[str], None] | None) -> None:
     being the line's ``msg`` without its ``=value`` parts (bounded)."""
     global _error_counter
     _error_counter = counter
+
+
+def mask_ip(addr: str) -> str:
+    """An address as info-level lines may show it: IPv4 without its last
+    byte (``203.0.113.0/24``), IPv6 to its /48; anything else unchanged
+    (``testclient``, a socket path)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if ip.is_loopback:
+        return addr
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 def reason_of(msg: str) -> str:
