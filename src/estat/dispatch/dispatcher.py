@@ -180,7 +180,7 @@ class Dispatcher:
                 )  # fmt: skip
                 await wake.wait(DB_RETRY.delay(failures))
                 continue
-            if sent < self.batch_size:
+            if sent < self.lease_rows:  # nothing more due: wait for rows or the poll
                 await wake.wait(self.poll_interval)
 
     async def dispatch_once(self, dest: Destination, breaker: SharedCircuit) -> int:
