@@ -129,3 +129,17 @@ def test_client_addresses_are_masked_in_info_lines() -> None:
     assert mask_ip("2001:db8:abcd:12::1") == "2001:db8:abcd::/48"
     assert mask_ip("127.0.0.1") == "127.0.0.1"  # the host itself
     assert mask_ip("testclient") == "testclient"
+
+
+def test_a_failing_error_counter_never_breaks_logging() -> None:
+    code = (
+        "from estat.ops.logging import setup_logging, get_logger, count_errors\n"
+        "setup_logging('info')\n"
+        "def boom(reason):\n    raise OSError(24, 'Too many open files')\n"
+        "count_errors(boom)\n"
+        "get_logger('t').error('local DLQ save failed', reason='EMFILE')\n"
+        "print('still here')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "local DLQ save failed" in out.stdout
+    assert out.stdout.rstrip().endswith("still here")

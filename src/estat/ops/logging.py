@@ -10,6 +10,7 @@ being its ``msg``) once a process calls ``count_errors``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import re
@@ -55,7 +56,11 @@ def reason_of(msg: str) -> str:
 def _count(_logger: Any, method: str, event: Any) -> Any:
     counter = _error_counter
     if counter is not None and method in _ERRORS:
-        counter(reason_of(str(event.get("event", ""))))
+        # e.g. EMFILE: a new label's file (multiprocess metrics) cannot be
+        # opened while descriptors run out; the error being logged is often
+        # that very condition, and logging must never raise
+        with contextlib.suppress(Exception):
+            counter(reason_of(str(event.get("event", ""))))
     return event
 
 
