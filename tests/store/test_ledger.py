@@ -128,3 +128,43 @@ async def test_a_complete_hour_gets_a_manifest_once(db: Database, tmp_path: Path
     assert (manifest["dataset"], manifest["accepted"], manifest["events"]) == ("raw", 10, 10)
     assert [(o["events"], o["sha256"][-1]) for o in manifest["objects"]] == [(4, "0"), (6, "1")]
     assert not (tmp_path / "lake" / "events").exists()
+
+
+async def test_counts_survive_a_database_that_fails_and_a_lake_that_refuses(
+    db: Database, tmp_path: Path
+) -> None:
+    """The ledger's table goes missing (a real error from the database): the
+    counts stay in memory and are added at the next flush; a manifest the
+    lake refuses is written at the next pass, once."""
+    from sqlalchemy import text
+
+    from estat.lake.sink import local_sink
+
+    ledger = Ledger()
+    ledger.stored_object("raw/dt=2023-11-14/hr=23/o1.jsonl.gz", 5, 10, "a" * 64)
+    ledger.add("raw", H, "accepted", 5)
+    clock = FakeClock(H + 3600 + 1000)
+    attempts: list[str] = []
+    sink = local_sink(tmp_path / "lake")
+
+    async def flaky_put(key: str, data: bytes) -> None:
+        attempts.append(key)
+        if len(attempts) == 1:
+            raise OSError(5, "Input/output error")  # the lake refuses the first write
+        await sink.put(key, data, {})
+
+    f = LedgerFlusher(ledger, db, Metrics(CollectorRegistry()), clock, grace=900, put=flaky_put)
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE estat_ledger RENAME TO estat_ledger_away"))
+    await f.flush()  # fails: kept
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE estat_ledger_away RENAME TO estat_ledger"))
+    ledger.add("raw", H, "accepted", 0)
+    await f.flush()
+    window = (datetime.fromtimestamp(H, UTC), datetime.fromtimestamp(H + 3600, UTC))
+    assert [h.stages for h in read(db, *window)] == [{"accepted": 5, "lake": 5}]
+    assert await f.write_manifests() == 0  # refused: the claim is given back
+    assert await f.write_manifests() == 1  # the next pass writes it
+    assert await f.write_manifests() == 0  # and only once
+    assert len(attempts) == 2
+    assert b'"events": 5' in await sink.get("raw/dt=2023-11-14/hr=23/_MANIFEST.json")
