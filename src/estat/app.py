@@ -301,12 +301,17 @@ class App:
         )
 
     def lake_status(self) -> str:
-        state = self.gate.breaker.state
-        if state != "closed":
-            err = self.gate.last_error
+        """``ok``; ``retrying: <class>`` while the latest upload attempt
+        failed (batches are retried, the circuit still closed); ``failing:
+        <class>`` while the circuit is open (batches go to the DLQ); the
+        start-up check's verdict until a first upload succeeds."""
+        err = self.gate.last_error
+        if self.gate.breaker.state != "closed":
             return f"failing: {err.error_class if err else 'unknown'}"
-        if self.gate.last_error is None and self.lake_check.startswith("unreachable"):
-            return self.lake_check  # nothing has been uploaded since the check
+        if err is not None:
+            return f"retrying: {err.error_class}"
+        if not self.gate.succeeded and self.lake_check.startswith("unreachable"):
+            return self.lake_check  # nothing uploaded since the check
         return "ok"
 
     def _cheap_ready(self) -> tuple[bool, dict[str, object]]:

@@ -52,6 +52,8 @@ class LakeGate:
         self._on_recovered = on_recovered
         self._queues: list[EventQueue] = []
         self.last_error: DeliveryError | None = None
+        #: an upload has succeeded since the start
+        self.succeeded = False
         self.accepting = True
         metrics.lake_circuit_state.set(0)
         metrics.pipeline_accepting.set(1)
@@ -88,6 +90,7 @@ class LakeGate:
     # -- reports from the uploaders --------------------------------------------
     def uploaded(self) -> None:
         self.last_error = None
+        self.succeeded = True
         self.breaker.success()
         self._accept(True)
         if self._on_recovered is not None:
