@@ -7,7 +7,11 @@ dispatcher has in flight (``DISPATCH_CONCURRENCY``, 2). Batches of 100 and
 1,000 events.
 
 The capture server runs in its own process (uvicorn), so the two sides do
-not share a GIL. Figures, not assertions.
+not share a GIL. Beside the rates, the CPU each party spent per event in
+the dispatch runs (this process: the dispatcher; the capture server's
+process; the rest of the machine's busy time: PostgreSQL), read from
+``/proc``: on a machine whose cores the three share, they say what bounds
+the rate. Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -96,6 +100,33 @@ def start_capture() -> tuple[subprocess.Popen[bytes], str]:
 
 
 CONCURRENCY = 2
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (``/proc/stat``)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / TICK  # all but idle and iowait
+
+
+def process_cpu(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+class CpuSplit:
+    """CPU per event by party over a window: (dispatcher, capture, database)."""
+
+    def __init__(self, capture_pid: int) -> None:
+        self.pid = capture_pid
+        self.t0 = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        return (process_cpu(os.getpid()), process_cpu(self.pid), machine_busy())
+
+    def per_event(self, n: int) -> tuple[float, float, float]:
+        ours, cap, busy = (b - a for a, b in zip(self.t0, self._now(), strict=True))
+        return (ours / n * 1e6, cap / n * 1e6, max(0.0, busy - ours - cap) / n * 1e6)
 
 
 async def ceiling(url: str, recs: list[EventRecord], batch: int) -> float:
@@ -165,8 +196,11 @@ def db_ceiling(db_url: str, recs: list[EventRecord]) -> float:
     return done / (time.perf_counter() - t0)
 
 
-async def dispatch(db_url: str, url: str, recs: list[EventRecord], batch: int) -> float:
-    """The outbox filled by the store, then drained by one dispatcher."""
+async def dispatch(
+    db_url: str, url: str, recs: list[EventRecord], batch: int, capture_pid: int
+) -> tuple[float, tuple[float, float, float]]:
+    """The outbox filled by the store, then drained by one dispatcher: the
+    rate and the CPU per event by party."""
     db = fill(db_url, recs)
     m = Metrics()
     d = Dispatcher(
@@ -174,17 +208,21 @@ async def dispatch(db_url: str, url: str, recs: list[EventRecord], batch: int) -
         clock=SystemClock(), metrics=m, concurrency=CONCURRENCY,
     )  # fmt: skip
     ok = m.dispatch_execute.labels("success", "POSTHOG")
+    sup = Supervisor(m, lambda name: None)
+    cpu = CpuSplit(capture_pid)
     t0 = time.perf_counter()
-    await d.start(Supervisor(m, lambda name: None).spawn)
+    await d.start(sup.spawn)
     while ok._value.get() < len(recs):
         await asyncio.sleep(0.002)
     rate = len(recs) / (time.perf_counter() - t0)
+    split = cpu.per_event(len(recs))
+    sup.stopping()
     d.close()
     await d.join(Deadline.after(10, SystemClock()))
     counts = await db.run(d.outbox.counts)
     assert counts == {("POSTHOG", "DISPATCHED"): len(recs)}, counts
     db.close()
-    return rate
+    return rate, split
 
 
 async def main_async(pg: object) -> None:
@@ -196,11 +234,13 @@ async def main_async(pg: object) -> None:
             f"{'vs capture':>10} {'vs database':>11}"
         )
         for batch in (100, 1000):
-            ceil, dbc, ours = [], [], []
+            ceil, dbc, ours, splits = [], [], [], []
             for _ in range(ROUNDS):
                 ceil.append(await ceiling(url, events(N), batch))
                 dbc.append(db_ceiling(pg.create_database(), events(N)))  # type: ignore[attr-defined]
-                ours.append(await dispatch(pg.create_database(), url, events(N), batch))  # type: ignore[attr-defined]
+                rate, split = await dispatch(pg.create_database(), url, events(N), batch, proc.pid)  # type: ignore[attr-defined]
+                ours.append(rate)
+                splits.append(split)
             rc = [o / c for o, c in zip(ours, ceil, strict=True)]
             rd = [o / d for o, d in zip(ours, dbc, strict=True)]
             print(
@@ -208,6 +248,11 @@ async def main_async(pg: object) -> None:
                 f"{statistics.median(ours):>11,.0f} {statistics.median(rc):>10.2f} "
                 f"{statistics.median(rd):>11.2f}   vs database per run: "
                 + ", ".join(f"{r:.2f}" for r in rd)
+            )
+            cpu = [statistics.median(s[i] for s in splits) for i in range(3)]
+            print(
+                f"{'':>6} CPU per dispatched event (median): dispatcher {cpu[0]:.1f} us, "
+                f"capture server {cpu[1]:.1f} us, database {cpu[2]:.1f} us"
             )
     finally:
         proc.terminate()

@@ -132,3 +132,24 @@ def test_two_dispatchers_never_lease_one_row(db: Database) -> None:
         t.join()
     assert len(got[0]) + len(got[1]) == 300
     assert not set(got[0]) & set(got[1])
+
+
+def test_due_failed_rows_come_first_and_a_lease_holds_only_the_rows_it_returns(
+    db: Database,
+) -> None:
+    ids = stored(db, 10, ["POSTHOG"])
+    box = DispatchOutbox(db, rng=random.Random(1))
+    t = datetime.now(UTC)
+    first = box.lease("POSTHOG", 3, t)
+    box.mark([], [(r, "HTTP 500", 0.0, False) for r in first.rows], [], t, first)
+    later = t + timedelta(hours=1)  # the three FAILED rows are due again
+    a = box.lease("POSTHOG", 5, later)
+    assert [r.event_id for r in a.rows] == ids[:3] + ids[3:5]  # FAILED first, then PENDING
+    assert [r.retry_count for r in a.rows] == [1, 1, 1, 0, 0]
+    # another dispatcher meanwhile gets every other due row: none is held
+    # by the first lease without being sent
+    b = box.lease("POSTHOG", 10, later)
+    assert [r.event_id for r in b.rows] == ids[5:]
+    for lease in (a, b):
+        box.mark(lease.rows, [], [], later, lease)
+    assert box.counts() == {("POSTHOG", "DISPATCHED"): 10}

@@ -22,24 +22,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    BigInteger,
-    Text,
     and_,
-    any_,
     bindparam,
-    cast,
     func,
-    literal,
-    or_,
     select,
-    text,
-    union_all,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from estat.retry import RetryPolicy
@@ -52,13 +43,49 @@ from estat.store.schema import user_activity_dispatch_outbox as T
 DISPATCH_RETRY = RetryPolicy(base=10.0, cap=600.0, exponent_cap=10, jitter="equal")
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchRow:
+class DispatchRow(NamedTuple):
     id: int
     event_id: str
     payload: bytes  # the stored event's JSON
     retry_count: int
     created_at: datetime  # when the store consumer enqueued it
+
+
+# The PostgreSQL lease in plain SQL on the driver's connection, binary
+# results straight into ``DispatchRow`` tuples: the rows a lease returns are
+# the dispatcher's hottest path, and SQLAlchemy's statement and row
+# machinery cost more CPU per row than the database's own work for it
+# (``docs/benchmarks.md``). Due FAILED rows first, then PENDING ones, each
+# from its own index range (never a walk over DISPATCHED rows); the second
+# query asks only for what the first left, so no row is locked and not sent.
+_COLS = (
+    "SELECT id, event_id, convert_to(payload::text, 'UTF8'), retry_count, created_at"
+    " FROM user_activity_dispatch_outbox WHERE dispatch_target = %(t)s AND "
+)
+_LOCK = " ORDER BY id LIMIT %(n)s FOR NO KEY UPDATE SKIP LOCKED"
+LEASE_FAILED = _COLS + "status = 'FAILED' AND next_retry_at <= %(now)s" + _LOCK
+LEASE_PENDING = (
+    _COLS + "status = 'PENDING' AND (next_retry_at IS NULL OR next_retry_at <= %(now)s)" + _LOCK
+)
+
+#: one array parameter: planned once, however many rows
+MARK_DISPATCHED = (
+    "UPDATE user_activity_dispatch_outbox SET status = 'DISPATCHED', dispatched_at = %(now)s,"
+    " next_retry_at = NULL, last_error = NULL, updated_at = %(now)s WHERE id = ANY(%(ids)s)"
+)
+
+
+def _lease_pg(conn: Connection, target: str, limit: int, now: datetime) -> list[DispatchRow]:
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    out: list[DispatchRow] = []
+    with raw.cursor(binary=True) as cur:
+        for sql in (LEASE_FAILED, LEASE_PENDING):
+            cur.execute(sql, {"t": target, "n": limit - len(out), "now": now})
+            out += [DispatchRow(*r) for r in cur.fetchall()]
+            if len(out) >= limit:
+                break
+    return out
 
 
 @dataclass(slots=True)
@@ -104,43 +131,17 @@ class DispatchOutbox:
             return Leased(
                 [DispatchRow(*r) for r in lease(self.db, T, where, limit, now, self.lease_for)]
             )
-        cols = (T.c.id, T.c.event_id, cast(T.c.payload, Text), T.c.retry_count, T.c.created_at)
-        # due FAILED rows first, then PENDING ones, each from its own index
-        # range (never a walk over DISPATCHED rows), in one round trip
-        branches = [
-            select(*cols)
-            .where(T.c.dispatch_target == target, cond)
-            .order_by(T.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True, key_share=True)
-            .subquery()
-            for cond in (
-                and_(T.c.status == "FAILED", T.c.next_retry_at <= now),
-                and_(
-                    T.c.status == "PENDING",
-                    or_(T.c.next_retry_at.is_(None), T.c.next_retry_at <= now),
-                ),
-            )
-        ]
-        stmt = union_all(*(select(b, literal(i).label("k")) for i, b in enumerate(branches)))
-        ordered = select(*stmt.subquery().c).order_by(text("k"), text("id")).limit(limit)
         conn = self.db.engine.connect()
         try:
             conn.begin()
-            rows: list[Any] = list(conn.execute(ordered).all())
+            rows = _lease_pg(conn, target, limit, now)
         except BaseException:
             conn.close()  # rolls back
             raise
         if not rows:
             conn.close()
             return Leased([])
-        return Leased(
-            [
-                DispatchRow(int(r[0]), str(r[1]), str(r[2]).encode(), int(r[3]), aware(r[4]))
-                for r in rows
-            ],
-            conn,
-        )
+        return Leased(rows, conn)
 
     def release(self, leased: Leased, now: datetime) -> None:
         """Give leased rows back unmarked (a send that could not finish):
@@ -226,22 +227,23 @@ class DispatchOutbox:
     ) -> None:
         if delivered:
             ids = [r.id for r in delivered]
-            conn.execute(
-                update(T)
-                .where(
-                    # one array parameter on PostgreSQL: planned once, ~40 % faster
-                    T.c.id == any_(bindparam("ids", ids, type_=ARRAY(BigInteger)))
-                    if conn.dialect.name == "postgresql"
-                    else T.c.id.in_(ids)
+            if conn.dialect.name == "postgresql":
+                raw = conn.connection.driver_connection
+                assert raw is not None
+                with raw.cursor(binary=True) as cur:
+                    cur.execute(MARK_DISPATCHED, {"ids": ids, "now": now})
+            else:
+                conn.execute(
+                    update(T)
+                    .where(T.c.id.in_(ids))
+                    .values(
+                        status="DISPATCHED",
+                        dispatched_at=now,
+                        next_retry_at=None,
+                        last_error=None,
+                        updated_at=now,
+                    )
                 )
-                .values(
-                    status="DISPATCHED",
-                    dispatched_at=now,
-                    next_retry_at=None,
-                    last_error=None,
-                    updated_at=now,
-                )
-            )
         if failed:
             conn.execute(
                 update(T)
