@@ -158,3 +158,70 @@ async def test_a_lease_stops_at_the_first_failed_request(db: Database) -> None:
     assert sum(1 for s, n, _ in st.values() if s == "FAILED" and n == 1) == 10
     assert sum(1 for s, n, _ in st.values() if s == "PENDING" and n == 0) == 70
     assert dest.requests == 3
+
+
+def _libpq(db: Database) -> str:
+    return db.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
+
+
+def _terminate(url: str, where: str) -> int:
+    """Terminate this database's other backends matching ``where``: a real
+    connection loss, as a restart or a network cut gives the dispatcher."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname ="
+            f" current_database() AND pid <> pg_backend_pid() AND {where}"
+        ).fetchall()
+    return len(rows)
+
+
+class KillsItsLease(Recorder):
+    """The first time it sends, terminates the lease's connection (idle in
+    its transaction while the batch is on the network): the mark that
+    follows meets a connection PostgreSQL has closed."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        self.killed = 0
+
+    async def send(self, events: Sequence[EventRecord]) -> list[Outcome]:
+        if not self.killed:
+            self.killed = await asyncio.to_thread(
+                _terminate, self.url, "state = 'idle in transaction'"
+            )
+        return await super().send(events)
+
+
+async def test_postgresql_connections_lost_at_lease_and_at_mark_are_retried(
+    db: Database,
+) -> None:
+    if db.dialect != "postgresql":
+        pytest.skip("a PostgreSQL connection's loss")
+    import psycopg
+
+    url = _libpq(db)
+    ids = store(db, 12)
+    dest = KillsItsLease(url)
+    failed: list[str] = []
+    with psycopg.connect(url) as holder:
+        # the lease waits behind this lock; its connection is then cut
+        holder.execute("LOCK TABLE user_activity_dispatch_outbox IN ACCESS EXCLUSIVE MODE")
+        d = await run(db, dest, failed)
+
+        def waiting() -> bool:
+            return _terminate(url, "wait_event_type = 'Lock'") > 0
+
+        await until(lambda: waiting())
+        holder.rollback()
+    await until(lambda: {s for s, _, _ in statuses(db).values()} == {"DISPATCHED"})
+    assert failed == []  # both losses were database failures, retried: no stage failed
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    assert dest.killed == 1
+    # the first lease was sent, its mark lost with the connection, the rows
+    # leased again and sent again (the destination deduplicates): none lost
+    assert sorted(set(dest.got)) == sorted(ids)
+    assert len(dest.got) == 2 * len(ids)

@@ -18,8 +18,9 @@ it. A configuration error (401 / 403) is retried, never parked.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from estat.retry import RetryPolicy
 from estat.store.db import Database
@@ -75,11 +77,30 @@ MARK_DISPATCHED = (
 )
 
 
-def _lease_pg(conn: Connection, target: str, limit: int, now: datetime) -> list[DispatchRow]:
+@contextlib.contextmanager
+def _driver_cursor(conn: Connection) -> Iterator[Any]:
+    """A binary cursor on the driver's connection. Its errors are raised as
+    SQLAlchemy's (what every caller handles as a database failure), and a
+    connection that broke is dropped from the pool."""
+    import psycopg  # PostgreSQL only
+
     raw = conn.connection.driver_connection
     assert raw is not None
+    try:
+        with raw.cursor(binary=True) as cur:
+            yield cur
+    except psycopg.Error as e:
+        broken = bool(raw.broken or raw.closed)
+        if broken:
+            conn.invalidate(e)
+        raise DBAPIError.instance(
+            None, None, e, psycopg.Error, connection_invalidated=broken
+        ) from e
+
+
+def _lease_pg(conn: Connection, target: str, limit: int, now: datetime) -> list[DispatchRow]:
     out: list[DispatchRow] = []
-    with raw.cursor(binary=True) as cur:
+    with _driver_cursor(conn) as cur:
         for sql in (LEASE_FAILED, LEASE_PENDING):
             cur.execute(sql, {"t": target, "n": limit - len(out), "now": now})
             out += [DispatchRow(*r) for r in cur.fetchall()]
@@ -228,9 +249,7 @@ class DispatchOutbox:
         if delivered:
             ids = [r.id for r in delivered]
             if conn.dialect.name == "postgresql":
-                raw = conn.connection.driver_connection
-                assert raw is not None
-                with raw.cursor(binary=True) as cur:
+                with _driver_cursor(conn) as cur:
                     cur.execute(MARK_DISPATCHED, {"ids": ids, "now": now})
             else:
                 conn.execute(
