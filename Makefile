@@ -44,7 +44,7 @@ run: install
 
 test: install-test
 	@bash scripts/test-deps.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	@$(MAKE) --no-print-directory test-pure
 
 # The inner loop: unit and contract tests on fakes and the in-process
