@@ -26,8 +26,10 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -259,14 +261,19 @@ async def main_async(pg: object) -> None:
         proc.wait(10)
 
 
-def main() -> int:
+def on_postgres(run: Callable[[Any], Coroutine[Any, Any, None]]) -> int:
+    """``run(server)`` on a throwaway PostgreSQL server."""
     pg = PostgresServer(free_port())
     pg.start()
     try:
-        asyncio.run(main_async(pg))
+        asyncio.run(run(pg))
     finally:
         pg.destroy()
     return 0
+
+
+def main() -> int:
+    return on_postgres(main_async)
 
 
 if __name__ == "__main__":

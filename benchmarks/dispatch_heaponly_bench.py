@@ -14,7 +14,6 @@ of ``make bench``.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import statistics
 import sys
@@ -35,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 bench = importlib.import_module("dispatch_bench")
-PostgresServer = importlib.import_module("tests.servers").PostgresServer
 
 HEAP_ONLY = (
     "ALTER TABLE user_activity_dispatch_outbox SET (fillfactor = 50)",
@@ -113,15 +111,5 @@ async def main_async(pg: Any) -> None:
         proc.wait(10)
 
 
-def main() -> int:
-    pg = PostgresServer(bench.free_port())
-    pg.start()
-    try:
-        asyncio.run(main_async(pg))
-    finally:
-        pg.destroy()
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bench.on_postgres(main_async))

@@ -164,14 +164,16 @@ def _libpq(db: Database) -> str:
     return db.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
 
 
-def _terminate(url: str, where: str) -> int:
-    """Terminate this database's other backends matching ``where``: a real
-    connection loss, as a restart or a network cut gives the dispatcher."""
+def _terminate(url: str, where: str, how: str = "pg_terminate_backend") -> int:
+    """Terminate this database's other backends matching ``where`` (a real
+    connection loss, as a restart or a network cut gives the dispatcher),
+    or with ``pg_cancel_backend`` cancel their statements (the connection
+    lives on, as after a statement or lock timeout)."""
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as c:
         rows = c.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname ="
+            f"SELECT {how}(pid) FROM pg_stat_activity WHERE datname ="
             f" current_database() AND pid <> pg_backend_pid() AND {where}"
         ).fetchall()
     return len(rows)
@@ -195,7 +197,7 @@ class KillsItsLease(Recorder):
         return await super().send(events)
 
 
-async def test_postgresql_connections_lost_at_lease_and_at_mark_are_retried(
+async def test_a_postgresql_lease_cancelled_and_a_connection_lost_at_mark_are_retried(
     db: Database,
 ) -> None:
     if db.dialect != "postgresql":
@@ -207,17 +209,17 @@ async def test_postgresql_connections_lost_at_lease_and_at_mark_are_retried(
     dest = KillsItsLease(url)
     failed: list[str] = []
     with psycopg.connect(url) as holder:
-        # the lease waits behind this lock; its connection is then cut
+        # the lease waits behind this lock; its statement is then cancelled
         holder.execute("LOCK TABLE user_activity_dispatch_outbox IN ACCESS EXCLUSIVE MODE")
         d = await run(db, dest, failed)
 
         def waiting() -> bool:
-            return _terminate(url, "wait_event_type = 'Lock'") > 0
+            return _terminate(url, "wait_event_type = 'Lock'", "pg_cancel_backend") > 0
 
         await until(lambda: waiting())
         holder.rollback()
     await until(lambda: {s for s, _, _ in statuses(db).values()} == {"DISPATCHED"})
-    assert failed == []  # both losses were database failures, retried: no stage failed
+    assert failed == []  # both were database failures, retried: no stage failed
     d.close()
     await d.join(Deadline.after(10, SystemClock()))
     assert dest.killed == 1
