@@ -58,13 +58,22 @@ class DispatchRow(NamedTuple):
 # the dispatcher's hottest path, and SQLAlchemy's statement and row
 # machinery cost more CPU per row than the database's own work for it
 # (``docs/benchmarks.md``). Due FAILED rows first, then PENDING ones, each
-# from its own index range (never a walk over DISPATCHED rows); the second
-# query asks only for what the first left, so no row is locked and not sent.
+# from its own index range; the second query asks only for what the first
+# left, so no row is locked and not sent.
+#
+# Only the partial (dispatch_target, status, id) index can give the order
+# asked for: the target as a one-element ``= ANY`` (which the planner does not
+# fold into an equality, so ``ORDER BY dispatch_target, id`` is an order the
+# primary key cannot give). With a plain ``ORDER BY id`` the planner may walk
+# the primary key from the first row, past every DISPATCHED one, whenever its
+# statistics were taken while most rows were PENDING (a backlog after an
+# outage): each lease then reads the whole sent history and the drain slows
+# to a crawl until the next ANALYZE (``tests/store/test_lease_plans.py``).
 _COLS = (
     "SELECT id, event_id, convert_to(payload::text, 'UTF8'), retry_count, created_at"
-    " FROM user_activity_dispatch_outbox WHERE dispatch_target = %(t)s AND "
+    " FROM user_activity_dispatch_outbox WHERE dispatch_target = ANY(ARRAY[%(t)s]) AND "
 )
-_LOCK = " ORDER BY id LIMIT %(n)s FOR NO KEY UPDATE SKIP LOCKED"
+_LOCK = " ORDER BY dispatch_target, id LIMIT %(n)s FOR NO KEY UPDATE SKIP LOCKED"
 LEASE_FAILED = _COLS + "status = 'FAILED' AND next_retry_at <= %(now)s" + _LOCK
 LEASE_PENDING = (
     _COLS + "status = 'PENDING' AND (next_retry_at IS NULL OR next_retry_at <= %(now)s)" + _LOCK

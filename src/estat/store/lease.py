@@ -3,14 +3,26 @@ dispatch outbox (the dispatcher): a row is due when PENDING (and not
 leased) or FAILED with its retry time passed; a lease moves
 ``next_retry_at`` a lease ahead in one ``UPDATE ... WHERE id IN (SELECT ...
 FOR UPDATE SKIP LOCKED)`` (PostgreSQL), so two workers never take one row
-and no transaction stays open while the rows are on the network."""
+and no transaction stays open while the rows are on the network.
+
+On PostgreSQL the due rows are leased in two index ranges of the partial
+``(status, next_retry_at, id)`` index: rows whose retry time (or lease)
+has passed, the earliest first, then new PENDING rows, the oldest first.
+Each asks for an order only that index gives (``status`` as an ``= ANY``,
+which the planner does not fold into an equality). With ``ORDER BY id`` the
+planner may walk the primary key from the first row, past every row already
+sent, whenever its statistics were taken while most rows were due (a
+backlog after an outage): each lease then reads the whole sent history and
+the drain slows to a crawl until the next ANALYZE
+(``tests/store/test_lease_plans.py``)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, Text, and_, cast, or_, select, update
+from sqlalchemy import Table, Text, and_, any_, cast, or_, select, update
+from sqlalchemy.dialects.postgresql import array
 
 from estat.store.db import Database
 
@@ -23,23 +35,56 @@ def due(t: Table, now: datetime) -> Any:
     )
 
 
+def due_ranges(t: Table, now: datetime) -> list[tuple[Any, tuple[Any, ...]]]:
+    """PostgreSQL: the due rows as (condition, order) index ranges, leased
+    in this order (see the module's doc)."""
+    c = t.c
+    order = (c.status, c.next_retry_at, c.id)
+    return [
+        (and_(c.status == any_(array(["FAILED", "PENDING"])), c.next_retry_at <= now), order),
+        (and_(c.status == any_(array(["PENDING"])), c.next_retry_at.is_(None)), order),
+    ]
+
+
+Leased = list[tuple[int, str, bytes, int, datetime]]
+
+
 def lease(
-    db: Database, t: Table, where: Any, limit: int, now: datetime, lease_for: timedelta
-) -> list[tuple[int, str, bytes, int, datetime]]:
+    db: Database,
+    t: Table,
+    where: Any,
+    limit: int,
+    now: datetime,
+    lease_for: timedelta,
+    ranges: list[tuple[Any, tuple[Any, ...]]] | None = None,
+) -> Leased:
     """(id, event_id, payload JSON, retry_count, created_at) of up to ``limit`` rows
-    matching ``where``, oldest first, leased until ``now + lease_for``."""
-    ids = select(t.c.id).where(where).order_by(t.c.id).limit(limit)
-    if db.skip_locked:
-        ids = ids.with_for_update(skip_locked=True)
-    stmt = (
-        update(t)
-        .where(t.c.id.in_(ids.scalar_subquery()))
-        .values(next_retry_at=now + lease_for, updated_at=now)
-        .returning(t.c.id, t.c.event_id, cast(t.c.payload, Text), t.c.retry_count, t.c.created_at)
-    )
+    matching ``where``, oldest first, leased until ``now + lease_for``. On
+    PostgreSQL, ``ranges`` (the same rows as ``where``, by index range) are
+    leased one after the other instead."""
+    parts = ranges if ranges is not None and db.skip_locked else [(where, (t.c.id,))]
+    out: Leased = []
     with db.engine.begin() as conn:
-        rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r[0]))
-    return [(int(r[0]), str(r[1]), str(r[2]).encode("utf-8"), int(r[3]), aware(r[4])) for r in rows]
+        for cond, order in parts:
+            ids = select(t.c.id).where(cond).order_by(*order).limit(limit - len(out))
+            if db.skip_locked:
+                ids = ids.with_for_update(skip_locked=True)
+            stmt = (
+                update(t)
+                .where(t.c.id.in_(ids.scalar_subquery()))
+                .values(next_retry_at=now + lease_for, updated_at=now)
+                .returning(
+                    t.c.id, t.c.event_id, cast(t.c.payload, Text), t.c.retry_count, t.c.created_at
+                )
+            )
+            rows = sorted(conn.execute(stmt).all(), key=lambda r: int(r[0]))
+            out += [
+                (int(r[0]), str(r[1]), str(r[2]).encode("utf-8"), int(r[3]), aware(r[4]))
+                for r in rows
+            ]
+            if len(out) >= limit:
+                break
+    return out
 
 
 def aware(t: datetime) -> datetime:

@@ -27,7 +27,7 @@ from sqlalchemy import Connection, and_, func, or_, select, update
 from estat.model import EventRecord
 from estat.retry import RetryPolicy
 from estat.store.db import Database
-from estat.store.lease import due, lease
+from estat.store.lease import due, due_ranges, lease
 from estat.store.rows import encode, outbox_row
 from estat.store.schema import ERROR_MAX, user_activity_source_outbox
 
@@ -158,8 +158,12 @@ class SourceOutbox:
     ) -> list[OutboxRow]:
         """Due rows, oldest first, leased (``next_retry_at`` a lease ahead);
         with ``replay``, the rows an operator's replay takes instead."""
-        where = _due(now) if replay is None else replay.where(now)
-        return [OutboxRow(*r[:4]) for r in lease(self.db, T, where, limit, now, self.lease_for)]
+        if replay is None:
+            where, ranges = _due(now), due_ranges(T, now)
+        else:
+            where, ranges = replay.where(now), None
+        rows = lease(self.db, T, where, limit, now, self.lease_for, ranges)
+        return [OutboxRow(*r[:4]) for r in rows]
 
     def mark_published(self, ids: Sequence[int], now: datetime) -> None:
         if not ids:

@@ -1,0 +1,119 @@
+"""On PostgreSQL a lease reads the rows it leases, not the history before
+them: after a backlog (statistics taken while most rows were due, then most
+of them sent) the planner, asked for ``ORDER BY id``, walks the primary key
+from the first row past every sent one; the leases ask for an order only the
+partial status indexes give. Measured as the buffers the lease's statements
+touch (EXPLAIN ANALYZE), against the thousands a walk touches."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+
+from estat.store.db import Database
+from estat.store.dispatch import LEASE_FAILED, LEASE_PENDING, DispatchOutbox
+from estat.store.outbox import SourceOutbox
+from tests.store.test_dispatch_outbox import stored
+from tests.store.test_store import rec
+
+SENT = 4000  # rows sent before the lease, after the statistics were taken
+DUE = 400
+LEASE = 100
+#: choosing 100 rows touches a few hundred buffers at most; a walk past
+#: 4,000 sent rows touches one or more per row
+MAX_BUFFERS = 1000
+
+
+@pytest.fixture
+def pg(pg_url: str) -> Iterator[Database]:
+    db = Database(pg_url)
+    db.upgrade()
+    yield db
+    db.close()
+
+
+def limit_node(plan: dict[str, Any]) -> dict[str, Any]:
+    if plan["Node Type"] == "Limit":
+        return plan
+    for child in plan.get("Plans", []):
+        with contextlib.suppress(LookupError):
+            return limit_node(child)
+    raise LookupError("no Limit node")
+
+
+def buffers(db: Database, sql: str, params: Any) -> int:
+    """Shared buffers the choosing of a statement's rows touches (its LIMIT
+    node: the rows found and locked, not the writing of the leased ones), in
+    a transaction rolled back."""
+    with db.engine.connect() as conn:
+        plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params)
+        doc = plan.scalar_one()
+        conn.rollback()
+    node = limit_node((json.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"])
+    return int(node["Shared Hit Blocks"]) + int(node["Shared Read Blocks"])
+
+
+def stale_statistics(db: Database, table: str, done: str, where: str) -> None:
+    """Statistics taken while every row was due, then most of them sent."""
+    with db.engine.connect() as conn:
+        conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+        conn.commit()
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"ANALYZE {table}"))
+        conn.execute(
+            text(
+                f"UPDATE {table} SET status = :done WHERE id IN "
+                f"(SELECT id FROM {table} WHERE {where} ORDER BY id LIMIT {SENT})"
+            ),
+            {"done": done},
+        )
+        conn.commit()
+
+
+def oldest(db: Database, table: str, status: str) -> list[int]:
+    """The ids of the oldest ``LEASE`` rows left in ``status``."""
+    with db.engine.connect() as conn:
+        q = f"SELECT id FROM {table} WHERE status = :s ORDER BY id LIMIT {LEASE}"
+        return [int(i) for i in conn.execute(text(q), {"s": status}).scalars()]
+
+
+def test_a_dispatch_lease_does_not_walk_the_sent_rows(pg: Database) -> None:
+    stored(pg, SENT + DUE, ["POSTHOG"])
+    stale_statistics(
+        pg, "user_activity_dispatch_outbox", "DISPATCHED", "dispatch_target = 'POSTHOG'"
+    )
+    now = datetime.now(UTC)
+    params = {"t": "POSTHOG", "n": LEASE, "now": now}
+    for sql in (LEASE_PENDING, LEASE_FAILED):
+        assert buffers(pg, sql, params) < MAX_BUFFERS
+    leased = DispatchOutbox(pg).lease("POSTHOG", LEASE, now)
+    assert leased.conn is not None
+    leased.conn.close()
+    assert [r.id for r in leased.rows] == oldest(pg, "user_activity_dispatch_outbox", "PENDING")
+
+
+def test_a_source_outbox_lease_does_not_walk_the_published_rows(pg: Database) -> None:
+    box = SourceOutbox(pg)
+    records = [rec() for _ in range(SENT + DUE)]
+    box.enqueue(records)
+    stale_statistics(pg, "user_activity_source_outbox", "PUBLISHED", "TRUE")
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
+        if sql.lstrip().upper().startswith("UPDATE"):
+            statements.append((sql, params))
+
+    event.listen(pg.engine, "before_cursor_execute", seen)
+    try:
+        rows = box.lease(LEASE, datetime.now(UTC))
+    finally:
+        event.remove(pg.engine, "before_cursor_execute", seen)
+    assert [r.id for r in rows] == oldest(pg, "user_activity_source_outbox", "PENDING")
+    assert statements
+    for sql, params in statements:  # the same statements again: the next rows
+        assert buffers(pg, sql, params) < MAX_BUFFERS
