@@ -1,0 +1,147 @@
+"""``make bench`` (backlog part): draining an outbox backlog on PostgreSQL
+when the planner's statistics were taken while most rows were due (an
+outage's backlog, analyzed, then sent), with the leases as they are beside
+a plain ``ORDER BY id`` lease of the same rows, same run.
+
+Each drain: ``BENCH_BACKLOG_ROWS`` due rows (100,000), ``ANALYZE``
+(autovacuum off for the table, so the statistics stay as they were), then
+lease 1,000 rows and mark them sent until none are left. Printed: rows per
+second and the time of one lease and its mark at 10 %, 50 % and 90 % of the
+drain (a lease that walks the sent rows grows with them). The dispatch outbox's side runs
+the dispatcher's statements on one connection (no HTTP); the source
+outbox's side runs ``SourceOutbox.lease`` / ``mark_published``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from estat.store.db import Database
+from estat.store.dispatch import LEASE_PENDING, MARK_DISPATCHED
+from estat.store.lease import due, lease
+from estat.store.outbox import SourceOutbox
+from estat.store.schema import user_activity_source_outbox
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+bench = importlib.import_module("dispatch_bench")
+
+N = int(os.environ.get("BENCH_BACKLOG_ROWS", "100000"))
+LEASE = 1000
+
+#: the plain lease: ``ORDER BY id`` (what the planner may serve by walking
+#: the primary key)
+PLAIN_PENDING = (
+    "SELECT id, event_id, convert_to(payload::text, 'UTF8'), retry_count, created_at"
+    " FROM user_activity_dispatch_outbox WHERE dispatch_target = %(t)s AND status = 'PENDING'"
+    " AND (next_retry_at IS NULL OR next_retry_at <= %(now)s)"
+    " ORDER BY id LIMIT %(n)s FOR NO KEY UPDATE SKIP LOCKED"
+)
+
+
+def stale(libpq: str, table: str) -> None:
+    with psycopg.connect(libpq, autocommit=True) as c:
+        c.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+        c.execute(f"ANALYZE {table}")
+
+
+def drain(step: Callable[[], int]) -> tuple[float, list[float]]:
+    """Rows per second, and the times (ms) of a lease and its mark at
+    10/50/90 % of the drain."""
+    times: list[float] = []
+    done = 0
+    t0 = time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        n = step()
+        times.append((time.perf_counter() - t) * 1e3)
+        if not n:
+            break
+        done += n
+    assert done == N, done
+    rate = N / (time.perf_counter() - t0)
+    k = len(times) - 1
+    return rate, [times[int(k * f)] for f in (0.1, 0.5, 0.9)]
+
+
+def dispatch_drain(pg: Any, lease_sql: str) -> tuple[float, list[float]]:
+    url = pg.create_database()
+    bench.fill(url, bench.events(N)).close()
+    libpq = url.replace("postgresql+psycopg://", "postgresql://")
+    stale(libpq, "user_activity_dispatch_outbox")
+    now = datetime.now(UTC)
+    with psycopg.connect(libpq) as conn:
+        conn.execute("SET plan_cache_mode = force_custom_plan")  # as on a fresh connection
+        conn.commit()
+
+        def step() -> int:
+            with conn.transaction():
+                rows = conn.execute(
+                    lease_sql, {"t": "POSTHOG", "n": LEASE, "now": now}, binary=True
+                ).fetchall()
+                if rows:
+                    conn.execute(MARK_DISPATCHED, {"ids": [r[0] for r in rows], "now": now})
+            return len(rows)
+
+        return drain(step)
+
+
+def source_drain(pg: Any, plain: bool) -> tuple[float, list[float]]:
+    url = pg.create_database()
+    db = Database(url)
+    db.upgrade()
+    box = SourceOutbox(db)
+    recs = bench.events(N)
+    for i in range(0, N, LEASE):
+        box.enqueue(recs[i : i + LEASE])
+    stale(url.replace("postgresql+psycopg://", "postgresql://"), "user_activity_source_outbox")
+    now = datetime.now(UTC)
+    table = user_activity_source_outbox
+
+    def step() -> int:
+        if plain:
+            got = [r[0] for r in lease(db, table, due(table, now), LEASE, now, box.lease_for)]
+        else:
+            got = [r.id for r in box.lease(LEASE, now)]
+        box.mark_published(got, now)
+        return len(got)
+
+    try:
+        return drain(step)
+    finally:
+        db.close()
+
+
+def show(name: str, ours: tuple[float, list[float]], plain: tuple[float, list[float]]) -> None:
+    for label, (rate, ms) in (("estat", ours), ("ORDER BY id", plain)):
+        print(
+            f"{name:>16} {label:>12} {rate:>10,.0f} rows/s   lease + mark ms at 10/50/90 %: "
+            + " / ".join(f"{m:.1f}" for m in ms)
+        )
+
+
+async def main_async(pg: Any) -> None:
+    print(f"draining a backlog of {N:,} rows analyzed while due, leases of {LEASE:,}")
+    show(
+        "dispatch outbox",
+        dispatch_drain(pg, LEASE_PENDING),
+        dispatch_drain(pg, PLAIN_PENDING),
+    )
+    show("source outbox", source_drain(pg, plain=False), source_drain(pg, plain=True))
+
+
+def main() -> int:
+    return int(bench.on_postgres(main_async))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
