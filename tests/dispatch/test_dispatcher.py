@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from estat.clock import SystemClock
 from estat.dispatch.dispatcher import Dispatcher
 from estat.dispatch.posthog import PostHog, event_uuid
+from estat.ops.ledger import Ledger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.retry import RetryPolicy
@@ -117,3 +120,34 @@ async def test_a_refused_event_is_parked_alone(db: Database, capture: CaptureSer
     assert st[ids[5]] == ("FAILED", 1, None)  # parked: an operator replays it
     assert all(st[i][0] == "DISPATCHED" for i in ids if i != ids[5])
     assert event_uuid(ids[5]) not in capture.uuids()
+
+
+async def test_deliveries_are_counted_in_the_ledger_hour_their_event_was_stored(
+    db: Database, capture: CaptureServer
+) -> None:
+    """Stored across local hour boundaries of a zone 5:45 ahead of UTC: each
+    delivery counted in its own hour, and the latency observed per event."""
+    ids = store(db, 12)
+    tz = ZoneInfo("Asia/Kathmandu")
+    base = datetime(2026, 12, 1, 8, 0, tzinfo=tz).timestamp()  # a local hour's start
+    offsets = [-3600.5, -1, -0.001, 0, 0.001, 899, 900, 1799, 3599.999, 3600, 5400, 7199]
+    with db.engine.begin() as conn:
+        for event_id, off in zip(ids, offsets, strict=True):
+            at = datetime.fromtimestamp(base + off, UTC)
+            conn.execute(update(T).where(T.c.event_id == event_id).values(created_at=at))
+    truth: dict[int, int] = {}
+    for off in offsets:
+        local = datetime.fromtimestamp(base + off, tz).replace(minute=0, second=0, microsecond=0)
+        truth[int(local.timestamp())] = truth.get(int(local.timestamp()), 0) + 1
+    assert sorted(truth.values()) == [1, 2, 3, 6]  # four local hours
+    m = Metrics()
+    d = await running(db, capture, metrics=m)  # type: ignore[arg-type]
+    d.ledger = Ledger("Asia/Kathmandu")
+    await until(lambda: len(capture.accepted) >= 12)
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    got = {h: n for (ds, h, stage), n in d.ledger.take().items() if stage == "dispatched:POSTHOG"}
+    assert got == truth
+    m.flush()
+    latency = m.dispatch_latency.labels("POSTHOG")
+    assert sum(s.value for s in latency.collect()[0].samples if s.name.endswith("_count")) == 12

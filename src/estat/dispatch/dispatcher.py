@@ -279,14 +279,21 @@ class Dispatcher:
         m = self._m
         if delivered:
             m.dispatch_execute.labels("success", target).inc(len(delivered))
+            h = self._latency[target]
+            at = now.timestamp()
+            # the ledger's hour of each row, found once per quarter of an hour
+            # (every zone's offset is a whole number of them): the rows of a
+            # lease were mostly stored within minutes of each other
+            quarters: dict[int, int] = {}
+            for row in delivered:
+                ts = row.created_at.timestamp()
+                h.observe(max(0.0, at - ts))
+                q = int(ts) // 900
+                quarters[q] = quarters.get(q, 0) + 1
             if self.ledger is not None:
                 stage, tz = f"dispatched:{target}", self.ledger.tz
-                for row in delivered:
-                    hour = hour_bounds(row.created_at.timestamp(), tz)[0]
-                    self.ledger.add("user-activity", hour, stage, 1)
-            h = self._latency[target]
-            for row in delivered:
-                h.observe(max(0.0, (now - row.created_at).total_seconds()))
+                for q, n in quarters.items():
+                    self.ledger.add("user-activity", hour_bounds(q * 900, tz)[0], stage, n)
         if fail:
             m.dispatch_execute.labels("fail", target).inc(fail)
         if marked.scheduled:
