@@ -149,5 +149,5 @@ async def test_deliveries_are_counted_in_the_ledger_hour_their_event_was_stored(
     got = {h: n for (ds, h, stage), n in d.ledger.take().items() if stage == "dispatched:POSTHOG"}
     assert got == truth
     m.flush()
-    latency = m.dispatch_latency.labels("POSTHOG")
-    assert sum(s.value for s in latency.collect()[0].samples if s.name.endswith("_count")) == 12
+    samples = [s for f in m.dispatch_latency.collect() for s in f.samples]
+    assert sum(s.value for s in samples if s.name.endswith("_count")) == 12
