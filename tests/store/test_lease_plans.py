@@ -1,8 +1,8 @@
 """On PostgreSQL a lease reads the rows it leases, not the history before
 them: after a backlog (statistics taken while most rows were due, then most
 of them sent) the planner, asked for ``ORDER BY id``, walks the primary key
-from the first row past every sent one; the leases ask for an order only the
-partial status indexes give. Measured as the buffers the lease's statements
+from the first row past every sent one; the leases (and an operator's
+replays) ask for an order only the partial status indexes give. Measured as the buffers the lease's statements
 touch (EXPLAIN ANALYZE), against the thousands a walk touches."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy import event, text
 
 from estat.store.db import Database
 from estat.store.dispatch import LEASE_FAILED, LEASE_PENDING, DispatchOutbox
-from estat.store.outbox import SourceOutbox
+from estat.store.outbox import SourceOutbox, requeue_failed
 from tests.store.test_dispatch_outbox import stored
 from tests.store.test_store import rec
 
@@ -97,23 +97,47 @@ def test_a_dispatch_lease_does_not_walk_the_sent_rows(pg: Database) -> None:
     assert [r.id for r in leased.rows] == oldest(pg, "user_activity_dispatch_outbox", "PENDING")
 
 
+@contextlib.contextmanager
+def updates(db: Database) -> Iterator[list[tuple[str, Any]]]:
+    """The UPDATE statements (and their parameters) run on ``db`` meanwhile."""
+    seen: list[tuple[str, Any]] = []
+
+    def before(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
+        if sql.lstrip().upper().startswith("UPDATE"):
+            seen.append((sql, params))
+
+    event.listen(db.engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(db.engine, "before_cursor_execute", before)
+
+
 def test_a_source_outbox_lease_does_not_walk_the_published_rows(pg: Database) -> None:
     box = SourceOutbox(pg)
-    records = [rec() for _ in range(SENT + DUE)]
-    box.enqueue(records)
+    box.enqueue([rec() for _ in range(SENT + DUE)])
     stale_statistics(pg, "user_activity_source_outbox", "PUBLISHED", "TRUE")
-    statements: list[tuple[str, Any]] = []
-
-    def seen(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
-        if sql.lstrip().upper().startswith("UPDATE"):
-            statements.append((sql, params))
-
-    event.listen(pg.engine, "before_cursor_execute", seen)
-    try:
+    with updates(pg) as statements:
         rows = box.lease(LEASE, datetime.now(UTC))
-    finally:
-        event.remove(pg.engine, "before_cursor_execute", seen)
     assert [r.id for r in rows] == oldest(pg, "user_activity_source_outbox", "PENDING")
     assert statements
     for sql, params in statements:  # the same statements again: the next rows
+        assert buffers(pg, sql, params) < MAX_BUFFERS
+
+
+def test_replays_do_not_walk_the_sent_rows(pg: Database) -> None:
+    """An operator's replay of FAILED rows after a backlog that failed."""
+    stored(pg, SENT + DUE, ["POSTHOG"])
+    SourceOutbox(pg).enqueue([rec() for _ in range(SENT + DUE)], status="FAILED")
+    with pg.engine.begin() as conn:
+        conn.execute(text("UPDATE user_activity_dispatch_outbox SET status = 'FAILED'"))
+    stale_statistics(pg, "user_activity_dispatch_outbox", "DISPATCHED", "TRUE")
+    stale_statistics(pg, "user_activity_source_outbox", "PUBLISHED", "TRUE")
+    now = datetime.now(UTC)
+    with updates(pg) as statements:
+        assert DispatchOutbox(pg).replay(LEASE, now, target="POSTHOG") == LEASE
+        assert DispatchOutbox(pg).replay(LEASE, now) == LEASE
+        assert requeue_failed(pg, LEASE, now) == LEASE
+    assert len(statements) == 3
+    for sql, params in statements:
         assert buffers(pg, sql, params) < MAX_BUFFERS

@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 
 from estat.retry import RetryPolicy
 from estat.store.db import Database
-from estat.store.lease import aware, due, lease
+from estat.store.lease import aware, due, lease, oldest_in
 from estat.store.schema import ERROR_MAX
 from estat.store.schema import user_activity_dispatch_outbox as T
 
@@ -301,14 +301,14 @@ class DispatchOutbox:
         with their attempts reset (the cause was fixed: each gets the whole
         retry policy again); ``dry_run`` counts them only. ``from``
         inclusive, ``to`` exclusive, on ``created_at``."""
-        cond = T.c.status == "FAILED"
+        cond, order = oldest_in(self.db, T, "FAILED")
         if target is not None:
             cond = and_(cond, T.c.dispatch_target == target)
         if created_from is not None:
             cond = and_(cond, T.c.created_at >= created_from)
         if created_to is not None:
             cond = and_(cond, T.c.created_at < created_to)
-        ids = select(T.c.id).where(cond).order_by(T.c.id).limit(limit)
+        ids = select(T.c.id).where(cond).order_by(*order).limit(limit)
         if dry_run:
             with self.db.engine.connect() as conn:
                 n = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()

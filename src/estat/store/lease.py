@@ -46,6 +46,14 @@ def due_ranges(t: Table, now: datetime) -> list[tuple[Any, tuple[Any, ...]]]:
     ]
 
 
+def oldest_in(db: Database, t: Table, status: str) -> tuple[Any, tuple[Any, ...]]:
+    """(condition, order): the rows in ``status``, oldest first, by an order
+    only a status index gives on PostgreSQL (see the module's doc)."""
+    if db.skip_locked:
+        return t.c.status == any_(array([status])), (t.c.status, t.c.id)
+    return t.c.status == status, (t.c.id,)
+
+
 Leased = list[tuple[int, str, bytes, int, datetime]]
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import Connection, and_, func, or_, select, update
 from estat.model import EventRecord
 from estat.retry import RetryPolicy
 from estat.store.db import Database
-from estat.store.lease import due, due_ranges, lease
+from estat.store.lease import due, due_ranges, lease, oldest_in
 from estat.store.rows import encode, outbox_row
 from estat.store.schema import ERROR_MAX, user_activity_source_outbox
 
@@ -245,9 +245,8 @@ def requeue_failed(db: Database, limit: int, now: datetime) -> int:
     """FAILED rows (parked or waiting for their backoff), oldest first: due
     now, for the relay to publish (``estat outbox replay``). Their
     ``retry_count`` is kept; a parked row gets one more attempt."""
-    ids = (
-        select(T.c.id).where(T.c.status == "FAILED").order_by(T.c.id).limit(limit).scalar_subquery()
-    )
+    cond, order = oldest_in(db, T, "FAILED")
+    ids = select(T.c.id).where(cond).order_by(*order).limit(limit).scalar_subquery()
     with db.engine.begin() as conn:
         return int(
             conn.execute(
