@@ -10,6 +10,11 @@ second and the time of one lease and its mark at 10 %, 50 % and 90 % of the
 drain (a lease that walks the sent rows grows with them). The dispatch outbox's side runs
 the dispatcher's statements on one connection (no HTTP); the source
 outbox's side runs ``SourceOutbox.lease`` / ``mark_published``.
+
+Then the housekeeper's 10-second backlog refresh (``backlog()``) on
+``BENCH_GAUGE_ROWS`` (1,000,000) rows per outbox of which 1,000 are still to
+be sent, beside the same counts taken over the whole tables (``GROUP BY``
+status with no condition), same run, medians of 5.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 import psycopg
 
+from estat.activity.housekeeper import backlog
 from estat.store.db import Database
 from estat.store.dispatch import LEASE_PENDING, MARK_DISPATCHED
 from estat.store.lease import due, lease
@@ -36,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 bench = importlib.import_module("dispatch_bench")
 
 N = int(os.environ.get("BENCH_BACKLOG_ROWS", "100000"))
+GAUGE_ROWS = int(os.environ.get("BENCH_GAUGE_ROWS", "1000000"))
 LEASE = 1000
 
 #: the plain lease: ``ORDER BY id`` (what the planner may serve by walking
@@ -129,6 +136,60 @@ def show(name: str, ours: tuple[float, list[float]], plain: tuple[float, list[fl
         )
 
 
+#: the backlog counts over the whole tables
+WHOLE_TABLES = (
+    "SELECT status, status = 'FAILED' AND next_retry_at IS NULL, count(*)"
+    " FROM user_activity_source_outbox GROUP BY 1, 2",
+    "SELECT status, status = 'FAILED' AND next_retry_at IS NULL, dispatch_target, count(*)"
+    " FROM user_activity_dispatch_outbox GROUP BY 1, 2, 3",
+    "SELECT dispatch_target, min(created_at) FROM user_activity_dispatch_outbox WHERE"
+    " (status = 'PENDING' AND (next_retry_at IS NULL OR next_retry_at <= now()))"
+    " OR (status = 'FAILED' AND next_retry_at <= now()) GROUP BY 1",
+)
+
+
+def gauges(pg: Any) -> tuple[float, float]:
+    """Milliseconds of one backlog refresh: estat's, and over the whole tables."""
+    url = pg.create_database()
+    db = Database(url)
+    db.upgrade()
+    libpq = url.replace("postgresql+psycopg://", "postgresql://")
+    done = GAUGE_ROWS - 1000
+    with psycopg.connect(libpq, autocommit=True) as c:
+        c.execute(
+            "INSERT INTO user_activity_source_outbox (event_id, event_name, event_version,"
+            " occurred_at, payload, status) SELECT md5(i::text), 'ui.page.viewed', 'v1', now(),"
+            " %s::jsonb, CASE WHEN i <= %s THEN 'PUBLISHED' ELSE 'PENDING' END"
+            " FROM generate_series(1, %s) i",
+            (bench.PROPS.decode(), done, GAUGE_ROWS),
+        )
+        c.execute(
+            "INSERT INTO user_activity_dispatch_outbox (event_id, dispatch_target, payload,"
+            " status) SELECT md5(i::text), 'POSTHOG', %s::jsonb, CASE WHEN i <= %s"
+            " THEN 'DISPATCHED' ELSE 'PENDING' END FROM generate_series(1, %s) i",
+            (bench.PROPS.decode(), done, GAUGE_ROWS),
+        )
+        c.execute("VACUUM ANALYZE")
+
+        def whole() -> None:
+            for sql in WHOLE_TABLES:
+                c.execute(sql).fetchall()
+
+        def timed(fn: Callable[[], Any]) -> float:
+            runs = []
+            for _ in range(5):
+                t = time.perf_counter()
+                fn()
+                runs.append((time.perf_counter() - t) * 1e3)
+            return sorted(runs)[2]
+
+        now = datetime.now(UTC)
+        ours = timed(lambda: backlog(db, now))
+        theirs = timed(whole)
+    db.close()
+    return ours, theirs
+
+
 async def main_async(pg: Any) -> None:
     print(f"draining a backlog of {N:,} rows analyzed while due, leases of {LEASE:,}")
     show(
@@ -137,6 +198,11 @@ async def main_async(pg: Any) -> None:
         dispatch_drain(pg, PLAIN_PENDING),
     )
     show("source outbox", source_drain(pg, plain=False), source_drain(pg, plain=True))
+    ours, whole = gauges(pg)
+    print(
+        f"backlog gauges, {GAUGE_ROWS:,} rows per outbox, 1,000 to send: estat {ours:.1f} ms,"
+        f" over the whole tables {whole:.1f} ms (median of 5)"
+    )
 
 
 def main() -> int:

@@ -30,6 +30,7 @@ async def test_backlog_gauges_count_rows_by_status_and_parked_apart(db: Database
     outbox.mark_failed(leased[1:], "boom", now)  # max_attempts 1: parked
     hk = Housekeeper(db, bus, None, retention=60, metrics=m, clock=FakeClock())
     await hk.refresh_backlog()
+    await hk.refresh_finished()
     assert value(m, "source_outbox_rows", status="PENDING") == 2
     assert value(m, "source_outbox_rows", status="PUBLISHED") == 1
     assert value(m, "source_outbox_rows", status="PARKED") == 2
@@ -94,6 +95,7 @@ async def test_dispatch_gauges_by_target_parked_apart_and_the_oldest_due_age(
         db, None, None, retention=60, metrics=m, clock=clock, targets=("POSTHOG", "WEBHOOK")
     )
     await hk.refresh_backlog()
+    await hk.refresh_finished()
     for target, want in (
         ("POSTHOG", {"PENDING": 3, "FAILED": 0, "PARKED": 2, "DISPATCHED": 1}),
         ("WEBHOOK", {"PENDING": 6, "FAILED": 0, "PARKED": 0, "DISPATCHED": 0}),

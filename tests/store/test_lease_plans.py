@@ -2,7 +2,9 @@
 them: after a backlog (statistics taken while most rows were due, then most
 of them sent) the planner, asked for ``ORDER BY id``, walks the primary key
 from the first row past every sent one; the leases (and an operator's
-replays) ask for an order only the partial status indexes give. Measured as the buffers the lease's statements
+replays) ask for an order only the partial status indexes give. The backlog
+gauges, refreshed every 10 s, count the rows still to be sent from those
+indexes too. Measured as the buffers the lease's statements
 touch (EXPLAIN ANALYZE), against the thousands a walk touches."""
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 
+from estat.activity.housekeeper import backlog, finished
 from estat.store.db import Database
 from estat.store.dispatch import LEASE_FAILED, LEASE_PENDING, DispatchOutbox
 from estat.store.outbox import SourceOutbox, requeue_failed
@@ -141,3 +144,45 @@ def test_replays_do_not_walk_the_sent_rows(pg: Database) -> None:
     assert len(statements) == 3
     for sql, params in statements:
         assert buffers(pg, sql, params) < MAX_BUFFERS
+
+
+def test_the_backlog_gauges_read_the_rows_still_to_be_sent_not_the_table(pg: Database) -> None:
+    """Every 10 s the housekeeper counts the rows still to be sent: from the
+    partial status indexes, however many finished rows retention keeps."""
+    payload = '{"event_id": "x"}'
+    with pg.engine.begin() as conn:
+        for table, extra, values, done in (
+            ("user_activity_source_outbox", "event_name, event_version, occurred_at, ",
+             "'ui.page.viewed', 'v1', now(), ", "PUBLISHED"),
+            ("user_activity_dispatch_outbox", "dispatch_target, ", "'POSTHOG', ", "DISPATCHED"),
+        ):  # fmt: skip
+            conn.execute(
+                text(
+                    f"INSERT INTO {table} (event_id, {extra}payload, status) SELECT md5(i::text),"
+                    f" {values}CAST(:p AS jsonb), CASE WHEN i <= 50000 THEN :done"
+                    " ELSE 'PENDING' END FROM generate_series(1, 50100) i"
+                ),
+                {"p": payload, "done": done},
+            )
+    with pg.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+    selects: list[tuple[str, Any]] = []
+
+    def before(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
+        selects.append((sql, params))
+
+    event.listen(pg.engine, "before_cursor_execute", before)
+    try:
+        src, dis, oldest = backlog(pg, datetime.now(UTC))
+    finally:
+        event.remove(pg.engine, "before_cursor_execute", before)
+    assert src == {"PENDING": 100, "FAILED": 0, "PARKED": 0}
+    assert dis == {("PENDING", "POSTHOG"): 100}
+    assert set(oldest) == {"POSTHOG"}
+    assert len(selects) == 3
+    for sql, params in selects:
+        with pg.engine.connect() as conn:
+            plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params)
+            top = plan.scalar_one()[0]["Plan"]
+        assert int(top["Shared Hit Blocks"]) + int(top["Shared Read Blocks"]) < 200, sql
+    assert finished(pg) == (50000, {"POSTHOG": 50000})

@@ -1,9 +1,15 @@
 """The housekeeper: writes buffered trace rows every second, refreshes the
-backlog gauges (source and dispatch outbox by status, bus pending and
-parked) every ``BACKLOG_EVERY`` seconds, and every ``PURGE_EVERY`` deletes
-in bounded batches the trace rows older than ``MQ_TRACE_RETENTION`` and the
-finished outbox rows and audit rows older than theirs (``store/retention.py``)
-unless an operator paused ``retention``."""
+backlog gauges (source and dispatch outbox rows still to be sent, by status;
+bus pending and parked) every ``BACKLOG_EVERY`` seconds, and every
+``PURGE_EVERY`` deletes in bounded batches the trace rows older than
+``MQ_TRACE_RETENTION`` and the finished outbox rows and audit rows older
+than theirs (``store/retention.py``) unless an operator paused
+``retention``, then counts the finished rows (PUBLISHED, DISPATCHED).
+
+The rows still to be sent are counted from the partial status indexes: the
+cost follows the backlog, not the table. Counting the finished rows reads
+the whole table (days of them, kept by the retention), so it is done at the
+purge's pace, not every ``BACKLOG_EVERY``."""
 
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ from estat.store.trace import TraceLog
 log = get_logger("estat.housekeeper")
 
 BACKLOG_EVERY = 10.0
-DISPATCH_STATUSES = ("PENDING", "FAILED", "PARKED", "DISPATCHED")
+OPEN = ("PENDING", "FAILED")
+DISPATCH_STATUSES = ("PENDING", "FAILED", "PARKED")
 RULES = retention_rules()
 PURGE_EVERY = 600.0
 
@@ -41,36 +48,59 @@ PURGE_EVERY = 600.0
 def backlog(
     db: Database, now: datetime
 ) -> tuple[dict[str, int], dict[tuple[str, str], int], dict[str, datetime]]:
-    """(source outbox rows by status, dispatch rows by (status, target),
-    the oldest due dispatch row's creation by target); FAILED rows with no
-    next retry count as PARKED."""
+    """The rows still to be sent: (source outbox rows by status, dispatch
+    rows by (status, target), the oldest due dispatch row's creation by
+    target); FAILED rows with no next retry count as PARKED. Read through
+    the partial status indexes (``status IN ('PENDING', 'FAILED')``)."""
     s = user_activity_source_outbox
     d = user_activity_dispatch_outbox
     parked_s = (s.c.status == "FAILED") & s.c.next_retry_at.is_(None)
     parked_d = (d.c.status == "FAILED") & d.c.next_retry_at.is_(None)
     with db.engine.connect() as conn:
-        src: dict[str, int] = {"PENDING": 0, "FAILED": 0, "PARKED": 0, "PUBLISHED": 0}
+        src: dict[str, int] = {"PENDING": 0, "FAILED": 0, "PARKED": 0}
         for status, parked, n in conn.execute(
-            select(s.c.status, parked_s, func.count()).group_by(s.c.status, parked_s)
+            select(s.c.status, parked_s, func.count())
+            .where(s.c.status.in_(OPEN))
+            .group_by(s.c.status, parked_s)
         ):
             src["PARKED" if parked else status] = n
         dis: dict[tuple[str, str], int] = {}
         for status, parked, target, n in conn.execute(
-            select(d.c.status, parked_d, d.c.dispatch_target, func.count()).group_by(
-                d.c.status, parked_d, d.c.dispatch_target
-            )
+            select(d.c.status, parked_d, d.c.dispatch_target, func.count())
+            .where(d.c.status.in_(OPEN))
+            .group_by(d.c.status, parked_d, d.c.dispatch_target)
         ):
             dis[("PARKED" if parked else status, target)] = n
         oldest = {
             str(t): aware(at)
             for t, at in conn.execute(
                 select(d.c.dispatch_target, func.min(d.c.created_at))
-                .where(due(d, now))
+                .where(d.c.status.in_(OPEN), due(d, now))
                 .group_by(d.c.dispatch_target)
             )
             if at is not None
         }
     return src, dis, oldest
+
+
+def finished(db: Database) -> tuple[int, dict[str, int]]:
+    """(PUBLISHED source outbox rows, DISPATCHED rows by target): a read of
+    the whole tables."""
+    s = user_activity_source_outbox
+    d = user_activity_dispatch_outbox
+    with db.engine.connect() as conn:
+        published = conn.execute(
+            select(func.count()).select_from(s).where(s.c.status == "PUBLISHED")
+        ).scalar_one()
+        dispatched = {
+            str(t): int(n)
+            for t, n in conn.execute(
+                select(d.c.dispatch_target, func.count())
+                .where(d.c.status == "DISPATCHED")
+                .group_by(d.c.dispatch_target)
+            )
+        }
+    return int(published), dispatched
 
 
 class Housekeeper:
@@ -131,6 +161,17 @@ class Housekeeper:
                 rows=t.buffered,
                 error=str(e)[:200],
             )
+
+    async def refresh_finished(self) -> None:
+        """The PUBLISHED / DISPATCHED gauges (a read of the whole tables)."""
+        try:
+            published, dispatched = await self.db.run(lambda: finished(self.db))
+        except TRANSIENT_DB as e:
+            log.warning("finished rows: database unavailable", error=str(e)[:200])
+            return
+        self._m.source_outbox_rows.labels("PUBLISHED").set(published)
+        for target in {*self.targets, *dispatched}:
+            self._m.dispatch_outbox_rows.labels("DISPATCHED", target).set(dispatched.get(target, 0))
 
     async def refresh_backlog(self) -> None:
         try:
@@ -223,6 +264,7 @@ class Housekeeper:
                 next_purge = now + PURGE_EVERY
                 await self.purge_traces()
                 await self.purge_done()
+                await self.refresh_finished()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)

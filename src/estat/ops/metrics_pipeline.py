@@ -109,15 +109,15 @@ class PipelineMetrics:
         )
         self.source_outbox_rows = gauge(
             "source_outbox_rows",
-            "Source outbox rows by status (PENDING, FAILED, PARKED, PUBLISHED); PARKED are "
-            "FAILED rows with no next retry.",
+            "Source outbox rows by status (PENDING, FAILED, PARKED every 10 s; PUBLISHED every "
+            "10 min); PARKED are FAILED rows with no next retry.",
             ("status",),
             mode="livemostrecent",
         )
         self.dispatch_outbox_rows = gauge(
             "dispatch_outbox_rows",
-            "Dispatch outbox rows by status (PENDING, FAILED, PARKED, DISPATCHED) and target; "
-            "PARKED are FAILED rows with no next retry.",
+            "Dispatch outbox rows by status (PENDING, FAILED, PARKED every 10 s; DISPATCHED "
+            "every 10 min) and target; PARKED are FAILED rows with no next retry.",
             ("status", "target"),
             mode="livemostrecent",
         )
