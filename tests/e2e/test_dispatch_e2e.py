@@ -186,6 +186,9 @@ def test_two_dispatcher_processes_never_send_an_event_twice(
     d2.wait_log("estat started")
     wait_for(lambda: len(capture.uuids()) >= 2000, timeout=120)
     ok = 'analytics_user_activity_dispatch_execute_total{result="success",target="POSTHOG"}'
+    # a lease's rows are counted once all its requests were answered (the
+    # capture server has them a hang earlier)
+    wait_for(lambda: sum(d.metrics().get(ok, 0) for d in (d1, d2)) >= 2000, timeout=30)
     sent = [d.metrics().get(ok, 0) for d in (d1, d2)]
     assert sum(sent) == 2000
     assert min(sent) > 0  # both took part
