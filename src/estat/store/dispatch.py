@@ -68,7 +68,7 @@ class DispatchRow(NamedTuple):
 # the primary key from the first row, past every DISPATCHED one, whenever its
 # statistics were taken while most rows were PENDING (a backlog after an
 # outage): each lease then reads the whole sent history and the drain slows
-# to a crawl until the next ANALYZE (``tests/store/test_lease_plans.py``).
+# to a crawl until the next ANALYZE (``tests/store/test_scale_reads.py``).
 _COLS = (
     "SELECT id, event_id, convert_to(payload::text, 'UTF8'), retry_count, created_at"
     " FROM user_activity_dispatch_outbox WHERE dispatch_target = ANY(ARRAY[%(t)s]) AND "

@@ -14,7 +14,7 @@ planner may walk the primary key from the first row, past every row already
 sent, whenever its statistics were taken while most rows were due (a
 backlog after an outage): each lease then reads the whole sent history and
 the drain slows to a crawl until the next ANALYZE
-(``tests/store/test_lease_plans.py``)."""
+(``tests/store/test_scale_reads.py``)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 
 from estat.store.db import Database
+from estat.store.retention import created_before
 from estat.store.schema import ERROR_MAX, message_queue_trace_log
 
 T = message_queue_trace_log
@@ -84,8 +85,16 @@ class TraceLog:
 
     def purge(self, before: datetime, batch: int = 5000) -> int:
         """Delete one batch of rows older than ``before``; the number deleted."""
-        ids = select(T.c.id).where(T.c.created_at < before).order_by(T.c.id).limit(batch)
         with self.db.engine.begin() as conn:
+            last = created_before(conn, T, before)  # the rest is newer: not read
+            if last is None:
+                return 0
+            ids = (
+                select(T.c.id)
+                .where(T.c.created_at < before, T.c.id <= last)
+                .order_by(T.c.id)
+                .limit(batch)
+            )
             return conn.execute(delete(T).where(T.c.id.in_(ids.scalar_subquery()))).rowcount
 
 

@@ -1,18 +1,24 @@
-"""On PostgreSQL a lease reads the rows it leases, not the history before
-them: after a backlog (statistics taken while most rows were due, then most
-of them sent) the planner, asked for ``ORDER BY id``, walks the primary key
-from the first row past every sent one; the leases (and an operator's
-replays) ask for an order only the partial status indexes give. The backlog
-gauges, refreshed every 10 s, count the rows still to be sent from those
-indexes too. Measured as the buffers the lease's statements
-touch (EXPLAIN ANALYZE), against the thousands a walk touches."""
+"""On PostgreSQL the periodic and hot reads of the outboxes read the rows
+they are about, not the history retention keeps:
+
+- a lease: after a backlog (statistics taken while most rows were due, then
+  most of them sent) the planner, asked for ``ORDER BY id``, walks the
+  primary key from the first row past every sent one; the leases (and an
+  operator's replays) ask for an order only the partial status indexes give;
+- the backlog gauges (every 10 s) count the rows still to be sent from those
+  indexes;
+- a retention purge's last batch looks only at the rows created before its
+  cut.
+
+Measured as the buffers a statement's choice of rows touches (EXPLAIN
+ANALYZE), against the thousands a walk of the table touches."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -22,6 +28,7 @@ from estat.activity.housekeeper import backlog, finished
 from estat.store.db import Database
 from estat.store.dispatch import LEASE_FAILED, LEASE_PENDING, DispatchOutbox
 from estat.store.outbox import SourceOutbox, requeue_failed
+from estat.store.retention import purge, rules
 from tests.store.test_dispatch_outbox import stored
 from tests.store.test_store import rec
 
@@ -186,3 +193,43 @@ def test_the_backlog_gauges_read_the_rows_still_to_be_sent_not_the_table(pg: Dat
             top = plan.scalar_one()[0]["Plan"]
         assert int(top["Shared Hit Blocks"]) + int(top["Shared Read Blocks"]) < 200, sql
     assert finished(pg) == (50000, {"POSTHOG": 50000})
+
+
+def test_the_last_batch_of_a_purge_does_not_read_the_rows_kept(pg: Database) -> None:
+    """Retention deletes in batches until one finds fewer than a batch; that
+    last one looks only at the rows created before the cut, not at the days
+    of newer rows the retention keeps."""
+    now = datetime.now(UTC)
+    with pg.engine.begin() as conn:  # row i created (and sent) (50,100 - i) x 10 s ago
+        conn.execute(
+            text(
+                "INSERT INTO user_activity_dispatch_outbox (event_id, dispatch_target, payload,"
+                " status, created_at, dispatched_at) SELECT md5(i::text), 'POSTHOG',"
+                " CAST('{}' AS jsonb), 'DISPATCHED', :t - (50100 - i) * interval '10 seconds',"
+                " :t - (50100 - i) * interval '10 seconds' FROM generate_series(1, 50100) i"
+            ),
+            {"t": now},
+        )
+    with pg.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+    cut = now - timedelta(seconds=(50100 - 200) * 10 - 5)  # rows 1..200 are older
+    deletes: list[tuple[str, Any]] = []
+
+    def seen(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
+        if sql.lstrip().upper().startswith("DELETE"):
+            deletes.append((sql, params))
+
+    event.listen(pg.engine, "before_cursor_execute", seen)
+    try:
+        assert purge(pg, rules()["dispatch_outbox"], cut) == 200  # fewer than a batch: the last
+    finally:
+        event.remove(pg.engine, "before_cursor_execute", seen)
+    with pg.engine.connect() as conn:
+        left = conn.execute(
+            text("SELECT count(*), min(created_at) FROM user_activity_dispatch_outbox")
+        ).one()
+    assert left[0] == 50100 - 200
+    assert left[1] >= cut
+    assert len(deletes) == 1
+    sql, params = deletes[0]
+    assert buffers(pg, sql, params) < 200  # the same statement again, finding nothing
