@@ -15,8 +15,6 @@ import os
 import sys
 from typing import Any
 
-import httpx
-
 from estat.admin.auth import new_token
 from estat.settings.admin import SCOPES
 
@@ -161,6 +159,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
     else:
         path = "/api/v1/admin/audit"
         params = {"limit": args.limit}
+    import httpx  # here, not at import: every command builds this parser
+
     try:
         resp = httpx.request(method, url + path, params=params, headers=headers, timeout=30)
     except httpx.HTTPError as e:
