@@ -91,6 +91,7 @@ def test_every_estat_command_of_the_runbook_runs(
         "ESTAT_ADMIN_TOKEN": TOKEN,
         "PATH": f"{Path(pg_bin('pg_dump')).parent}:{os.environ['PATH']}",
     }
+
     def attempt(cmd: str) -> str | None:
         argv = concrete(cmd, p.admin_url, ids[0], dump)
         run = subprocess.run(
