@@ -23,11 +23,11 @@ install-test: install $(TEST_STAMP)
 $(STAMP): pyproject.toml uv.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check "uv>=0.5,<1"
-	@$(UV) sync --frozen --extra native --inexact -q
+	@$(UV) sync --frozen --extra native --inexact -q --compile-bytecode
 	@touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	@$(UV) sync --frozen --extra test --extra native --inexact -q
+	@$(UV) sync --frozen --extra test --extra native --inexact -q --compile-bytecode
 	@touch $(TEST_STAMP)
 
 native: $(NATIVE_STAMP)

@@ -22,8 +22,6 @@ from estat.activity.publisher import Publisher
 from estat.activity.relay import Relay
 from estat.bus.base import Bus, BusError
 from estat.bus.memory import MemoryBus
-from estat.bus.nats import NatsBus
-from estat.bus.redis_stream import RedisStreamBus
 from estat.clock import Clock
 from estat.dispatch.destination import Destination
 from estat.dispatch.dispatcher import Dispatcher
@@ -107,7 +105,10 @@ def build_bus(s: Settings) -> Bus | None:
         return None
     if s.mq_provider == "memory":
         return MemoryBus(capacity=s.mq_memory_capacity, retry_delay=min(s.mq_claim_idle, 5.0))
+    # the client libraries are imported only for the bus in use
     if s.mq_provider == "redis-stream":
+        from estat.bus.redis_stream import RedisStreamBus
+
         assert s.mq_redis_url is not None
         return RedisStreamBus(
             s.mq_redis_url.get_secret_value(),
@@ -116,6 +117,8 @@ def build_bus(s: Settings) -> Bus | None:
             claim_idle=s.mq_claim_idle,
             entry=s.mq_redis_entry,
         )
+    from estat.bus.nats import NatsBus
+
     assert s.mq_nats_url is not None
     return NatsBus(
         s.mq_nats_url.get_secret_value(),

@@ -17,17 +17,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 T = TypeVar("T")
 
@@ -38,6 +37,16 @@ MIGRATION_LOCK = 0x657374617401  # "estat" 1
 TRANSIENT_DB = (SQLAlchemyError, OSError)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def _newest_revision() -> str:
+    """The newest migration's revision, from the file names: revisions are
+    numbered in order (``0005_ledger.py`` is ``0005``)."""
+    return max(p.name.split("_", 1)[0] for p in (MIGRATIONS / "versions").glob("[0-9]*_*.py"))
+
+
+HEAD = _newest_revision()
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -123,17 +132,23 @@ class Database:
 
     # -- migrations ------------------------------------------------------------
     def _config(self) -> Config:
+        from alembic.config import Config
+
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
         return cfg
 
     def head(self) -> str:
+        from alembic.script import ScriptDirectory
+
         head = ScriptDirectory.from_config(self._config()).get_current_head()
         assert head is not None
         return head
 
     def current(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
         with self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
@@ -143,6 +158,8 @@ class Database:
         current = self.current()
         if current is None:
             return
+        from alembic.script import ScriptDirectory
+
         known = {s.revision for s in ScriptDirectory.from_config(self._config()).walk_revisions()}
         if current not in known:
             raise SchemaTooNew(
@@ -151,9 +168,23 @@ class Database:
             )
 
     def upgrade(self, revision: str = "head") -> None:
+        if revision == "head" and self._at_head():
+            return  # every start but the first: no migration tooling loaded
         _when_unlocked(lambda: self._upgrade(revision))
 
+    def _at_head(self) -> bool:
+        """The schema is at this estat's newest revision (read with plain
+        SQL; alembic and its template engine take ~0.5 s to import)."""
+        try:
+            with self.engine.connect() as conn:
+                got = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        except DBAPIError:
+            return False  # no table yet: a new database
+        return got == [HEAD]
+
     def _upgrade(self, revision: str) -> None:
+        from alembic import command
+
         self.check_schema()
         cfg = self._config()
         with self.engine.begin() as conn:
@@ -165,6 +196,8 @@ class Database:
             command.upgrade(cfg, revision)
 
     def downgrade(self, revision: str) -> None:
+        from alembic import command
+
         cfg = self._config()
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
@@ -172,6 +205,8 @@ class Database:
 
     def upgrade_sql(self, revision: str = "head") -> str:
         """The SQL ``upgrade`` would run from an empty database (``--sql``)."""
+        from alembic import command
+
         cfg = self._config()
         out = io.StringIO()
         cfg.output_buffer = out
