@@ -108,12 +108,13 @@ def test_a_dispatch_lease_does_not_walk_the_sent_rows(pg: Database) -> None:
 
 
 @contextlib.contextmanager
-def updates(db: Database) -> Iterator[list[tuple[str, Any]]]:
-    """The UPDATE statements (and their parameters) run on ``db`` meanwhile."""
+def statements(db: Database, verb: str = "") -> Iterator[list[tuple[str, Any]]]:
+    """The statements starting with ``verb`` (and their parameters) run on
+    ``db`` meanwhile."""
     seen: list[tuple[str, Any]] = []
 
     def before(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
-        if sql.lstrip().upper().startswith("UPDATE"):
+        if sql.lstrip().upper().startswith(verb):
             seen.append((sql, params))
 
     event.listen(db.engine, "before_cursor_execute", before)
@@ -127,11 +128,11 @@ def test_a_source_outbox_lease_does_not_walk_the_published_rows(pg: Database) ->
     box = SourceOutbox(pg)
     box.enqueue([rec() for _ in range(SENT + DUE)])
     stale_statistics(pg, "user_activity_source_outbox", "PUBLISHED", "TRUE")
-    with updates(pg) as statements:
+    with statements(pg, "UPDATE") as seen:
         rows = box.lease(LEASE, datetime.now(UTC))
     assert [r.id for r in rows] == oldest(pg, "user_activity_source_outbox", "PENDING")
-    assert statements
-    for sql, params in statements:  # the same statements again: the next rows
+    assert seen
+    for sql, params in seen:  # the same statements again: the next rows
         assert buffers(pg, sql, params) < MAX_BUFFERS
 
 
@@ -144,12 +145,12 @@ def test_replays_do_not_walk_the_sent_rows(pg: Database) -> None:
     stale_statistics(pg, "user_activity_dispatch_outbox", "DISPATCHED", "TRUE")
     stale_statistics(pg, "user_activity_source_outbox", "PUBLISHED", "TRUE")
     now = datetime.now(UTC)
-    with updates(pg) as statements:
+    with statements(pg, "UPDATE") as seen:
         assert DispatchOutbox(pg).replay(LEASE, now, target="POSTHOG") == LEASE
         assert DispatchOutbox(pg).replay(LEASE, now) == LEASE
         assert requeue_failed(pg, LEASE, now) == LEASE
-    assert len(statements) == 3
-    for sql, params in statements:
+    assert len(seen) == 3
+    for sql, params in seen:
         assert buffers(pg, sql, params) < MAX_BUFFERS
 
 
@@ -173,16 +174,8 @@ def test_the_backlog_gauges_read_the_rows_still_to_be_sent_not_the_table(pg: Dat
             )
     with pg.engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
-    selects: list[tuple[str, Any]] = []
-
-    def before(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
-        selects.append((sql, params))
-
-    event.listen(pg.engine, "before_cursor_execute", before)
-    try:
+    with statements(pg) as selects:
         src, dis, oldest = backlog(pg, datetime.now(UTC))
-    finally:
-        event.remove(pg.engine, "before_cursor_execute", before)
     assert src == {"PENDING": 100, "FAILED": 0, "PARKED": 0}
     assert dis == {("PENDING", "POSTHOG"): 100}
     assert set(oldest) == {"POSTHOG"}
@@ -213,17 +206,8 @@ def test_the_last_batch_of_a_purge_does_not_read_the_rows_kept(pg: Database) -> 
     with pg.engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
     cut = now - timedelta(seconds=(50100 - 200) * 10 - 5)  # rows 1..200 are older
-    deletes: list[tuple[str, Any]] = []
-
-    def seen(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, _many: bool) -> None:
-        if sql.lstrip().upper().startswith("DELETE"):
-            deletes.append((sql, params))
-
-    event.listen(pg.engine, "before_cursor_execute", seen)
-    try:
+    with statements(pg, "DELETE") as deletes:
         assert purge(pg, rules()["dispatch_outbox"], cut) == 200  # fewer than a batch: the last
-    finally:
-        event.remove(pg.engine, "before_cursor_execute", seen)
     with pg.engine.connect() as conn:
         left = conn.execute(
             text("SELECT count(*), min(created_at) FROM user_activity_dispatch_outbox")
