@@ -15,6 +15,11 @@ Then the housekeeper's 10-second backlog refresh (``backlog()``) on
 ``BENCH_GAUGE_ROWS`` (1,000,000) rows per outbox of which 1,000 are still to
 be sent, beside the same counts taken over the whole tables (``GROUP BY``
 status with no condition), same run, medians of 5.
+
+Last, a retention purge that finds nothing more to delete (what ends every
+purge, every 10 min) on a dispatch outbox of ``BENCH_GAUGE_ROWS`` rows
+created over 8 days, 7-day retention, once the older rows are gone:
+``purge()`` beside the same ``DELETE`` without its bound, medians of 5.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ from estat.store.db import Database
 from estat.store.dispatch import LEASE_PENDING, MARK_DISPATCHED
 from estat.store.lease import due, lease
 from estat.store.outbox import SourceOutbox
+from estat.store.retention import purge, rules
 from estat.store.schema import user_activity_source_outbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,17 +181,51 @@ def gauges(pg: Any) -> tuple[float, float]:
             for sql in WHOLE_TABLES:
                 c.execute(sql).fetchall()
 
-        def timed(fn: Callable[[], Any]) -> float:
-            runs = []
-            for _ in range(5):
-                t = time.perf_counter()
-                fn()
-                runs.append((time.perf_counter() - t) * 1e3)
-            return sorted(runs)[2]
-
         now = datetime.now(UTC)
-        ours = timed(lambda: backlog(db, now))
-        theirs = timed(whole)
+        ours = median_ms(lambda: backlog(db, now))
+        theirs = median_ms(whole)
+    db.close()
+    return ours, theirs
+
+
+#: the purge's statement without its bound (every row up to the newest read)
+UNBOUNDED_PURGE = (
+    "DELETE FROM user_activity_dispatch_outbox WHERE id IN (SELECT id FROM"
+    " user_activity_dispatch_outbox WHERE status = 'DISPATCHED' AND dispatched_at < %s"
+    " GROUP BY id ORDER BY id LIMIT 5000)"
+)
+
+
+def median_ms(fn: Callable[[], Any]) -> float:
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - t) * 1e3)
+    return sorted(runs)[2]
+
+
+def purges(pg: Any) -> tuple[float, float]:
+    """Milliseconds of a purge that finds nothing: estat's, and unbounded."""
+    url = pg.create_database()
+    db = Database(url)
+    db.upgrade()
+    libpq = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(libpq, autocommit=True) as c:
+        c.execute(
+            "INSERT INTO user_activity_dispatch_outbox (event_id, dispatch_target, payload,"
+            " status, created_at, dispatched_at) SELECT md5(i::text), 'POSTHOG', '{}'::jsonb,"
+            " 'DISPATCHED', now() - (%s - i) * interval '8 days' / %s,"
+            " now() - (%s - i) * interval '8 days' / %s FROM generate_series(1, %s) i",
+            (GAUGE_ROWS, GAUGE_ROWS, GAUGE_ROWS, GAUGE_ROWS, GAUGE_ROWS),
+        )
+        before = datetime.now(UTC) - timedelta(days=7)
+        rule = rules()["dispatch_outbox"]
+        while purge(db, rule, before) == 5000:
+            pass
+        c.execute("VACUUM ANALYZE")
+        ours = median_ms(lambda: purge(db, rule, before))
+        theirs = median_ms(lambda: c.execute(UNBOUNDED_PURGE, (before,)))
     db.close()
     return ours, theirs
 
@@ -202,6 +242,11 @@ async def main_async(pg: Any) -> None:
     print(
         f"backlog gauges, {GAUGE_ROWS:,} rows per outbox, 1,000 to send: estat {ours:.1f} ms,"
         f" over the whole tables {whole:.1f} ms (median of 5)"
+    )
+    ours, whole = purges(pg)
+    print(
+        f"a purge finding nothing, {GAUGE_ROWS:,} rows over 8 days, 7 kept: estat {ours:.1f} ms,"
+        f" unbounded {whole:.1f} ms (median of 5)"
     )
 
 
