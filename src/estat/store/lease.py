@@ -21,8 +21,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, Text, and_, any_, cast, or_, select, update
-from sqlalchemy.dialects.postgresql import array
+from sqlalchemy import Table, Text, and_, any_, cast, literal_column, or_, select, update
 
 from estat.store.db import Database
 
@@ -35,14 +34,22 @@ def due(t: Table, now: datetime) -> Any:
     )
 
 
+def _one_of(*statuses: str) -> Any:
+    """``= ANY (ARRAY['A', ...])`` with the statuses written in the statement:
+    as bound parameters, a generic plan could not prove the partial index's
+    predicate."""
+    assert all(s.isalpha() and s.isupper() for s in statuses)
+    return any_(literal_column("ARRAY[" + ", ".join(f"'{s}'" for s in statuses) + "]"))
+
+
 def due_ranges(t: Table, now: datetime) -> list[tuple[Any, tuple[Any, ...]]]:
     """PostgreSQL: the due rows as (condition, order) index ranges, leased
     in this order (see the module's doc)."""
     c = t.c
     order = (c.status, c.next_retry_at, c.id)
     return [
-        (and_(c.status == any_(array(["FAILED", "PENDING"])), c.next_retry_at <= now), order),
-        (and_(c.status == any_(array(["PENDING"])), c.next_retry_at.is_(None)), order),
+        (and_(c.status == _one_of("FAILED", "PENDING"), c.next_retry_at <= now), order),
+        (and_(c.status == _one_of("PENDING"), c.next_retry_at.is_(None)), order),
     ]
 
 
@@ -50,7 +57,7 @@ def oldest_in(db: Database, t: Table, status: str) -> tuple[Any, tuple[Any, ...]
     """(condition, order): the rows in ``status``, oldest first, by an order
     only a status index gives on PostgreSQL (see the module's doc)."""
     if db.skip_locked:
-        return t.c.status == any_(array([status])), (t.c.status, t.c.id)
+        return t.c.status == _one_of(status), (t.c.status, t.c.id)
     return t.c.status == status, (t.c.id,)
 
 
