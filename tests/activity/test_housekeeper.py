@@ -13,7 +13,7 @@ from estat.clock import FakeClock
 from estat.ops.metrics import Metrics
 from estat.store.db import Database
 from estat.store.outbox import SourceOutbox
-from estat.store.schema import message_queue_trace_log
+from estat.store.schema import message_queue_trace_log, user_activity_dispatch_outbox
 from estat.store.trace import TraceLog
 from tests.activity.test_flow import rec, value
 
@@ -184,3 +184,51 @@ async def test_retention_deletes_finished_rows_only_in_bounded_batches(db: Datab
     assert left_s == ["FAILED", "PUBLISHED"]  # work to do, and the recent one
     assert left_d == ["DISPATCHED", "FAILED", "PENDING"]
     assert audit == 3  # AUDIT_RETENTION 0: kept forever
+
+
+async def test_a_database_that_stops_leaves_the_gauges_as_they_were_and_says_so() -> None:
+    """PostgreSQL stopped for real between two refreshes: the backlog and the
+    finished-row gauges keep their last values, nothing raises, /ready's
+    verdict says unavailable; back, the next refresh counts again."""
+    from estat.store.events import EventStore
+    from estat.store.rows import encode, event_row
+    from tests.conftest import free_port
+    from tests.servers import PostgresServer
+
+    pg = PostgresServer(free_port())
+    pg.start()
+    try:
+        db = Database(pg.create_database())
+        db.upgrade()
+        records = [rec() for _ in range(4)]
+        EventStore(db, ["POSTHOG"]).store(
+            [event_row(r) for r in records], [encode(r).decode() for r in records]
+        )
+        m = Metrics()
+        hk = Housekeeper(db, None, None, retention=60, metrics=m, clock=FakeClock(),
+                         targets=("POSTHOG",))  # fmt: skip
+        await hk.refresh_backlog()
+        await hk.refresh_finished()
+        assert hk.database_status == "ok"
+        assert value(m, "dispatch_outbox_rows", status="PENDING", target="POSTHOG") == 4
+        pg.stop()
+        await hk.refresh_backlog()
+        await hk.refresh_finished()
+        assert hk.database_status.startswith("unavailable: ")
+        assert value(m, "dispatch_outbox_rows", status="PENDING", target="POSTHOG") == 4
+        assert value(m, "dispatch_outbox_rows", status="DISPATCHED", target="POSTHOG") == 0
+        pg.start()
+        with db.engine.begin() as conn:
+            conn.execute(
+                user_activity_dispatch_outbox.update()
+                .where(user_activity_dispatch_outbox.c.event_id == records[0].event_id)
+                .values(status="DISPATCHED")
+            )
+        await hk.refresh_backlog()
+        await hk.refresh_finished()
+        assert hk.database_status == "ok"
+        assert value(m, "dispatch_outbox_rows", status="PENDING", target="POSTHOG") == 3
+        assert value(m, "dispatch_outbox_rows", status="DISPATCHED", target="POSTHOG") == 1
+        db.close()
+    finally:
+        pg.destroy()

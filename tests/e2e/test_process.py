@@ -76,6 +76,38 @@ def test_sigterm_during_start_up_exits_0_promptly(estat_factory: Any) -> None:
     assert '"level":"error"' not in log, log
 
 
+def _blocked(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in (signal.SIGTERM, signal.SIGINT) if mask >> (n - 1) & 1}
+    return set()
+
+
+def test_stop_signals_are_held_before_the_settings_are_even_imported(
+    estat_factory: Any,
+) -> None:
+    """The moment estat serve holds SIGTERM/SIGINT it has not loaded pydantic
+    (its settings) yet: caught by stopping the process as soon as the signals
+    are held and reading what it has mapped. A SIGTERM sent then, while
+    the process is frozen, ends it cleanly once it goes on."""
+    p: EstatProcess = estat_factory({})
+    p.start(wait=False)
+    assert p.proc is not None
+    pid = p.proc.pid
+    deadline = time.monotonic() + 30
+    while _blocked(pid) != {signal.SIGTERM, signal.SIGINT}:
+        assert p.proc.poll() is None and time.monotonic() < deadline
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert "pydantic_core" not in Path(f"/proc/{pid}/maps").read_text()
+        os.kill(pid, signal.SIGTERM)  # held: pending until the handlers are in
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert p.proc.wait(60) == 0
+    assert '"level":"error"' not in p.log.read_text()
+
+
 def test_version_workers_bound_and_help(tmp_path: Path) -> None:
     out = estat("--version")
     assert out.returncode == 0
