@@ -97,7 +97,8 @@ def test_stop_signals_are_held_before_the_settings_are_even_imported(
     pid = p.proc.pid
     deadline = time.monotonic() + 30
     while _blocked(pid) != {signal.SIGTERM, signal.SIGINT}:
-        assert p.proc.poll() is None and time.monotonic() < deadline
+        assert p.proc.poll() is None
+        assert time.monotonic() < deadline
     os.kill(pid, signal.SIGSTOP)
     try:
         assert "pydantic_core" not in Path(f"/proc/{pid}/maps").read_text()
