@@ -13,7 +13,7 @@ NATIVE_SRC := $(shell python3 scripts/build_native.py --list)
 NATIVE_MODE := $(if $(filter 0,$(ESTAT_NATIVE)),pure,compiled)
 NATIVE_STAMP := build/native/.built-$(NATIVE_MODE)
 
-.PHONY: install install-test run test test-fast test-pure bench-instructions bench-dlq-million check lint fmt typecheck imports bench docs clean native
+.PHONY: install install-test run test test-fast test-pure test-postgres bench-instructions bench-dlq-million check lint fmt typecheck imports bench docs clean native
 
 # what running needs (and the compiler of the hot path); install-test adds the test toolchain
 install: $(STAMP) $(NATIVE_STAMP)
@@ -51,6 +51,11 @@ test: install-test
 # listener, no subprocess (about a minute); `make test` runs everything.
 test-fast: install-test
 	$(PY) -m pytest -q -m "not e2e and not servers" --ignore=tests/e2e
+
+# The whole suite again on PostgreSQL 16 and 18 (the machine has Debian's 15):
+# relocatable builds from one PyPI wheel, under build/postgres (about 15 min).
+test-postgres: install-test
+	@bash scripts/test-postgres.sh
 
 # The per-request modules as plain Python too (what runs without the compiled
 # build): their unit tests against a copy of the sources without the .so files.

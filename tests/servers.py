@@ -30,6 +30,12 @@ def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes], timeout: flo
 
 
 def pg_bin(name: str) -> str:
+    """A PostgreSQL program: from ``ESTAT_TEST_PG_BINDIR`` when set (``make
+    test-postgres`` runs the suite on other majors that way), else the
+    newest Debian install, else ``PATH``."""
+    bindir = os.environ.get("ESTAT_TEST_PG_BINDIR")
+    if bindir:
+        return str(Path(bindir) / name)
     found = sorted(
         glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4])
     )
