@@ -232,3 +232,43 @@ async def test_a_postgresql_lease_cancelled_and_a_connection_lost_at_mark_are_re
     # leased again and sent again (the destination deduplicates): none lost
     assert sorted(set(dest.got)) == sorted(ids)
     assert len(dest.got) == 2 * len(ids)
+
+
+class Waits(Recorder):
+    """Holds every request until told: lanes on the network with their
+    leases open, as with a destination far away or slow to answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.sending = 0
+
+    async def send(self, events: Sequence[EventRecord]) -> list[Outcome]:
+        self.sending += 1
+        await self.go.wait()
+        return await super().send(events)
+
+
+async def test_lanes_on_the_network_leave_the_process_its_database_connections(
+    db: Database,
+) -> None:
+    """More lanes than the process's connection pool holds (16 against 4 + 4
+    overflow), each with its lease's transaction open while it waits for the
+    destination: the store (the same process's database) still writes at
+    once, and every lane sends; none waits for another's connection."""
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite holds no transaction during a send")
+    ids = store(db, 200)
+    dest = Waits()
+    d = Dispatcher(
+        DispatchOutbox(db, policy=FAST), [dest], batch_size=1, poll_interval=0.05,
+        clock=SystemClock(), concurrency=16,
+    )  # fmt: skip
+    await d.start(Supervisor(Metrics(), lambda name: None).spawn)
+    await until(lambda: dest.sending == 16)  # every lane leased: 16 open transactions
+    more = await asyncio.wait_for(db.run(lambda: store(db, 5)), 10)  # not behind a lane
+    dest.go.set()
+    await until(lambda: len(dest.got) == 205)
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    assert sorted(dest.got) == sorted(ids + more)

@@ -97,9 +97,10 @@ class Dispatcher:
         }
         for h in self._latency.values():
             self._m.add_flusher(h.flush)
-        # PostgreSQL: each lane's lease and mark on a thread of its own (one
-        # lane's transaction is open while another leases); SQLite has one
-        # writer: the database's own thread
+        # PostgreSQL: each lane's lease and mark on a thread and a connection
+        # of its own (one lane's transaction is open while another leases);
+        # SQLite has one writer: the database's own thread
+        outbox.reserve(concurrency * len(self.destinations))
         self._executor = (
             ThreadPoolExecutor(
                 max_workers=concurrency * len(self.destinations),

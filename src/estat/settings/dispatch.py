@@ -48,7 +48,7 @@ class DispatchFields(BaseSettings):
         2,
         ge=1,
         le=16,
-        description="Requests in flight per destination and dispatcher process (each lane leases up to 10 batches' worth of rows, at most 1,000, and sends them one request at a time).",
+        description="Requests in flight per destination and dispatcher process (each lane leases up to 10 batches' worth of rows, at most 1,000, and sends them one request at a time; on PostgreSQL each lane keeps a connection of its own). A lane sends at most DISPATCH_BATCH_SIZE events per round trip to the destination: raise this for a destination far away (docs/benchmarks.md).",
         json_schema_extra=accepts("an integer from 1 to 16"),
     )
     dispatch_poll_interval: Duration = Field(

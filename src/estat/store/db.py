@@ -97,18 +97,34 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         elif self.dialect == "postgresql":
-            self.engine = create_engine(
-                self.url,
-                pool_size=pool_size,
-                max_overflow=pool_size,
-                pool_pre_ping=True,
-                pool_recycle=1800,
-                json_serializer=_json,
-                connect_args={"connect_timeout": 5},
-            )
+            self.engine = self._pg_engine(pool_size, pool_size)
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-db")
+        self._reserved: list[Engine] = []
+
+    def _pg_engine(self, pool_size: int, max_overflow: int) -> Engine:
+        return create_engine(
+            self.url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            json_serializer=_json,
+            connect_args={"connect_timeout": 5},
+        )
+
+    def reserve(self, workers: int) -> Engine:
+        """PostgreSQL: a pool of ``workers`` connections of their own, for
+        workers that each keep one for a while (dispatch lanes, their lease's
+        transaction open while the destination answers). On the shared pool
+        (4 + 4 overflow) more such workers than it holds would wait for one
+        another's connection, and the process's other work (the store
+        consumer, the relay) behind them."""
+        assert self.dialect == "postgresql"
+        engine = self._pg_engine(workers, 0)
+        self._reserved.append(engine)
+        return engine
 
     @property
     def description(self) -> str:
@@ -128,7 +144,8 @@ class Database:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        self.engine.dispose()
+        for engine in (self.engine, *self._reserved):
+            engine.dispose()
 
     # -- migrations ------------------------------------------------------------
     def _config(self) -> Config:

@@ -32,7 +32,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from estat.retry import RetryPolicy
@@ -154,6 +154,14 @@ class DispatchOutbox:
         self.lease_for = timedelta(seconds=lease_seconds)
         self.policy = policy
         self.rng = rng or random.Random()
+        #: where leases take their connection (PostgreSQL: held until marked)
+        self.lanes: Engine = db.engine
+
+    def reserve(self, lanes: int) -> None:
+        """PostgreSQL: ``lanes`` connections for the leases alone, so each
+        lane with a lease open holds one of its own (``Database.reserve``)."""
+        if self.db.skip_locked:
+            self.lanes = self.db.reserve(lanes)
 
     def lease(self, target: str, limit: int, now: datetime) -> Leased:
         if not self.db.skip_locked:
@@ -161,7 +169,7 @@ class DispatchOutbox:
             return Leased(
                 [DispatchRow(*r) for r in lease(self.db, T, where, limit, now, self.lease_for)]
             )
-        conn = self.db.engine.connect()
+        conn = self.lanes.connect()
         try:
             conn.begin()
             rows = _lease_pg(conn, target, limit, now)
