@@ -68,6 +68,7 @@ class Count:
         self.n += len(batch)
 c = CaptureServer()
 c.accepted = Count()
+c.hang = float(sys.argv[2])  # seconds before each answer (a destination far away)
 uvicorn.run(c.app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", lifespan="off")
 """
 
@@ -86,9 +87,11 @@ def events(n: int) -> list[EventRecord]:
     return out
 
 
-def start_capture() -> tuple[subprocess.Popen[bytes], str]:
+def start_capture(delay: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
+    """The capture server in its own process; each answer ``delay`` seconds
+    late (the round trip to a destination across the internet)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(delay)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -199,7 +202,12 @@ def db_ceiling(db_url: str, recs: list[EventRecord]) -> float:
 
 
 async def dispatch(
-    db_url: str, url: str, recs: list[EventRecord], batch: int, capture_pid: int
+    db_url: str,
+    url: str,
+    recs: list[EventRecord],
+    batch: int,
+    capture_pid: int,
+    concurrency: int = CONCURRENCY,
 ) -> tuple[float, tuple[float, float, float]]:
     """The outbox filled by the store, then drained by one dispatcher: the
     rate and the CPU per event by party."""
@@ -207,7 +215,7 @@ async def dispatch(
     m = Metrics()
     d = Dispatcher(
         DispatchOutbox(db), [PostHog(url, "phc_test")], batch_size=batch, poll_interval=1.0,
-        clock=SystemClock(), metrics=m, concurrency=CONCURRENCY,
+        clock=SystemClock(), metrics=m, concurrency=concurrency,
     )  # fmt: skip
     ok = m.dispatch_execute.labels("success", "POSTHOG")
     sup = Supervisor(m, lambda name: None)
