@@ -232,3 +232,43 @@ async def test_a_database_that_stops_leaves_the_gauges_as_they_were_and_says_so(
         db.close()
     finally:
         pg.destroy()
+
+
+async def test_the_count_of_finished_rows_does_not_hold_up_the_store(db: Database) -> None:
+    """The PUBLISHED / DISPATCHED gauges read whole tables (seconds on large
+    ones): while that read waits (here for a lock another session holds on
+    the source outbox), the store of the same process keeps writing."""
+    import asyncio
+
+    import psycopg
+    import pytest
+
+    from estat.store.events import EventStore
+    from estat.store.rows import encode, event_row
+
+    if db.dialect != "postgresql":
+        pytest.skip("a reader waiting behind another session's lock")
+    m = Metrics()
+    hk = Housekeeper(
+        db, None, None, retention=60, metrics=m, clock=FakeClock(), targets=["POSTHOG"]
+    )
+    libpq = db.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
+    records = [rec() for _ in range(3)]
+    with psycopg.connect(libpq) as holder:
+        holder.execute("LOCK TABLE user_activity_source_outbox IN ACCESS EXCLUSIVE MODE")
+        counting = asyncio.create_task(hk.refresh_finished())
+        await asyncio.sleep(0.3)  # the count is waiting for the lock
+        assert not counting.done()
+        store = EventStore(db, ["POSTHOG"])
+        stored = await asyncio.wait_for(
+            db.run(
+                lambda: store.store(
+                    [event_row(r) for r in records], [encode(r).decode() for r in records]
+                )
+            ),
+            10,
+        )  # not behind the count
+        holder.rollback()
+    await counting
+    assert stored.inserted == 3
+    assert value(m, "dispatch_outbox_rows", status="DISPATCHED", target="POSTHOG") == 0

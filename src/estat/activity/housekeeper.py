@@ -161,9 +161,10 @@ class Housekeeper:
             )
 
     async def refresh_finished(self) -> None:
-        """The PUBLISHED / DISPATCHED gauges (a read of the whole tables)."""
+        """The PUBLISHED / DISPATCHED gauges (a read of the whole tables:
+        aside, so that the store and the relay do not wait for it)."""
         try:
-            published, dispatched = await self.db.run(lambda: finished(self.db))
+            published, dispatched = await self.db.run_aside(lambda: finished(self.db))
         except TRANSIENT_DB as e:
             log.warning("finished rows: database unavailable", error=str(e)[:200])
             return

@@ -101,6 +101,7 @@ class Database:
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-db")
+        self._aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-db-aside")
         self._reserved: list[Engine] = []
 
     def _pg_engine(self, pool_size: int, max_overflow: int) -> Engine:
@@ -142,8 +143,15 @@ class Database:
         """``fn`` on this database's thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    async def run_aside(self, fn: Callable[[], T]) -> T:
+        """A long read (a count over whole tables) on a thread of its own,
+        so that the work queued on ``run`` (the store consumer's writes, the
+        relay's leases) does not wait for it."""
+        return await asyncio.get_running_loop().run_in_executor(self._aside, fn)
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._aside.shutdown(wait=True)
         for engine in (self.engine, *self._reserved):
             engine.dispose()
 
