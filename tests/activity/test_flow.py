@@ -326,3 +326,40 @@ async def test_the_publisher_fills_batches_while_one_is_in_flight_and_keeps_the_
     sent = first + later[0] + later[1]
     assert [d.message.message_id for d in got] == [r.event_id for r in sent]
     assert [d.message.payload for d in got] == [encode(r) for r in sent]
+
+
+async def test_a_relay_waiting_on_the_database_does_not_hold_up_the_store_consumer(
+    db: Database,
+) -> None:
+    """One process, one database: the relay's lease waits (another session
+    locks the source outbox) while events arrive on the bus; the store
+    consumer stores them all the same, and the relay publishes its rows once
+    the lock goes: every id stored once."""
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite has one writer: the stages share its thread")
+    import psycopg
+
+    m = Metrics()
+    bus = MemoryBus()
+    outbox = SourceOutbox(db)
+    server = [rec() for _ in range(30)]
+    outbox.enqueue(server)
+    relay = Relay(outbox, bus, batch_size=50, poll_interval=0.05, metrics=m, clock=SystemClock())
+    store = consumer(bus, db, m)
+    sup = Supervisor(m, lambda name: None)
+    libpq = db.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
+    client = [rec() for _ in range(40)]
+    with psycopg.connect(libpq) as holder:
+        holder.execute("LOCK TABLE user_activity_source_outbox IN ACCESS EXCLUSIVE MODE")
+        await relay.start(sup.spawn)
+        await store.start(sup.spawn)
+        await asyncio.sleep(0.3)  # the relay's lease is waiting for the lock
+        await bus.publish([Message(r.event_id, "k", r.occurred_at, encode(r)) for r in client])
+        await run_until(lambda: len(stored_ids(db)) == 40, timeout=10)  # not behind the relay
+        holder.rollback()
+    await run_until(lambda: len(stored_ids(db)) == 70)
+    for stage in (relay, store):
+        stage.close()
+        await stage.join(Deadline.after(5, SystemClock()))
+    assert sorted(stored_ids(db)) == sorted(r.event_id for r in [*server, *client])
+    assert outbox.counts()["PUBLISHED"][0] == 30

@@ -243,7 +243,8 @@ class StoreConsumer:
         while True:
             try:
                 stored = await self.store.db.run(
-                    lambda: self.store.store([i[1] for i in items], [i[2] for i in items])
+                    lambda: self.store.store([i[1] for i in items], [i[2] for i in items]),
+                    on="store",
                 )
                 break
             except TRANSIENT_DB as e:

@@ -32,6 +32,10 @@ PAUSE_CHECK = 1.0  # seconds between looks at the pause state while paused
 
 DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
 
+#: the relay's own database thread (PostgreSQL): its leases and marks do not
+#: queue behind the store consumer's writes in the same process
+RELAY = "relay"
+
 
 def _message(row: OutboxRow) -> Message:
     try:
@@ -107,7 +111,7 @@ class Relay:
         """Lease one batch of due rows and publish it; the rows handled."""
         db = self.outbox.db
         now = utcnow(self._clock.time())
-        rows = await db.run(lambda: self.outbox.lease(limit or self.batch_size, now))
+        rows = await db.run(lambda: self.outbox.lease(limit or self.batch_size, now), on=RELAY)
         if not rows:
             return 0
         try:
@@ -117,7 +121,7 @@ class Relay:
             # when the lease ends (or now, if the database takes the release)
             ids = [r.id for r in rows]
             with contextlib.suppress(*TRANSIENT_DB):
-                await asyncio.shield(db.run(lambda: self.outbox.release(ids, now)))
+                await asyncio.shield(db.run(lambda: self.outbox.release(ids, now), on=RELAY))
             raise
         return len(rows)
 
@@ -127,7 +131,7 @@ class Relay:
         a failure counts as an attempt). (processed, published, failed)."""
         db = self.outbox.db
         now = utcnow(self._clock.time())
-        rows = await db.run(lambda: self.outbox.lease(limit, now, which))
+        rows = await db.run(lambda: self.outbox.lease(limit, now, which), on=RELAY)
         if not rows:
             return 0, 0, 0
         try:
@@ -135,7 +139,7 @@ class Relay:
         except BaseException:
             ids = [r.id for r in rows]
             with contextlib.suppress(*TRANSIENT_DB):
-                await asyncio.shield(db.run(lambda: self.outbox.release(ids, now)))
+                await asyncio.shield(db.run(lambda: self.outbox.release(ids, now), on=RELAY))
             raise
         return len(rows), ok, failed
 
@@ -147,7 +151,9 @@ class Relay:
         except BusError as e:
             err = f"publish failed: {e}"
             now = utcnow(self._clock.time())
-            scheduled, parked = await db.run(lambda: self.outbox.mark_failed(rows, err, now))
+            scheduled, parked = await db.run(
+                lambda: self.outbox.mark_failed(rows, err, now), on=RELAY
+            )
             self._m.outbox_publish.labels("fail").inc(len(rows))
             self._m.mq_publish.labels(self.bus.topic, self.bus.provider, "fail").inc(len(rows))
             self._m.outbox_retry.labels("scheduled").inc(scheduled)
@@ -161,7 +167,7 @@ class Relay:
             log.warning("relay: publish failed, rows rescheduled", rows=len(rows), error=err[:300])
             return 0, len(rows)
         now = utcnow(self._clock.time())
-        await db.run(lambda: self.outbox.mark_published([r.id for r in rows], now))
+        await db.run(lambda: self.outbox.mark_published([r.id for r in rows], now), on=RELAY)
         self._m.outbox_publish.labels("success").inc(len(rows))
         self._m.mq_publish.labels(self.bus.topic, self.bus.provider, "success").inc(len(rows))
         if self._trace is not None and self._trace.wants("PUBLISH"):

@@ -3,9 +3,10 @@ dialect's ``INSERT … ON CONFLICT DO NOTHING``.
 
 SQLite (the embedded default) runs in WAL mode with a busy timeout, so the
 worker processes of one server share the file; PostgreSQL runs through
-psycopg 3. Both are used synchronously, from the stage's own worker thread
-(``Database.run``): the statements are few and batched, and one thread per
-stage keeps the event loop free.
+psycopg 3. Both are used synchronously, off the event loop
+(``Database.run``): the statements are few and batched. On PostgreSQL the
+relay and the store consumer each have a thread of their own, so neither
+waits for the other's statements; SQLite (one writer) has one thread for all.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Database:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-db")
         self._aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-db-aside")
+        self._stages: dict[str, ThreadPoolExecutor] = {}
         self._reserved: list[Engine] = []
 
     def _pg_engine(self, pool_size: int, max_overflow: int) -> Engine:
@@ -139,9 +141,18 @@ class Database:
         """The dialect's INSERT, which has ``on_conflict_do_nothing``."""
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """``fn`` on this database's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def run(self, fn: Callable[[], T], *, on: str | None = None) -> T:
+        """``fn`` on this database's thread; on PostgreSQL, given ``on`` (a
+        stage's name), on that stage's own thread, so that its statements do
+        not queue behind another stage's (the relay's leases and marks
+        overlap the store consumer's writes). SQLite has one writer: one
+        thread for all."""
+        ex = self._executor
+        if on is not None and self.dialect == "postgresql":
+            ex = self._stages.get(on) or self._stages.setdefault(
+                on, ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"estat-db-{on}")
+            )
+        return await asyncio.get_running_loop().run_in_executor(ex, fn)
 
     async def run_aside(self, fn: Callable[[], T]) -> T:
         """A long read (a count over whole tables) on a thread of its own,
@@ -150,8 +161,8 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(self._aside, fn)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._aside.shutdown(wait=True)
+        for ex in (self._executor, self._aside, *self._stages.values()):
+            ex.shutdown(wait=True)
         for engine in (self.engine, *self._reserved):
             engine.dispose()
 
