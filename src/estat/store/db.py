@@ -102,8 +102,8 @@ class Database:
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-db")
-        self._aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="estat-db-aside")
-        self._stages: dict[str, ThreadPoolExecutor] = {}
+        #: threads of their own, by name: a stage's (PostgreSQL), long reads
+        self._threads: dict[str, ThreadPoolExecutor] = {}
         self._reserved: list[Engine] = []
 
     def _pg_engine(self, pool_size: int, max_overflow: int) -> Engine:
@@ -147,21 +147,25 @@ class Database:
         not queue behind another stage's (the relay's leases and marks
         overlap the store consumer's writes). SQLite has one writer: one
         thread for all."""
-        ex = self._executor
-        if on is not None and self.dialect == "postgresql":
-            ex = self._stages.get(on) or self._stages.setdefault(
-                on, ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"estat-db-{on}")
-            )
+        ex = self._thread(on) if on is not None and self.dialect == "postgresql" else self._executor
         return await asyncio.get_running_loop().run_in_executor(ex, fn)
 
     async def run_aside(self, fn: Callable[[], T]) -> T:
         """A long read (a count over whole tables) on a thread of its own,
         so that the work queued on ``run`` (the store consumer's writes, the
         relay's leases) does not wait for it."""
-        return await asyncio.get_running_loop().run_in_executor(self._aside, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._thread("aside"), fn)
+
+    def _thread(self, name: str) -> ThreadPoolExecutor:
+        ex = self._threads.get(name)
+        if ex is None:
+            ex = self._threads[name] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"estat-db-{name}"
+            )
+        return ex
 
     def close(self) -> None:
-        for ex in (self._executor, self._aside, *self._stages.values()):
+        for ex in (self._executor, *self._threads.values()):
             ex.shutdown(wait=True)
         for engine in (self.engine, *self._reserved):
             engine.dispose()
