@@ -13,7 +13,9 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -27,6 +29,24 @@ def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes], timeout: flo
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"{what} did not start")
+
+
+def libpq(url: str) -> str:
+    """A database URL as libpq (psycopg, pg_dump) takes it."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def table_locked(url: str, table: str) -> Iterator[Any]:
+    """Another session holds ``table`` in ACCESS EXCLUSIVE mode (every
+    statement on it waits) until the block ends; yields that session."""
+    import psycopg
+
+    with psycopg.connect(libpq(url)) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        yield holder
 
 
 def pg_bin(name: str) -> str:

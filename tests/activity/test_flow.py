@@ -32,6 +32,7 @@ from estat.store.rows import encode
 from estat.store.schema import user_activity_event, user_activity_source_outbox
 from estat.store.trace import TraceLog, traces
 from tests.conftest import RedisServer, free_port
+from tests.servers import table_locked
 
 
 def rec(props: bytes = b'{"source":"CLIENT"}') -> EventRecord:
@@ -337,7 +338,6 @@ async def test_a_relay_waiting_on_the_database_does_not_hold_up_the_store_consum
     the lock goes: every id stored once."""
     if db.dialect != "postgresql":
         pytest.skip("SQLite has one writer: the stages share its thread")
-    import psycopg
 
     m = Metrics()
     bus = MemoryBus()
@@ -347,10 +347,8 @@ async def test_a_relay_waiting_on_the_database_does_not_hold_up_the_store_consum
     relay = Relay(outbox, bus, batch_size=50, poll_interval=0.05, metrics=m, clock=SystemClock())
     store = consumer(bus, db, m)
     sup = Supervisor(m, lambda name: None)
-    libpq = db.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
     client = [rec() for _ in range(40)]
-    with psycopg.connect(libpq) as holder:
-        holder.execute("LOCK TABLE user_activity_source_outbox IN ACCESS EXCLUSIVE MODE")
+    with table_locked(db.url, "user_activity_source_outbox") as holder:
         await relay.start(sup.spawn)
         await store.start(sup.spawn)
         await asyncio.sleep(0.3)  # the relay's lease is waiting for the lock

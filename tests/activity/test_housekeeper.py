@@ -16,6 +16,7 @@ from estat.store.outbox import SourceOutbox
 from estat.store.schema import message_queue_trace_log, user_activity_dispatch_outbox
 from estat.store.trace import TraceLog
 from tests.activity.test_flow import rec, value
+from tests.servers import table_locked
 
 
 async def test_backlog_gauges_count_rows_by_status_and_parked_apart(db: Database) -> None:
@@ -240,7 +241,6 @@ async def test_the_count_of_finished_rows_does_not_hold_up_the_store(db: Databas
     the source outbox), the store of the same process keeps writing."""
     import asyncio
 
-    import psycopg
     import pytest
 
     from estat.store.events import EventStore
@@ -252,10 +252,8 @@ async def test_the_count_of_finished_rows_does_not_hold_up_the_store(db: Databas
     hk = Housekeeper(
         db, None, None, retention=60, metrics=m, clock=FakeClock(), targets=["POSTHOG"]
     )
-    libpq = db.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
     records = [rec() for _ in range(3)]
-    with psycopg.connect(libpq) as holder:
-        holder.execute("LOCK TABLE user_activity_source_outbox IN ACCESS EXCLUSIVE MODE")
+    with table_locked(db.url, "user_activity_source_outbox") as holder:
         counting = asyncio.create_task(hk.refresh_finished())
         await asyncio.sleep(0.3)  # the count is waiting for the lock
         assert not counting.done()

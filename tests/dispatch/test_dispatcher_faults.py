@@ -23,6 +23,7 @@ from estat.stage import Deadline
 from estat.store.db import Database
 from estat.store.dispatch import DispatchOutbox
 from tests.dispatch.test_dispatcher import FAST, statuses, store, until
+from tests.servers import libpq, table_locked
 
 
 class NativeCrash(BaseException):
@@ -160,10 +161,6 @@ async def test_a_lease_stops_at_the_first_failed_request(db: Database) -> None:
     assert dest.requests == 3
 
 
-def _libpq(db: Database) -> str:
-    return db.engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
-
-
 def _terminate(url: str, where: str, how: str = "pg_terminate_backend") -> int:
     """Terminate this database's other backends matching ``where`` (a real
     connection loss, as a restart or a network cut gives the dispatcher),
@@ -207,15 +204,12 @@ async def test_a_postgresql_lease_cancelled_and_a_connection_lost_at_mark_are_re
 ) -> None:
     if db.dialect != "postgresql":
         pytest.skip("a PostgreSQL connection's loss")
-    import psycopg
-
-    url = _libpq(db)
+    url = libpq(db.url)
     ids = store(db, 12)
     dest = KillsItsLease(url)
     failed: list[str] = []
-    with psycopg.connect(url) as holder:
-        # the lease waits behind this lock; its statement is then cancelled
-        holder.execute("LOCK TABLE user_activity_dispatch_outbox IN ACCESS EXCLUSIVE MODE")
+    # the lease waits behind this lock; its statement is then cancelled
+    with table_locked(url, "user_activity_dispatch_outbox") as holder:
         d = await run(db, dest, failed)
 
         def waiting() -> bool:

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.capture import CaptureServer
 from tests.conftest import EstatProcess
 from tests.e2e.test_pipeline_e2e import client_batch, post, wait_for
-from tests.servers import pg_bin
+from tests.servers import libpq, pg_bin
 
 pytestmark = pytest.mark.e2e
 
@@ -82,9 +81,8 @@ def test_every_estat_command_of_the_runbook_runs(
     ids = [uuid.uuid4().hex for _ in range(5)]
     assert post(p.url + "/api/v1/analytics/events", client_batch(ids))[0] == 200
     wait_for(lambda: len(capture.uuids()) == 5)
-    libpq = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
     dump = tmp_path / "estat.dump"
-    subprocess.run([pg_bin("pg_dump"), "-Fc", "-f", str(dump), libpq], check=True)
+    subprocess.run([pg_bin("pg_dump"), "-Fc", "-f", str(dump), libpq(pg_url)], check=True)
     cli_env = {
         **p.env,
         "ESTAT_ADMIN_URL": p.admin_url,

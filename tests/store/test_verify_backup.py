@@ -12,17 +12,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from estat.store.db import Database
 from estat.store.events import EventStore
 from estat.store.rows import encode, event_row
-from tests.servers import pg_bin
+from tests.servers import libpq, pg_bin
 from tests.store.test_store import rec
-
-
-def libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def dump(url: str, path: Path, fmt: str) -> Path:
