@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from estat.activity.common import TRANSIENT_DB, message_of
 from estat.bus.base import Bus, BusError, Message
@@ -28,13 +30,11 @@ from estat.store.trace import TraceLog
 
 log = get_logger("estat.relay")
 
+T = TypeVar("T")
+
 PAUSE_CHECK = 1.0  # seconds between looks at the pause state while paused
 
 DB_RETRY = RetryPolicy(base=0.5, cap=30.0)
-
-#: the relay's own database thread (PostgreSQL): its leases and marks do not
-#: queue behind the store consumer's writes in the same process
-RELAY = "relay"
 
 
 def _message(row: OutboxRow) -> Message:
@@ -70,6 +70,11 @@ class Relay:
         self._trace = trace
         self._wake = Wakeup()
         self._task: asyncio.Task[None] | None = None
+
+    def _db(self, fn: Callable[[], T]) -> Awaitable[T]:
+        """``fn`` on the relay's own database thread (PostgreSQL): its leases
+        and marks do not queue behind the store consumer's writes."""
+        return self.outbox.db.run(fn, on="relay")
 
     def notify(self) -> None:
         """Rows were written: look now rather than at the next poll."""
@@ -109,9 +114,8 @@ class Relay:
 
     async def relay_once(self, limit: int | None = None) -> int:
         """Lease one batch of due rows and publish it; the rows handled."""
-        db = self.outbox.db
         now = utcnow(self._clock.time())
-        rows = await db.run(lambda: self.outbox.lease(limit or self.batch_size, now), on=RELAY)
+        rows = await self._db(lambda: self.outbox.lease(limit or self.batch_size, now))
         if not rows:
             return 0
         try:
@@ -121,7 +125,7 @@ class Relay:
             # when the lease ends (or now, if the database takes the release)
             ids = [r.id for r in rows]
             with contextlib.suppress(*TRANSIENT_DB):
-                await asyncio.shield(db.run(lambda: self.outbox.release(ids, now), on=RELAY))
+                await asyncio.shield(self._db(lambda: self.outbox.release(ids, now)))
             raise
         return len(rows)
 
@@ -129,9 +133,8 @@ class Relay:
         """An operator's replay: lease up to ``limit`` FAILED and due PENDING
         rows matching ``which`` and publish them now (``retry_count`` kept;
         a failure counts as an attempt). (processed, published, failed)."""
-        db = self.outbox.db
         now = utcnow(self._clock.time())
-        rows = await db.run(lambda: self.outbox.lease(limit, now, which), on=RELAY)
+        rows = await self._db(lambda: self.outbox.lease(limit, now, which))
         if not rows:
             return 0, 0, 0
         try:
@@ -139,21 +142,18 @@ class Relay:
         except BaseException:
             ids = [r.id for r in rows]
             with contextlib.suppress(*TRANSIENT_DB):
-                await asyncio.shield(db.run(lambda: self.outbox.release(ids, now), on=RELAY))
+                await asyncio.shield(self._db(lambda: self.outbox.release(ids, now)))
             raise
         return len(rows), ok, failed
 
     async def publish(self, rows: list[OutboxRow]) -> tuple[int, int]:
         """Publish leased ``rows`` and mark them; (published, failed)."""
-        db = self.outbox.db
         try:
             await self.bus.publish([_message(r) for r in rows])
         except BusError as e:
             err = f"publish failed: {e}"
             now = utcnow(self._clock.time())
-            scheduled, parked = await db.run(
-                lambda: self.outbox.mark_failed(rows, err, now), on=RELAY
-            )
+            scheduled, parked = await self._db(lambda: self.outbox.mark_failed(rows, err, now))
             self._m.outbox_publish.labels("fail").inc(len(rows))
             self._m.mq_publish.labels(self.bus.topic, self.bus.provider, "fail").inc(len(rows))
             self._m.outbox_retry.labels("scheduled").inc(scheduled)
@@ -167,7 +167,7 @@ class Relay:
             log.warning("relay: publish failed, rows rescheduled", rows=len(rows), error=err[:300])
             return 0, len(rows)
         now = utcnow(self._clock.time())
-        await db.run(lambda: self.outbox.mark_published([r.id for r in rows], now), on=RELAY)
+        await self._db(lambda: self.outbox.mark_published([r.id for r in rows], now))
         self._m.outbox_publish.labels("success").inc(len(rows))
         self._m.mq_publish.labels(self.bus.topic, self.bus.provider, "success").inc(len(rows))
         if self._trace is not None and self._trace.wants("PUBLISH"):
