@@ -43,6 +43,7 @@ class CaptureServer:
         self.status: int | None = None  # answer this to everything (429, 500, 401)
         self.retry_after = 0
         self.hang = 0.0  # seconds before answering (a read timeout on the client)
+        self.in_flight = self.most_in_flight = 0  # requests being answered; the most at once
         self.hook_secret = b"whsec_test"
         self.hooked: list[dict[str, Any]] = []
         self.hook_refused = 0
@@ -79,6 +80,15 @@ class CaptureServer:
     async def _batch(self, request: Request) -> JSONResponse:
         with self._lock:
             self.requests += 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _answer(self, request: Request) -> JSONResponse:
         if self.hang:
             await asyncio.sleep(self.hang)
         body = await request.body()

@@ -25,6 +25,7 @@ from estat.bus.memory import MemoryBus
 from estat.clock import Clock
 from estat.dispatch.destination import Destination
 from estat.dispatch.dispatcher import Dispatcher
+from estat.dispatch.http import HttpOptions
 from estat.dispatch.posthog import PostHog
 from estat.dispatch.webhook import Webhook
 from estat.errors import Overloaded
@@ -63,15 +64,17 @@ def parse_roles(text: str | None) -> tuple[str, ...]:
 
 def build_destinations(s: Settings) -> list[Destination]:
     """The destinations of ``DISPATCH_TARGETS`` (validated by ``Settings``)."""
-    connect, read = s.dispatch_connect_timeout, s.dispatch_read_timeout
+    options: HttpOptions = {
+        "connect_timeout": s.dispatch_connect_timeout,
+        "read_timeout": s.dispatch_read_timeout,
+        "connections": s.dispatch_concurrency * s.dispatch_lane_in_flight,
+    }
     out: list[Destination] = []
     for t in s.targets:
         if t == "POSTHOG" and s.posthog_host and s.posthog_api_key:
-            key = s.posthog_api_key.get_secret_value()
-            out.append(PostHog(s.posthog_host, key, connect_timeout=connect, read_timeout=read))
+            out.append(PostHog(s.posthog_host, s.posthog_api_key.get_secret_value(), **options))
         elif t == "WEBHOOK" and s.webhook_url and s.webhook_secret:
-            secret = s.webhook_secret.get_secret_value()
-            out.append(Webhook(s.webhook_url, secret, connect_timeout=connect, read_timeout=read))
+            out.append(Webhook(s.webhook_url, s.webhook_secret.get_secret_value(), **options))
     return out
 
 
@@ -91,6 +94,7 @@ def build_dispatcher(
         batch_size=s.dispatch_batch_size,
         poll_interval=s.dispatch_poll_interval,
         concurrency=s.dispatch_concurrency,
+        in_flight=s.dispatch_lane_in_flight,
         clock=clock,
         metrics=metrics,
         breaker_threshold=s.dispatch_circuit_failure_threshold,

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select, update
 
+from estat.activity_app import build_dispatcher
 from estat.clock import SystemClock
 from estat.dispatch.dispatcher import Dispatcher
 from estat.dispatch.posthog import PostHog, event_uuid
@@ -22,6 +23,7 @@ from estat.ops.ledger import Ledger
 from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.retry import RetryPolicy
+from estat.settings import load_settings
 from estat.stage import Deadline
 from estat.store.db import Database
 from estat.store.dispatch import DispatchOutbox
@@ -105,6 +107,28 @@ async def test_an_outage_opens_the_breaker_and_everything_arrives_after(
     await until(lambda: breaker.last.state == "closed")
     d.close()
     await d.join(Deadline.after(10, SystemClock()))
+    assert sorted(capture.uuids()) == sorted(event_uuid(i) for i in ids)
+
+
+async def test_the_settings_set_the_requests_in_flight(
+    db: Database, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """3 lanes x 6 requests each: 18 requests on the network at once, on
+    one pooled client (none waits for a connection of the pool), each
+    event once."""
+    s = load_settings(
+        data_dir=tmp_path, dispatch_targets="POSTHOG", posthog_host=capture.url,
+        posthog_api_key="phc_test", dispatch_batch_size=10, dispatch_concurrency=3,
+        dispatch_lane_in_flight=6,
+    )  # fmt: skip
+    ids = store(db, 400)
+    capture.hang = 0.3
+    d = build_dispatcher(s, db, Metrics(), SystemClock(), None)
+    await d.start(Supervisor(Metrics(), lambda name: None).spawn)
+    await until(lambda: len(capture.accepted) >= 400)
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    assert capture.most_in_flight == 18
     assert sorted(capture.uuids()) == sorted(event_uuid(i) for i in ids)
 
 

@@ -51,11 +51,12 @@ class Recorder:
 
 
 async def run(
-    db: Database, dest: Recorder, failed: list[str], breaker_threshold: int = 5
+    db: Database, dest: Recorder, failed: list[str], breaker_threshold: int = 5, in_flight: int = 1
 ) -> Dispatcher:
     d = Dispatcher(
         DispatchOutbox(db, policy=FAST), [dest], batch_size=10, poll_interval=0.05,
-        clock=SystemClock(), concurrency=1, breaker_threshold=breaker_threshold, open_for=60,
+        clock=SystemClock(), concurrency=1, in_flight=in_flight,
+        breaker_threshold=breaker_threshold, open_for=60,
     )  # fmt: skip
     await d.start(Supervisor(Metrics(), failed.append).spawn)
     return d
@@ -119,14 +120,71 @@ async def test_the_database_failing_at_mark_gives_the_rows_back(db: Database) ->
     assert len(dest.got) == 2 * len(ids)  # all 12 fit in one lease (10 requests' worth)
 
 
-async def test_a_stop_during_a_send_gives_the_rows_back(db: Database) -> None:
-    ids = store(db, 8)
-    d = await run(db, Recorder(hang=30), [])
-    await asyncio.sleep(0.3)  # leased, on the network
+class InFlight(Recorder):
+    """Counts the requests on the network at once (each held ``hang``
+    seconds); ``down``: each answers like a dead host."""
+
+    def __init__(self, hang: float, down: bool = False) -> None:
+        super().__init__(hang=hang)
+        self.down = down
+        self.now = self.most = self.requests = 0
+
+    async def send(self, events: Sequence[EventRecord]) -> list[Outcome]:
+        self.requests += 1
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            if self.down:
+                await asyncio.sleep(self.hang)
+                return [Outcome("retry", "connection: ConnectError")] * len(events)
+            return await super().send(events)
+        finally:
+            self.now -= 1
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+async def test_a_stop_during_a_send_gives_the_rows_back(db: Database, in_flight: int) -> None:
+    ids = store(db, 80)
+    dest = InFlight(hang=30)
+    d = await run(db, dest, [], in_flight=in_flight)
+    await until(lambda: dest.now == in_flight)  # leased, on the network
     d.close()
     await d.join(Deadline.after(0.5, SystemClock()))  # the deadline cancels the send
+    assert dest.now == 0  # no request of the released rows is left on the network
     assert all(s == "PENDING" and n == 0 for s, n, _ in statuses(db).values())
     await deliver_all(db, ids)
+
+
+async def test_a_lane_has_its_lease_in_flight_at_once(db: Database) -> None:
+    """A lease of ten requests, four at a time: a destination far away gets
+    four times the events per round trip; each event once."""
+    ids = store(db, 100)
+    dest = InFlight(hang=0.2)
+    d = await run(db, dest, [], in_flight=4)
+    await until(lambda: len(dest.got) == 100)
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    assert dest.most == 4
+    assert dest.requests == 10
+    assert sorted(dest.got) == sorted(ids)
+    assert {s for s, _, _ in statuses(db).values()} == {"DISPATCHED"}
+
+
+async def test_a_failing_destination_gets_one_request_at_a_time(db: Database) -> None:
+    """The destination is down: the lease's first four requests fail
+    together and end it (the six not sent are not charged); with failures
+    counted, the next lease sends one request, whose failure opens the
+    breaker (threshold 5). Five requests in all, fifty rows charged."""
+    store(db, 100)
+    dest = InFlight(hang=0.1, down=True)
+    d = await run(db, dest, [], in_flight=4)
+    await until(lambda: d.breakers["POSTHOG"].last.state == "open")
+    await asyncio.sleep(0.3)  # nothing more is sent while it is open
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    assert dest.requests == 5
+    assert sum(n for _, n, _ in statuses(db).values()) == 50
+    assert dest.most == 4
 
 
 class DownAfter(Recorder):

@@ -60,6 +60,7 @@ class Dispatcher:
         poll_interval: float,
         clock: Clock,
         concurrency: int = 2,
+        in_flight: int = 1,
         metrics: Metrics | None = None,
         breaker_threshold: int = 5,
         open_for: float = 60.0,
@@ -71,9 +72,10 @@ class Dispatcher:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.concurrency = concurrency
+        self.in_flight = in_flight
         #: rows per lease: several requests' worth (the database's cost is
-        #: per statement as much as per row), sent one request at a time
-        self.lease_rows = max(batch_size, min(LEASE_ROWS, batch_size * 10))
+        #: per statement as much as per row), up to ``in_flight`` at a time
+        self.lease_rows = max(batch_size * in_flight, min(LEASE_ROWS, batch_size * 10))
         self._clock = clock
         self._m = metrics or Metrics()
         self.pauses = pauses
@@ -215,54 +217,59 @@ class Dispatcher:
             )
         return len(rows)
 
+    def _window(self, breaker: SharedCircuit) -> int:
+        """Requests a lane may have in flight now: all it may while the
+        circuit is closed with no failure counted; one at a time otherwise
+        (a probe, or a destination already failing: a failure ends the
+        lease before more of its rows are charged a retry)."""
+        last = breaker.last
+        return self.in_flight if last.state == "closed" and last.failures == 0 else 1
+
     async def _send(self, dest: Destination, breaker: SharedCircuit, leased: Leased) -> Marked:
-        """The leased rows in requests of ``batch_size``. A request whose
-        every event must be retried is a failure for the breaker and ends
-        the lease: the rows not sent yet stay as they were (not charged)."""
-        delivered: list[DispatchRow] = []
-        retry: list[tuple[DispatchRow, str, float, bool]] = []
-        rejected: list[tuple[DispatchRow, str]] = []
+        """The leased rows in requests of ``batch_size``, up to
+        ``_window()`` at a time. A request whose every event must be
+        retried is a failure for the breaker and ends the lease: no request
+        starts after it, and the rows not sent yet stay as they were (not
+        charged); the requests already in flight finish and count."""
         rows = leased.rows
-        sent = 0
-        failed: Outcome | None = None
-        while sent < len(rows) and failed is None:
-            chunk = rows[sent : sent + self.batch_size]
-            sent += len(chunk)
-            events: list[EventRecord] = []
-            sendable: list[DispatchRow] = []
-            for r in chunk:
-                try:
-                    events.append(decode(r.payload))
-                    sendable.append(r)
-                except BadPayload as e:
-                    rejected.append((r, str(e)))
-            if not events:
-                continue
-            try:
-                outcomes = await dest.send(events)
-            except Exception as e:  # a bug in the destination: nothing is lost, retried
-                log.exception("destination failed", target=dest.name)
-                outcomes = retry_all(len(events), f"destination error: {type(e).__name__}")
-            retried = 0
-            for row, o in zip(sendable, outcomes, strict=True):
-                if o.kind == "delivered":
-                    delivered.append(row)
-                elif o.kind == "rejected":
-                    rejected.append((row, o.reason))
-                else:
-                    retry.append((row, o.reason, o.not_before, o.config_error))
-                    retried += 1
-            if retried == len(outcomes):
-                failed = next(o for o in outcomes if o.kind == "retry")
-                await self._db(breaker.failure)
-            elif breaker.last != breaker.circuit.success(breaker.last):
-                await self._db(breaker.success)
-        untouched = rows[sent:]
+        chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        result = _Sent()
+        flying: dict[asyncio.Task[list[Outcome]], list[DispatchRow]] = {}
+        started = 0
+        try:
+            while flying or (started < len(chunks) and result.failed is None):
+                while (
+                    started < len(chunks)
+                    and result.failed is None
+                    and len(flying) < self._window(breaker)
+                ):
+                    sendable, events = result.decoded(chunks[started])
+                    started += 1
+                    if events:
+                        flying[asyncio.ensure_future(self._request(dest, events))] = sendable
+                if not flying:
+                    continue
+                done, _ = await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if result.add(flying.pop(task), task.result()):
+                        await self._db(breaker.failure)
+                    elif breaker.last != breaker.circuit.success(breaker.last):
+                        await self._db(breaker.success)
+        finally:
+            # cut short (a stop, a database error): nothing of this lease
+            # may still be on the network once its rows are released
+            for task in flying:
+                task.cancel()
+            if flying:
+                await asyncio.wait(flying)
+        untouched = [r for chunk in chunks[started:] for r in chunk]
         now = datetime.fromtimestamp(self._clock.time(), UTC)
+        delivered, retry, rejected = result.delivered, result.retry, result.rejected
         marked = await self._db(
             lambda: self.outbox.mark(delivered, retry, rejected, now, leased, untouched)
         )
         self._count(dest.name, marked, delivered, now, len(retry) + len(rejected))
+        failed = result.failed
         if failed is not None:
             self._m.dispatch_config_error.labels(dest.name).set(1 if failed.config_error else 0)
             log.warning(
@@ -273,6 +280,14 @@ class Dispatcher:
         elif delivered:
             self._m.dispatch_config_error.labels(dest.name).set(0)
         return marked
+
+    @staticmethod
+    async def _request(dest: Destination, events: list[EventRecord]) -> list[Outcome]:
+        try:
+            return await dest.send(events)
+        except Exception as e:  # a bug in the destination: nothing is lost, retried
+            log.exception("destination failed", target=dest.name)
+            return retry_all(len(events), f"destination error: {type(e).__name__}")
 
     def _count(
         self, target: str, marked: Marked, delivered: list[DispatchRow], now: datetime, fail: int
@@ -301,3 +316,44 @@ class Dispatcher:
             m.dispatch_retry.labels("scheduled", target).inc(marked.scheduled)
         if marked.parked:
             m.dispatch_retry.labels("parked", target).inc(marked.parked)
+
+
+class _Sent:
+    """The outcomes of one lease's requests, row by row."""
+
+    def __init__(self) -> None:
+        self.delivered: list[DispatchRow] = []
+        self.retry: list[tuple[DispatchRow, str, float, bool]] = []
+        self.rejected: list[tuple[DispatchRow, str]] = []
+        #: the first request whose every event must be retried
+        self.failed: Outcome | None = None
+
+    def decoded(self, chunk: Sequence[DispatchRow]) -> tuple[list[DispatchRow], list[EventRecord]]:
+        """The rows of ``chunk`` that decode and their events; the others rejected."""
+        sendable: list[DispatchRow] = []
+        events: list[EventRecord] = []
+        for r in chunk:
+            try:
+                events.append(decode(r.payload))
+                sendable.append(r)
+            except BadPayload as e:
+                self.rejected.append((r, str(e)))
+        return sendable, events
+
+    def add(self, rows: list[DispatchRow], outcomes: list[Outcome]) -> bool:
+        """One request's outcomes; true when every event must be retried
+        (a failed request)."""
+        retried = 0
+        for row, o in zip(rows, outcomes, strict=True):
+            if o.kind == "delivered":
+                self.delivered.append(row)
+            elif o.kind == "rejected":
+                self.rejected.append((row, o.reason))
+            else:
+                self.retry.append((row, o.reason, o.not_before, o.config_error))
+                retried += 1
+        if retried < len(outcomes):
+            return False
+        if self.failed is None:
+            self.failed = next(o for o in outcomes if o.kind == "retry")
+        return True

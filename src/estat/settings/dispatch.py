@@ -48,7 +48,14 @@ class DispatchFields(BaseSettings):
         2,
         ge=1,
         le=16,
-        description="Requests in flight per destination and dispatcher process (each lane leases up to 10 batches' worth of rows, at most 1,000, and sends them one request at a time; on PostgreSQL each lane keeps a connection of its own). A lane sends at most DISPATCH_BATCH_SIZE events per round trip to the destination: raise this for a destination far away (docs/benchmarks.md).",
+        description="Lanes per destination and dispatcher process: each leases up to 10 batches' worth of rows (at most 1,000, or DISPATCH_LANE_IN_FLIGHT batches if more) and sends them DISPATCH_LANE_IN_FLIGHT requests at a time; on PostgreSQL each lane keeps a database connection of its own. Requests in flight per destination: DISPATCH_CONCURRENCY x DISPATCH_LANE_IN_FLIGHT (docs/runbook.md, Throughput).",
+        json_schema_extra=accepts("an integer from 1 to 16"),
+    )
+    dispatch_lane_in_flight: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Requests a dispatch lane has in flight at once, from its lease, while the target's circuit is closed with no failure counted (one at a time otherwise: a probe, or a destination already failing). A lane delivers up to DISPATCH_LANE_IN_FLIGHT x DISPATCH_BATCH_SIZE events per round trip: raise it for a destination far away, lower it to spare a destination of your own.",
         json_schema_extra=accepts("an integer from 1 to 16"),
     )
     dispatch_poll_interval: Duration = Field(
