@@ -1,7 +1,9 @@
 """The dispatcher: dispatch-outbox rows → destinations, per target.
 
-One loop per destination: lease due rows (``DispatchOutbox.lease``),
-send them as one batch, mark each row by its own outcome. A circuit
+``concurrency`` loops (lanes) per destination: each leases due rows
+(``DispatchOutbox.lease``), sends them in requests of ``batch_size``, up
+to ``in_flight`` at a time while the circuit is closed with no failure
+counted (one at a time otherwise), and marks each row by its own outcome. A circuit
 breaker per target, shared by every dispatcher process through the
 database (``estat.store.circuit``): a batch whose every event must be
 retried counts as a failure; after ``threshold`` of them the target is

@@ -51,14 +51,14 @@ class HttpBatchDestination:
         connect_timeout: float = 2.0,
         read_timeout: float = 3.0,
         gzip_above: int = 64 * 1024,
-        connections: int = 8,
+        connections: int = 256,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.url = url
         self.gzip_above = gzip_above
-        # one kept-alive connection per request the dispatcher may have in
-        # flight (DISPATCH_CONCURRENCY x DISPATCH_LANE_IN_FLIGHT): none waits
-        # for the pool, none is opened anew per request
+        # a kept-alive connection per request the dispatcher may have in
+        # flight (DISPATCH_CONCURRENCY x DISPATCH_LANE_IN_FLIGHT, at most
+        # 16 x 16): none waits for the pool, none is opened anew per request
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
