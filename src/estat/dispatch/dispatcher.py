@@ -75,9 +75,12 @@ class Dispatcher:
         self.poll_interval = poll_interval
         self.concurrency = concurrency
         self.in_flight = in_flight
-        #: rows per lease: several requests' worth (the database's cost is
-        #: per statement as much as per row), up to ``in_flight`` at a time
-        self.lease_rows = max(batch_size * in_flight, min(LEASE_ROWS, batch_size * 10))
+        #: rows per lease: ten requests' worth, at most 1,000 rows (the
+        #: database's cost is per statement as much as per row), rounded up
+        #: to whole windows of ``in_flight`` requests (a last window half
+        #: empty would cost a round trip for half the events)
+        windows = -(-max(1, min(10, LEASE_ROWS // batch_size)) // in_flight)
+        self.lease_rows = batch_size * in_flight * windows
         self._clock = clock
         self._m = metrics or Metrics()
         self.pauses = pauses

@@ -48,7 +48,7 @@ class DispatchFields(BaseSettings):
         2,
         ge=1,
         le=16,
-        description="Lanes per destination and dispatcher process: each leases up to 10 batches' worth of rows (at most 1,000, or DISPATCH_LANE_IN_FLIGHT batches if more) and sends them DISPATCH_LANE_IN_FLIGHT requests at a time; on PostgreSQL each lane keeps a database connection of its own. Requests in flight per destination: DISPATCH_CONCURRENCY x DISPATCH_LANE_IN_FLIGHT (docs/runbook.md, Throughput).",
+        description="Lanes per destination and dispatcher process: each leases ten requests' worth of rows (at most 1,000 rows), rounded up to whole windows of DISPATCH_LANE_IN_FLIGHT requests, and sends them DISPATCH_LANE_IN_FLIGHT requests at a time; on PostgreSQL each lane keeps a database connection of its own. Requests in flight per destination: DISPATCH_CONCURRENCY x DISPATCH_LANE_IN_FLIGHT (docs/runbook.md, Throughput).",
         json_schema_extra=accepts("an integer from 1 to 16"),
     )
     dispatch_lane_in_flight: int = Field(
