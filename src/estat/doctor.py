@@ -170,6 +170,9 @@ def checks(before: Samples, after: Samples, seconds: float, ready: dict[str, Any
         f"FAILED {src.get('FAILED', 0):.0f}, PARKED {src.get('PARKED', 0):.0f}, "
         f"PENDING {src.get('PENDING', 0):.0f}", "WARN FAILED > 0, CRIT PARKED > 0",
         "estatsourceoutboxparked")  # fmt: skip
+    behind = total(after, "source_outbox_oldest_due_age_seconds")
+    add("relay behind", grade(behind, 300, 600), f"oldest due row {behind:.0f} s old",
+        "WARN > 5 min, CRIT > 10 min", "estatrelaybehind")  # fmt: skip
     parked = total(after, "mq_parked_messages")
     add("bus parked", "CRIT" if parked else "OK", f"{parked:.0f}", "CRIT > 0", "estatbusparked")
     for target in sorted(by_label(after, "dispatch_outbox_rows", "target")):
@@ -179,6 +182,10 @@ def checks(before: Samples, after: Samples, seconds: float, ready: dict[str, Any
             f"FAILED {rows.get('FAILED', 0):.0f}, PARKED {rows.get('PARKED', 0):.0f}, "
             f"PENDING {rows.get('PENDING', 0):.0f}", "WARN FAILED > 0, CRIT PARKED > 0",
             "estatdispatchparked")  # fmt: skip
+        age = total(after, "dispatch_oldest_due_age_seconds", target=target)
+        add(f"dispatch {target} behind", grade(age, 900, 3600),
+            f"oldest due row {age:.0f} s old", "WARN > 15 min, CRIT > 1 h",
+            "estatdispatchbehind")  # fmt: skip
     for target, state in sorted(by_label(after, "dispatch_circuit_state", "target").items()):
         refused = total(after, "dispatch_config_error", target=target)
         add(f"circuit {target}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
@@ -29,15 +30,21 @@ async def test_backlog_gauges_count_rows_by_status_and_parked_apart(db: Database
     leased = outbox.lease(3, now)
     outbox.mark_published([leased[0].id], now)
     outbox.mark_failed(leased[1:], "boom", now)  # max_attempts 1: parked
-    hk = Housekeeper(db, bus, None, retention=60, metrics=m, clock=FakeClock())
+    # the two rows never leased were enqueued ~30 s before the housekeeper looks
+    clock = FakeClock(time.time() + 30)
+    hk = Housekeeper(db, bus, None, retention=60, metrics=m, clock=clock)
     await hk.refresh_backlog()
     await hk.refresh_finished()
+    assert 29 <= value(m, "source_outbox_oldest_due_age_seconds") <= 40
     assert value(m, "source_outbox_rows", status="PENDING") == 2
     assert value(m, "source_outbox_rows", status="PUBLISHED") == 1
     assert value(m, "source_outbox_rows", status="PARKED") == 2
     assert value(m, "source_outbox_rows", status="FAILED") == 0
     assert value(m, "mq_pending_messages", topic="user-activity", provider="memory") == 2
     assert (hk.database_status, hk.bus_status) == ("ok", "ok")
+    outbox.mark_published([r.id for r in outbox.lease(5, now)], now)  # the relay catches up
+    await hk.refresh_backlog()
+    assert value(m, "source_outbox_oldest_due_age_seconds") == 0
 
 
 async def test_trace_rows_older_than_the_retention_are_deleted_in_batches(db: Database) -> None:

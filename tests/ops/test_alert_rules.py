@@ -22,7 +22,7 @@ TESTS = ROOT / "deploy" / "prometheus" / "estat-alerts.test.yml"
 PROMQL_WORDS = {
     "sum", "max", "min", "by", "rate", "increase", "deriv", "changes", "histogram_quantile",
     "and", "or", "unless", "le", "offset", "status", "result", "target", "job", "instance",
-    "stage", "dataset",
+    "stage", "dataset", "on", "topic", "provider",
 }  # fmt: skip
 
 

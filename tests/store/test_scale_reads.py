@@ -175,11 +175,12 @@ def test_the_backlog_gauges_read_the_rows_still_to_be_sent_not_the_table(pg: Dat
     with pg.engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
     with statements(pg) as selects:
-        src, dis, oldest = backlog(pg, datetime.now(UTC))
+        src, dis, oldest, first = backlog(pg, datetime.now(UTC))
     assert src == {"PENDING": 100, "FAILED": 0, "PARKED": 0}
     assert dis == {("PENDING", "POSTHOG"): 100}
     assert set(oldest) == {"POSTHOG"}
-    assert len(selects) == 3
+    assert first is not None
+    assert len(selects) == 4
     for sql, params in selects:
         with pg.engine.connect() as conn:
             plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params)

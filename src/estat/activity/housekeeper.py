@@ -1,6 +1,6 @@
 """The housekeeper: writes buffered trace rows every second, refreshes the
-backlog gauges (source and dispatch outbox rows still to be sent, by status;
-bus pending and parked) every ``BACKLOG_EVERY`` seconds, and every
+backlog gauges (source and dispatch outbox rows still to be sent, by status,
+and the age of the oldest due; bus pending and parked) every ``BACKLOG_EVERY`` seconds, and every
 ``PURGE_EVERY`` deletes in bounded batches the trace rows older than
 ``MQ_TRACE_RETENTION`` and the finished outbox rows and audit rows older
 than theirs (``store/retention.py``) unless an operator paused
@@ -18,6 +18,7 @@ import contextlib
 import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import func, select
 
@@ -44,14 +45,20 @@ RULES = retention_rules()
 PURGE_EVERY = 600.0
 
 
-def backlog(
-    db: Database, now: datetime
-) -> tuple[dict[str, int], dict[tuple[str, str], int], dict[str, datetime]]:
-    """The rows still to be sent: (source outbox rows by status, dispatch
-    rows by (status, target), the oldest due dispatch row's creation by
-    target); FAILED rows with no next retry count as PARKED. Read through
-    the partial status indexes: their predicate, ``OPEN``, as written (a
-    bound parameter would keep a generic plan from proving it)."""
+class Backlog(NamedTuple):
+    """The rows still to be sent; FAILED rows with no next retry count as
+    PARKED."""
+
+    source: dict[str, int]  # source outbox rows by status
+    dispatch: dict[tuple[str, str], int]  # dispatch rows by (status, target)
+    oldest_dispatch: dict[str, datetime]  # the oldest due dispatch row's creation, by target
+    oldest_source: datetime | None  # the oldest due source outbox row's creation
+
+
+def backlog(db: Database, now: datetime) -> Backlog:
+    """The rows still to be sent, read through the partial status indexes:
+    their predicate, ``OPEN``, as written (a bound parameter would keep a
+    generic plan from proving it)."""
     s = user_activity_source_outbox
     d = user_activity_dispatch_outbox
     parked_s = (s.c.status == "FAILED") & s.c.next_retry_at.is_(None)
@@ -78,7 +85,8 @@ def backlog(
             )
             if at is not None
         }
-    return src, dis, oldest
+        first = conn.execute(select(func.min(s.c.created_at)).where(OPEN, due(s, now))).scalar()
+    return Backlog(src, dis, oldest, aware(first) if first is not None else None)
 
 
 def finished(db: Database) -> tuple[int, dict[str, int]]:
@@ -175,7 +183,7 @@ class Housekeeper:
     async def refresh_backlog(self) -> None:
         try:
             now = utcnow(self._clock.time())
-            src, dis, oldest = await self.db.run(lambda: backlog(self.db, now))
+            src, dis, oldest, first = await self.db.run(lambda: backlog(self.db, now))
         except TRANSIENT_DB as e:
             self.database_status = f"unavailable: {type(e).__name__}"
             log.warning("backlog gauges: database unavailable", error=str(e)[:200])
@@ -190,6 +198,8 @@ class Housekeeper:
                 at = oldest.get(target)
                 age = (now - at).total_seconds() if at is not None else 0.0
                 self._m.dispatch_oldest_due.labels(target).set(max(0.0, age))
+            age = (now - first).total_seconds() if first is not None else 0.0
+            self._m.source_outbox_oldest_due.set(max(0.0, age))
         if self.bus is not None:
             try:
                 stats = await self.bus.stats()

@@ -114,6 +114,13 @@ class PipelineMetrics:
             ("status",),
             mode="livemostrecent",
         )
+        self.source_outbox_oldest_due = gauge(
+            "source_outbox_oldest_due_age_seconds",
+            "Age of the oldest source outbox row that is due now (waiting for a relay to "
+            "publish it); 0 when none is.",
+            (),
+            mode="livemostrecent",
+        )
         self.dispatch_outbox_rows = gauge(
             "dispatch_outbox_rows",
             "Dispatch outbox rows by status (PENDING, FAILED, PARKED every 10 s; DISPATCHED "
