@@ -96,6 +96,7 @@ bench: install-test
 	$(PY) benchmarks/pipeline_bench.py
 	$(PY) benchmarks/dispatch_bench.py
 	$(PY) benchmarks/dispatch_latency_bench.py
+	$(PY) benchmarks/relay_bench.py
 	$(PY) benchmarks/relay_store_bench.py
 	$(PY) benchmarks/lease_backlog_bench.py
 	$(PY) benchmarks/dlq_bench.py

@@ -136,6 +136,19 @@ def test_a_source_outbox_lease_does_not_walk_the_published_rows(pg: Database) ->
         assert buffers(pg, sql, params) < MAX_BUFFERS
 
 
+def test_a_relay_lease_holding_locks_does_not_walk_the_published_rows(pg: Database) -> None:
+    box = SourceOutbox(pg)
+    box.enqueue([rec() for _ in range(SENT + DUE)])
+    stale_statistics(pg, "user_activity_source_outbox", "PUBLISHED", "TRUE")
+    with statements(pg, "SELECT") as seen:
+        lease = box.take(LEASE, datetime.now(UTC))
+    box.release([], datetime.now(UTC), lease)
+    assert [r.id for r in lease.rows] == oldest(pg, "user_activity_source_outbox", "PENDING")
+    assert seen
+    for sql, params in seen:  # the same statements again: the next rows
+        assert buffers(pg, sql, params) < MAX_BUFFERS
+
+
 def test_replays_do_not_walk_the_sent_rows(pg: Database) -> None:
     """An operator's replay of FAILED rows after a backlog that failed."""
     stored(pg, SENT + DUE, ["POSTHOG"])

@@ -202,6 +202,66 @@ def test_two_relays_never_lease_one_row(db: Database) -> None:
     assert got[1]
 
 
+def test_two_relays_holding_leases_never_take_one_row(db: Database) -> None:
+    """PostgreSQL: a relay's lease is its transaction's row locks; the rows
+    of open leases are skipped by the others, each marked once."""
+    if db.dialect == "sqlite":
+        pytest.skip("SQLite has a single writer")
+    outbox = SourceOutbox(db)
+    outbox.enqueue([rec() for _ in range(400)])
+    now = datetime.now(UTC)
+    got: list[list[int]] = [[], []]
+
+    def relay(i: int) -> None:
+        while (lease := outbox.take(7, now)).rows:
+            got[i] += [r.id for r in lease.rows]
+            outbox.mark_published([r.id for r in lease.rows], now, lease)
+
+    threads = [threading.Thread(target=relay, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got[0]) + len(got[1]) == 400
+    assert not set(got[0]) & set(got[1])
+    assert got[0]
+    assert got[1]
+    assert outbox.counts() == {"PUBLISHED": (400, 0)}
+
+
+def test_a_lease_held_by_a_relay_that_dies_is_free_at_once_and_untouched(
+    db: Database,
+) -> None:
+    """PostgreSQL: the relay's connection drops with its lease open (the
+    process killed): its rows were never written, and another relay takes
+    them at once, not a lease later."""
+    if db.dialect == "sqlite":
+        pytest.skip("SQLite leases by next_retry_at")
+    outbox = SourceOutbox(db, lease_seconds=3600)
+    outbox.enqueue([rec() for _ in range(5)])
+    now = datetime.now(UTC)
+    held = outbox.take(3, now)
+    assert len(held.rows) == 3
+    other = outbox.take(10, now)
+    assert len(other.rows) == 2  # another relay skips the locked three
+    outbox.release([], now, other)  # and gives its two back
+    assert held.conn is not None
+    held.conn.invalidate()  # its socket closed, as when the relay's process dies
+    again = outbox.take(10, now)
+    assert len(again.rows) == 5  # the dead relay's three among them
+    assert {(r.id, r.retry_count, r.payload) for r in held.rows} <= {
+        (r.id, r.retry_count, r.payload) for r in again.rows
+    }
+    outbox.release([], now, again)
+    with db.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                user_activity_source_outbox.c.status, user_activity_source_outbox.c.next_retry_at
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [("PENDING", None)] * 5  # nothing written by a lease
+
+
 SEED_QUERIES = [
     """SELECT event_name, COUNT(*) AS cnt
 FROM user_activity_event

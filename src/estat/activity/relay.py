@@ -1,7 +1,8 @@
 """The relay: source outbox → bus.
 
 Leases due rows in batches (``OutboxRelay.batch_size``), publishes them,
-marks them PUBLISHED with ``published_at`` (always), or FAILED with
+marks them PUBLISHED with ``published_at`` (always; on PostgreSQL in the
+lease's transaction, which holds the rows' locks during the publish), or FAILED with
 ``retry_count + 1``, ``next_retry_at`` = now + 10 s x 2^min(retry_count, 6)
 (jittered) and ``last_error``; after ``OUTBOX_MAX_ATTEMPTS`` a row stays
 FAILED with no ``next_retry_at`` (parked) until an operator replays it. It
@@ -24,7 +25,7 @@ from estat.ops.metrics import Metrics
 from estat.pause import Pauses
 from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn, Wakeup, finish_by
-from estat.store.outbox import OutboxRow, ReplayFilter, SourceOutbox, utcnow
+from estat.store.outbox import Lease, OutboxRow, ReplayFilter, SourceOutbox, utcnow
 from estat.store.rows import BadPayload, decode
 from estat.store.trace import TraceLog
 
@@ -115,19 +116,20 @@ class Relay:
     async def relay_once(self, limit: int | None = None) -> int:
         """Lease one batch of due rows and publish it; the rows handled."""
         now = utcnow(self._clock.time())
-        rows = await self._db(lambda: self.outbox.lease(limit or self.batch_size, now))
-        if not rows:
+        lease = await self._db(lambda: self.outbox.take(limit or self.batch_size, now))
+        if not lease.rows:
             return 0
         try:
-            await self.publish(rows)
+            await self.publish(lease.rows, lease)
         except BaseException:
-            # cancelled, or the database failed while marking: due again
-            # when the lease ends (or now, if the database takes the release)
-            ids = [r.id for r in rows]
+            # cancelled, or the database failed while marking: due again at
+            # once (the held lease rolled back, or the release taken), else
+            # when the lease ends
+            ids = [r.id for r in lease.rows]
             with contextlib.suppress(*TRANSIENT_DB):
-                await asyncio.shield(self._db(lambda: self.outbox.release(ids, now)))
+                await asyncio.shield(self._db(lambda: self.outbox.release(ids, now, lease)))
             raise
-        return len(rows)
+        return len(lease.rows)
 
     async def replay(self, limit: int, which: ReplayFilter) -> tuple[int, int, int]:
         """An operator's replay: lease up to ``limit`` FAILED and due PENDING
@@ -146,14 +148,17 @@ class Relay:
             raise
         return len(rows), ok, failed
 
-    async def publish(self, rows: list[OutboxRow]) -> tuple[int, int]:
-        """Publish leased ``rows`` and mark them; (published, failed)."""
+    async def publish(self, rows: list[OutboxRow], lease: Lease | None = None) -> tuple[int, int]:
+        """Publish leased ``rows`` and mark them (in ``lease``'s transaction
+        when it holds one); (published, failed)."""
         try:
             await self.bus.publish([_message(r) for r in rows])
         except BusError as e:
             err = f"publish failed: {e}"
             now = utcnow(self._clock.time())
-            scheduled, parked = await self._db(lambda: self.outbox.mark_failed(rows, err, now))
+            scheduled, parked = await self._db(
+                lambda: self.outbox.mark_failed(rows, err, now, lease=lease)
+            )
             self._m.outbox_publish.labels("fail").inc(len(rows))
             self._m.mq_publish.labels(self.bus.topic, self.bus.provider, "fail").inc(len(rows))
             self._m.outbox_retry.labels("scheduled").inc(scheduled)
@@ -167,7 +172,7 @@ class Relay:
             log.warning("relay: publish failed, rows rescheduled", rows=len(rows), error=err[:300])
             return 0, len(rows)
         now = utcnow(self._clock.time())
-        await self._db(lambda: self.outbox.mark_published([r.id for r in rows], now))
+        await self._db(lambda: self.outbox.mark_published([r.id for r in rows], now, lease))
         self._m.outbox_publish.labels("success").inc(len(rows))
         self._m.mq_publish.labels(self.bus.topic, self.bus.provider, "success").inc(len(rows))
         if self._trace is not None and self._trace.wants("PUBLISH"):

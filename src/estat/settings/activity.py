@@ -155,7 +155,7 @@ class ActivityFields(BaseSettings):
     outbox_lease: Duration = Field(
         60.0,
         gt=0,
-        description="How long leased outbox rows stay invisible to other relays (a relay that dies leaves them due after this).",
+        description="SQLite, and an operator's replay: how long leased source outbox rows stay invisible to other relays (a relay that dies leaves them due after this). On PostgreSQL a relay's lease is its transaction's row locks, gone the moment a relay dies.",
         json_schema_extra=accepts("a duration"),
     )
     outbox_max_attempts: int = Field(

@@ -7,22 +7,27 @@ PUBLISHED, FAILED → FAILED. A row is *due* when it is PENDING with no
 ``next_retry_at`` that has passed; FAILED with no ``next_retry_at`` is
 *parked* until an operator replays it.
 
-Relays *lease* due rows: one statement moves their ``next_retry_at`` a lease
-ahead and returns them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two
-relays never take one row; SQLite has a single writer). No transaction stays
-open while the bus is called; a relay that dies leaves its rows to come due
+Relays *lease* due rows. On PostgreSQL a relay's lease (``take``) is a
+transaction holding the rows' locks (``SELECT ... FOR NO KEY UPDATE SKIP
+LOCKED``) until they are marked, as the dispatcher's is: two relays never
+take one row, a row is written once per attempt (its mark), and the rows of
+a relay that dies are free the moment its connection drops. The
+transaction lasts one publish to the bus. On SQLite (one writer), and for
+an operator's replay, a lease is one statement that moves the rows'
+``next_retry_at`` a lease ahead and returns them: no transaction stays open
+while the bus is called; a relay that dies leaves its rows to come due
 again when the lease ends; one that stops releases them.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy import Connection, Text, and_, bindparam, cast, func, or_, select, update
 
 from estat.model import EventRecord
 from estat.retry import RetryPolicy
@@ -43,6 +48,17 @@ class OutboxRow:
     event_id: str
     payload: bytes
     retry_count: int
+
+
+@dataclass(slots=True)
+class Lease:
+    """A relay's leased rows; on PostgreSQL the transaction holding their
+    locks (a mark commits it, ``release`` rolls it back)."""
+
+    rows: list[OutboxRow] = field(default_factory=list)
+    conn: Connection | None = None
+    held: bool = False  # PostgreSQL: by row locks, nothing written
+    done: bool = False  # marked
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +169,55 @@ class SourceOutbox:
             )
 
     # -- the relay's side ------------------------------------------------------
+    def take(self, limit: int, now: datetime) -> Lease:
+        """The relay's lease: due rows, oldest first. PostgreSQL: locked by
+        the lease's transaction, nothing written; SQLite: ``lease``."""
+        if not self.db.skip_locked:
+            return Lease(self.lease(limit, now))
+        conn = self.db.engine.connect()
+        rows: list[OutboxRow] = []
+        try:
+            conn.begin()
+            for cond, order in due_ranges(T, now):
+                stmt = (
+                    select(T.c.id, T.c.event_id, cast(T.c.payload, Text), T.c.retry_count)
+                    .where(cond)
+                    .order_by(*order)
+                    .limit(limit - len(rows))
+                    .with_for_update(skip_locked=True, key_share=True)
+                )
+                rows += [
+                    OutboxRow(int(r[0]), str(r[1]), str(r[2]).encode("utf-8"), int(r[3]))
+                    for r in conn.execute(stmt)
+                ]
+                if len(rows) >= limit:
+                    break
+        except BaseException:
+            conn.close()  # rolls back
+            raise
+        if not rows:
+            conn.close()
+            return Lease()
+        return Lease(rows, conn, held=True)
+
+    def _write(self, lease: Lease | None, write: Callable[[Connection], object]) -> None:
+        """``write`` in the lease's transaction (committed, its locks gone),
+        or in one of its own."""
+        held = lease.conn if lease is not None else None
+        if held is None:
+            with self.db.engine.begin() as conn:
+                write(conn)
+        else:
+            assert lease is not None
+            lease.conn = None  # committed or rolled back here, either way
+            try:
+                write(held)
+                held.commit()
+            finally:
+                held.close()
+        if lease is not None:
+            lease.done = True
+
     def lease(
         self, limit: int, now: datetime, replay: ReplayFilter | None = None
     ) -> list[OutboxRow]:
@@ -165,11 +230,13 @@ class SourceOutbox:
         rows = lease(self.db, T, where, limit, now, self.lease_for, ranges)
         return [OutboxRow(*r[:4]) for r in rows]
 
-    def mark_published(self, ids: Sequence[int], now: datetime) -> None:
+    def mark_published(self, ids: Sequence[int], now: datetime, lease: Lease | None = None) -> None:
         if not ids:
+            self.release([], now, lease)
             return
-        with self.db.engine.begin() as conn:
-            conn.execute(
+        self._write(
+            lease,
+            lambda conn: conn.execute(
                 update(T)
                 .where(T.c.id.in_(list(ids)))
                 .values(
@@ -179,10 +246,16 @@ class SourceOutbox:
                     last_error=None,
                     updated_at=now,
                 )
-            )
+            ),
+        )
 
     def mark_failed(
-        self, rows: Sequence[OutboxRow], error: str, now: datetime, not_before: float = 0.0
+        self,
+        rows: Sequence[OutboxRow],
+        error: str,
+        now: datetime,
+        not_before: float = 0.0,
+        lease: Lease | None = None,
     ) -> tuple[int, int]:
         """FAILED with ``retry_count + 1`` and the next try by the policy, or
         parked (no ``next_retry_at``) once ``max_attempts`` are spent.
@@ -201,8 +274,6 @@ class SourceOutbox:
                 scheduled += 1
             params.append({"i": r.id, "n": attempts, "at": nxt})
         if params:
-            from sqlalchemy import bindparam
-
             stmt = (
                 update(T)
                 .where(T.c.id == bindparam("i"))
@@ -214,12 +285,20 @@ class SourceOutbox:
                     updated_at=now,
                 )
             )
-            with self.db.engine.begin() as conn:
-                conn.execute(stmt, params)
+            self._write(lease, lambda conn: conn.execute(stmt, params))
+        else:
+            self.release([], now, lease)
         return scheduled, parked
 
-    def release(self, ids: Sequence[int], now: datetime) -> None:
-        """Leased rows this relay will not publish: due again at once."""
+    def release(self, ids: Sequence[int], now: datetime, lease: Lease | None = None) -> None:
+        """Leased rows this relay will not publish: due again at once (a
+        held lease's transaction rolled back: its locks go, nothing was
+        written)."""
+        if lease is not None and (lease.done or lease.held):
+            if lease.conn is not None:
+                lease.conn.close()  # rolls back
+                lease.conn = None
+            return
         if not ids:
             return
         with self.db.engine.begin() as conn:
