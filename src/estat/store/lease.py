@@ -1,9 +1,12 @@
-"""Leasing outbox rows, shared by the source outbox (the relay) and the
-dispatch outbox (the dispatcher): a row is due when PENDING (and not
-leased) or FAILED with its retry time passed; a lease moves
-``next_retry_at`` a lease ahead in one ``UPDATE ... WHERE id IN (SELECT ...
-FOR UPDATE SKIP LOCKED)`` (PostgreSQL), so two workers never take one row
-and no transaction stays open while the rows are on the network.
+"""Leasing outbox rows, shared by the source outbox and the dispatch
+outbox: a row is due when PENDING (and not leased) or FAILED with its
+retry time passed; ``lease`` moves ``next_retry_at`` a lease ahead in one
+``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)`` (PostgreSQL),
+so two workers never take one row and no transaction stays open while the
+rows are on the network. It is the lease on SQLite and of an operator's
+replay; on PostgreSQL the relay and the dispatcher hold their rows' locks
+instead (``SourceOutbox.take``, ``DispatchOutbox.lease``), over the same
+index ranges.
 
 On PostgreSQL the due rows are leased in two index ranges of the partial
 ``(status, next_retry_at, id)`` index: rows whose retry time (or lease)
