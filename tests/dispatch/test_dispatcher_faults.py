@@ -22,6 +22,7 @@ from estat.ops.tasks import Supervisor
 from estat.stage import Deadline
 from estat.store.db import Database
 from estat.store.dispatch import DispatchOutbox
+from tests.activity.test_flow import value
 from tests.dispatch.test_dispatcher import FAST, statuses, store, until
 from tests.servers import libpq, table_locked
 
@@ -161,9 +162,12 @@ async def test_a_lane_has_its_lease_in_flight_at_once(db: Database) -> None:
     ids = store(db, 100)
     dest = InFlight(hang=0.2)
     d = await run(db, dest, [], in_flight=4)
+    await until(lambda: dest.now == 4)
+    assert value(d._m, "dispatch_requests_in_flight", target="POSTHOG") == 4
     await until(lambda: len(dest.got) == 100)
     d.close()
     await d.join(Deadline.after(10, SystemClock()))
+    assert value(d._m, "dispatch_requests_in_flight", target="POSTHOG") == 0
     assert dest.most == 4
     assert dest.requests == 10
     assert sorted(dest.got) == sorted(ids)

@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from prometheus_client import Gauge
+
 from estat.circuit import Circuit, State
 from estat.clock import Clock
 from estat.dispatch.destination import Destination, Outcome, retry_all
@@ -239,6 +241,7 @@ class Dispatcher:
         rows = leased.rows
         chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         result = _Sent()
+        gauge = self._m.dispatch_in_flight.labels(dest.name)
         flying: dict[asyncio.Task[list[Outcome]], list[DispatchRow]] = {}
         started = 0
         try:
@@ -251,7 +254,7 @@ class Dispatcher:
                     sendable, events = result.decoded(chunks[started])
                     started += 1
                     if events:
-                        flying[asyncio.ensure_future(self._request(dest, events))] = sendable
+                        flying[asyncio.ensure_future(self._request(dest, events, gauge))] = sendable
                 if not flying:
                     continue
                 done, _ = await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
@@ -287,12 +290,15 @@ class Dispatcher:
         return marked
 
     @staticmethod
-    async def _request(dest: Destination, events: list[EventRecord]) -> list[Outcome]:
+    async def _request(dest: Destination, events: list[EventRecord], gauge: Gauge) -> list[Outcome]:
+        gauge.inc()
         try:
             return await dest.send(events)
         except Exception as e:  # a bug in the destination: nothing is lost, retried
             log.exception("destination failed", target=dest.name)
             return retry_all(len(events), f"destination error: {type(e).__name__}")
+        finally:
+            gauge.dec()
 
     def _count(
         self, target: str, marked: Marked, delivered: list[DispatchRow], now: datetime, fail: int

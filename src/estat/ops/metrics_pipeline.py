@@ -63,6 +63,12 @@ class PipelineMetrics:
             ("target",),
             mode="livemax",
         )
+        self.dispatch_in_flight = gauge(
+            "dispatch_requests_in_flight",
+            "Requests to a destination awaiting their answer, by target (at most "
+            "DISPATCH_CONCURRENCY x DISPATCH_LANE_IN_FLIGHT per dispatcher process).",
+            ("target",),
+        )
         self.dispatch_config_error = gauge(
             "dispatch_config_error",
             "1 while a target refuses the credentials (401 / 403: POSTHOG_API_KEY, the "
