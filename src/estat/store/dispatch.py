@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 
 from estat.retry import RetryPolicy
 from estat.store.db import Database
-from estat.store.lease import aware, due, lease, oldest_in
+from estat.store.lease import aware, commit_held, due, hold, lease, oldest_in
 from estat.store.schema import ERROR_MAX
 from estat.store.schema import user_activity_dispatch_outbox as T
 
@@ -169,16 +169,7 @@ class DispatchOutbox:
             return Leased(
                 [DispatchRow(*r) for r in lease(self.db, T, where, limit, now, self.lease_for)]
             )
-        conn = self.lanes.connect()
-        try:
-            conn.begin()
-            rows = _lease_pg(conn, target, limit, now)
-        except BaseException:
-            conn.close()  # rolls back
-            raise
-        if not rows:
-            conn.close()
-            return Leased([])
+        rows, conn = hold(self.lanes, lambda conn: _lease_pg(conn, target, limit, now))
         return Leased(rows, conn)
 
     def release(self, leased: Leased, now: datetime) -> None:
@@ -238,11 +229,8 @@ class DispatchOutbox:
         if held is not None:
             assert leased is not None
             leased.conn = None  # committed or rolled back here, either way
-            try:
-                self._write(held, delivered, failed, now)
-                held.commit()  # the untouched rows' locks go with it
-            finally:
-                held.close()
+            # the untouched rows' locks go with the commit
+            commit_held(held, lambda conn: self._write(conn, delivered, failed, now))
         else:
             with self.db.engine.begin() as conn:
                 self._write(conn, delivered, failed, now)

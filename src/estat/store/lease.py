@@ -21,12 +21,16 @@ the drain slows to a crawl until the next ANALYZE
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Table, Text, and_, any_, cast, literal_column, or_, select, update
+from sqlalchemy.engine import Connection, Engine
 
 from estat.store.db import Database
+
+R = TypeVar("R")
 
 
 def due(t: Table, now: datetime) -> Any:
@@ -103,6 +107,35 @@ def lease(
             if len(out) >= limit:
                 break
     return out
+
+
+def hold(
+    engine: Engine, read: Callable[[Connection], list[R]]
+) -> tuple[list[R], Connection | None]:
+    """PostgreSQL's held lease: ``read`` (a ``SELECT ... FOR NO KEY UPDATE
+    SKIP LOCKED``) in a transaction left open with the rows' locks, and its
+    connection; none when no row was found (the transaction ended)."""
+    conn = engine.connect()
+    try:
+        conn.begin()
+        rows = read(conn)
+    except BaseException:
+        conn.close()  # rolls back
+        raise
+    if not rows:
+        conn.close()
+        return rows, None
+    return rows, conn
+
+
+def commit_held(conn: Connection, write: Callable[[Connection], object]) -> None:
+    """``write`` in a held lease's transaction, committed (its locks go with
+    it), the connection given back either way."""
+    try:
+        write(conn)
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def aware(t: datetime) -> datetime:

@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Text, and_, bindparam, cast, func, or_, selec
 from estat.model import EventRecord
 from estat.retry import RetryPolicy
 from estat.store.db import Database
-from estat.store.lease import due, due_ranges, lease, oldest_in
+from estat.store.lease import commit_held, due, due_ranges, hold, lease, oldest_in
 from estat.store.rows import encode, outbox_row
 from estat.store.schema import ERROR_MAX, user_activity_source_outbox
 
@@ -174,10 +174,9 @@ class SourceOutbox:
         the lease's transaction, nothing written; SQLite: ``lease``."""
         if not self.db.skip_locked:
             return Lease(self.lease(limit, now))
-        conn = self.db.engine.connect()
-        rows: list[OutboxRow] = []
-        try:
-            conn.begin()
+
+        def read(conn: Connection) -> list[OutboxRow]:
+            rows: list[OutboxRow] = []
             for cond, order in due_ranges(T, now):
                 stmt = (
                     select(T.c.id, T.c.event_id, cast(T.c.payload, Text), T.c.retry_count)
@@ -192,12 +191,9 @@ class SourceOutbox:
                 ]
                 if len(rows) >= limit:
                     break
-        except BaseException:
-            conn.close()  # rolls back
-            raise
-        if not rows:
-            conn.close()
-            return Lease()
+            return rows
+
+        rows, conn = hold(self.db.engine, read)
         return Lease(rows, conn, held=True)
 
     def _write(self, lease: Lease | None, write: Callable[[Connection], object]) -> None:
@@ -210,11 +206,7 @@ class SourceOutbox:
         else:
             assert lease is not None
             lease.conn = None  # committed or rolled back here, either way
-            try:
-                write(held)
-                held.commit()
-            finally:
-                held.close()
+            commit_held(held, write)
         if lease is not None:
             lease.done = True
 
