@@ -109,10 +109,5 @@ async def main_async(pg: Any) -> None:
     print(f"  held / ahead: {statistics.median(ratio):.2f} (median of the rounds)")
 
 
-def main() -> int:
-    code: int = bench.on_postgres(main_async)
-    return code
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bench.on_postgres(main_async))

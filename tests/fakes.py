@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
 
 from estat.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 
@@ -42,3 +45,18 @@ class MemorySink:
 
     async def close(self) -> None:
         return None
+
+
+def lost_once(real: Callable[..., Any]) -> Callable[..., Any]:
+    """``real``, except that its first call fails as a database connection
+    lost in the middle of the statement does."""
+    calls = 0
+
+    def flaky(*a: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OperationalError("UPDATE", {}, Exception("connection lost"))
+        return real(*a, **kw)
+
+    return flaky

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 
 from estat.activity.relay import Relay
 from estat.bus.base import Message
@@ -26,6 +25,7 @@ from estat.store.outbox import SourceOutbox
 from estat.store.schema import user_activity_source_outbox as S
 from tests.activity.test_flow import rec
 from tests.dispatch.test_dispatcher import until
+from tests.fakes import lost_once
 
 
 class NativeCrash(BaseException):
@@ -103,17 +103,7 @@ async def test_the_database_failing_at_mark_gives_the_rows_back(db: Database) ->
     ids = enqueue(db, 12)
     bus = Bus()
     relay = await start(db, bus, [])
-    real = relay.outbox.mark_published
-    calls = 0
-
-    def flaky(*a: object, **kw: object) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise OperationalError("UPDATE", {}, Exception("connection lost"))
-        real(*a, **kw)  # type: ignore[arg-type]
-
-    relay.outbox.mark_published = flaky  # type: ignore[method-assign]
+    relay.outbox.mark_published = lost_once(relay.outbox.mark_published)  # type: ignore[method-assign]
     await until(lambda: {s for s, _ in rows(db)} == {"PUBLISHED"}, timeout=10)
     relay.close()
     await relay.join(Deadline.after(10, SystemClock()))

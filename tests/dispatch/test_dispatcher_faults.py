@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from sqlalchemy.exc import OperationalError
 
 from estat.clock import SystemClock
 from estat.dispatch.destination import DELIVERED, Outcome
@@ -24,6 +23,7 @@ from estat.store.db import Database
 from estat.store.dispatch import DispatchOutbox
 from tests.activity.test_flow import value
 from tests.dispatch.test_dispatcher import FAST, statuses, store, until
+from tests.fakes import lost_once
 from tests.servers import libpq, table_locked
 
 
@@ -101,17 +101,7 @@ async def test_the_database_failing_at_mark_gives_the_rows_back(db: Database) ->
     ids = store(db, 12)
     dest = Recorder()
     d = await run(db, dest, [])
-    real = d.outbox.mark
-    calls = 0
-
-    def flaky(*a: object, **kw: object) -> object:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise OperationalError("UPDATE", {}, Exception("connection lost"))
-        return real(*a, **kw)  # type: ignore[arg-type]
-
-    d.outbox.mark = flaky  # type: ignore[method-assign,assignment]
+    d.outbox.mark = lost_once(d.outbox.mark)  # type: ignore[method-assign]
     await until(lambda: {s for s, _, _ in statuses(db).values()} == {"DISPATCHED"})
     d.close()
     await d.join(Deadline.after(10, SystemClock()))
