@@ -60,9 +60,11 @@ def updates(db: Database) -> int:
         )
 
 
-async def drain(url: str, kind: type[SourceOutbox]) -> tuple[float, float]:
-    """The outbox drained by one relay: (events/s, row versions written per event)."""
-    db = Database(url)
+async def relay_of(
+    db: Database, kind: type[SourceOutbox] = SourceOutbox
+) -> tuple[Relay, Metrics, SystemClock]:
+    """``N`` server events in the source outbox of ``db`` (migrated here), and
+    a relay (not started) to an in-process bus that holds them all."""
     db.upgrade()
     outbox = kind(db)
     recs = bench.events(N)
@@ -72,6 +74,13 @@ async def drain(url: str, kind: type[SourceOutbox]) -> tuple[float, float]:
     bus = MemoryBus(capacity=N)
     await bus.start()
     relay = Relay(outbox, bus, batch_size=BATCH, poll_interval=0.05, metrics=m, clock=clock)
+    return relay, m, clock
+
+
+async def drain(url: str, kind: type[SourceOutbox]) -> tuple[float, float]:
+    """The outbox drained by one relay: (events/s, row versions written per event)."""
+    db = Database(url)
+    relay, m, clock = await relay_of(db, kind)
     ok = m.outbox_publish.labels("success")
     sup = Supervisor(m, lambda name: None)
     time.sleep(1.0)  # the enqueuing's statistics flushed

@@ -24,21 +24,17 @@ from typing import Any, TypeVar
 from sqlalchemy import func, select
 
 from estat.activity.consumer import StoreConsumer
-from estat.activity.relay import Relay
-from estat.bus.memory import MemoryBus
-from estat.clock import SystemClock
-from estat.ops.metrics import Metrics
 from estat.ops.tasks import Supervisor
 from estat.stage import Deadline
 from estat.store.db import Database
 from estat.store.events import EventStore
-from estat.store.outbox import SourceOutbox
 from estat.store.schema import user_activity_event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-bench = importlib.import_module("dispatch_bench")
+relay_bench = importlib.import_module("relay_bench")
+bench = relay_bench.bench
 
-N = int(os.environ.get("BENCH_SERVER_EVENTS", "30000"))
+N: int = relay_bench.N
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 T = TypeVar("T")
 
@@ -57,17 +53,9 @@ def stored(db: Database) -> int:
 
 async def drain(db: Database) -> float:
     """Server events in the source outbox → relay → bus → store: events/s."""
-    db.upgrade()
-    outbox = SourceOutbox(db)
-    recs = bench.events(N)
-    for i in range(0, N, 1000):
-        outbox.enqueue(recs[i : i + 1000])
-    m, clock = Metrics(), SystemClock()
-    bus = MemoryBus(capacity=N)
-    await bus.start()
-    relay = Relay(outbox, bus, batch_size=500, poll_interval=0.05, metrics=m, clock=clock)
+    relay, m, clock = await relay_bench.relay_of(db)
     store = StoreConsumer(
-        bus, EventStore(db, ["POSTHOG"]), consumer_name="bench", batch_size=500,
+        relay.bus, EventStore(db, ["POSTHOG"]), consumer_name="bench", batch_size=500,
         max_deliveries=5, metrics=m, clock=clock, poll=0.05,
     )  # fmt: skip
     ok = m.store_events.labels("inserted")
