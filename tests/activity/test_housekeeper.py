@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -277,3 +278,26 @@ async def test_the_count_of_finished_rows_does_not_hold_up_the_store(db: Databas
     await counting
     assert stored.inserted == 3
     assert value(m, "dispatch_outbox_rows", status="DISPATCHED", target="POSTHOG") == 0
+
+
+async def test_a_purge_waiting_on_a_lock_does_not_hold_up_server_events(db: Database) -> None:
+    """PostgreSQL: the retention purge of the dispatch outbox waits for
+    another session's lock on it; a server event's outbox write in the same
+    process (the database's own thread) is not behind it."""
+    import pytest
+
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite has one writer: the housekeeper shares its thread")
+    hk = Housekeeper(
+        db, None, None, retention=60, metrics=Metrics(), clock=FakeClock(time.time()),
+        ages={"dispatch_outbox": 3600},
+    )  # fmt: skip
+    outbox = SourceOutbox(db)
+    with table_locked(db.url, "user_activity_dispatch_outbox") as holder:
+        purging = asyncio.create_task(hk.purge_done())
+        await asyncio.sleep(0.3)  # the purge is waiting for the lock
+        assert not purging.done()
+        written = await asyncio.wait_for(db.run(lambda: outbox.enqueue([rec()])), 10)
+        holder.rollback()
+    assert await purging == {"dispatch_outbox": 0}
+    assert written.inserted == 1

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from sqlalchemy import func, select
 
@@ -38,6 +38,8 @@ from estat.store.schema import OPEN, user_activity_dispatch_outbox, user_activit
 from estat.store.trace import TraceLog
 
 log = get_logger("estat.housekeeper")
+
+T = TypeVar("T")
 
 BACKLOG_EVERY = 10.0
 DISPATCH_STATUSES = ("PENDING", "FAILED", "PARKED")
@@ -142,6 +144,13 @@ class Housekeeper:
         self.database_status = "unchecked"
         self.bus_status = "unchecked" if bus is not None else "off"
 
+    def _db(self, fn: Callable[[], T]) -> Awaitable[T]:
+        """``fn`` on the housekeeper's own database thread (PostgreSQL): a
+        purge waiting on a lock, or deleting its batches, holds up none of
+        the process's other work (server events' outbox writes, the
+        publisher's fallback, the ledger)."""
+        return self.db.run(fn, on="housekeeper")
+
     async def start(self, spawn: Spawn) -> None:
         self._task = spawn("housekeeper", self._run())
 
@@ -159,7 +168,7 @@ class Housekeeper:
         if t is None or not t.buffered:
             return
         try:
-            n = await self.db.run(t.flush)
+            n = await self._db(t.flush)
             self._m.trace_rows.labels("written").inc(n)
         except TRANSIENT_DB as e:
             log.warning(
@@ -183,7 +192,7 @@ class Housekeeper:
     async def refresh_backlog(self) -> None:
         try:
             now = utcnow(self._clock.time())
-            src, dis, oldest, first = await self.db.run(lambda: backlog(self.db, now))
+            src, dis, oldest, first = await self._db(lambda: backlog(self.db, now))
         except TRANSIENT_DB as e:
             self.database_status = f"unavailable: {type(e).__name__}"
             log.warning("backlog gauges: database unavailable", error=str(e)[:200])
@@ -226,7 +235,7 @@ class Housekeeper:
             total = 0
             while not self._closing:
                 try:
-                    n = await self.db.run(functools.partial(purge, self.db, rule, before))
+                    n = await self._db(functools.partial(purge, self.db, rule, before))
                 except TRANSIENT_DB as e:
                     log.warning("retention: delete failed", table=name, error=str(e)[:200])
                     break
@@ -249,7 +258,7 @@ class Housekeeper:
         total = 0
         while not self._closing:
             try:
-                n = await self.db.run(lambda: self.trace.purge(before) if self.trace else 0)
+                n = await self._db(lambda: self.trace.purge(before) if self.trace else 0)
             except TRANSIENT_DB as e:
                 log.warning("trace log: purge failed", error=str(e)[:200])
                 break
