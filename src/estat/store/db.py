@@ -5,8 +5,9 @@ SQLite (the embedded default) runs in WAL mode with a busy timeout, so the
 worker processes of one server share the file; PostgreSQL runs through
 psycopg 3. Both are used synchronously, off the event loop
 (``Database.run``): the statements are few and batched. On PostgreSQL the
-relay and the store consumer each have a thread of their own, so neither
-waits for the other's statements; SQLite (one writer) has one thread for all.
+relay, the store consumer and the housekeeper each have a thread of their
+own (``run(fn, on=...)``), and long reads another (``run_aside``), so none
+waits for another's statements; SQLite (one writer) has one thread for all.
 """
 
 from __future__ import annotations
