@@ -220,3 +220,26 @@ def test_estat_dispatch_without_a_destination_says_what_to_set(tmp_path: Path) -
     )  # fmt: skip
     assert run.returncode == 2, run.stderr
     assert "POSTHOG_HOST" in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize(
+    ("environ", "dotenv", "url"),
+    [
+        ({}, None, "http://127.0.0.1:8081"),
+        ({}, "ADMIN_ADDR=10.0.0.5:9091\n", "http://10.0.0.5:9091"),
+        ({}, "admin_addr=:9091\n", "http://127.0.0.1:9091"),
+        ({"ADMIN_ADDR": "0.0.0.0:7000"}, "ADMIN_ADDR=10.0.0.5:9091\n", "http://127.0.0.1:7000"),
+        ({"ADMIN_ADDR": "[::]:7000"}, None, "http://[::1]:7000"),
+        ({"ADMIN_ADDR": "[fd00::1]:7000"}, None, "http://[fd00::1]:7000"),
+        ({"ESTAT_ADMIN_URL": "https://ops.example/"}, "ADMIN_ADDR=:9091\n", "https://ops.example"),
+        ({}, "ADMIN_ADDR=off\n", "http://127.0.0.1:8081"),
+    ],
+)
+def test_estat_commands_find_the_admin_listener_where_the_server_reads_it(
+    environ: dict[str, str], dotenv: str | None, url: str, tmp_path: Path
+) -> None:
+    from estat.settings.admin import admin_url
+
+    if dotenv is not None:
+        (tmp_path / ".env").write_text(dotenv)
+    assert admin_url(environ, str(tmp_path / ".env")) == url

@@ -3,7 +3,8 @@
 ``estat admin token create --name N --scopes read,replay`` prints a new
 token and the ``ADMIN_TOKENS`` entry for it (only the SHA-256 is ever
 configured). The other commands call a running estat's admin listener:
-``--url`` / ``ESTAT_ADMIN_URL`` (default ``http://127.0.0.1:8081``) and
+``--url`` / ``ESTAT_ADMIN_URL`` (default: the server's ``ADMIN_ADDR``, read
+from the environment or ``.env`` as the server reads it) and
 ``--token`` / ``ESTAT_ADMIN_TOKEN``; tables by default, JSON with ``--json``.
 """
 
@@ -16,9 +17,7 @@ import sys
 from typing import Any
 
 from estat.admin.auth import new_token
-from estat.settings.admin import SCOPES
-
-DEFAULT_URL = "http://127.0.0.1:8081"
+from estat.settings.admin import SCOPES, admin_url
 
 
 def add_admin_parser(sub: Any) -> None:
@@ -26,7 +25,11 @@ def add_admin_parser(sub: Any) -> None:
         "admin",
         help="the admin API: tokens, outbox, dispatch, completeness, traces, workers, audit",
     )
-    a.add_argument("--url", default=None, help=f"admin listener (ESTAT_ADMIN_URL; {DEFAULT_URL})")
+    a.add_argument(
+        "--url",
+        default=None,
+        help="admin listener (ESTAT_ADMIN_URL; default: ADMIN_ADDR from the environment or .env)",
+    )
     a.add_argument("--token", default=None, help="bearer token (ESTAT_ADMIN_TOKEN)")
     a.add_argument("--json", action="store_true", help="print the JSON answer")
     asub = a.add_subparsers(dest="admin_command", required=True)
@@ -128,7 +131,7 @@ def _dispatch_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any
 def run_admin_command(args: argparse.Namespace) -> int:
     if args.admin_command == "token":
         return _create_token(args)
-    url = (args.url or os.environ.get("ESTAT_ADMIN_URL") or DEFAULT_URL).rstrip("/")
+    url = (args.url or admin_url()).rstrip("/")
     token = args.token or os.environ.get("ESTAT_ADMIN_TOKEN")
     headers = {"authorization": f"Bearer {token}"} if token else {}
     method, path, params = "GET", "", {}

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8081"
 RUNBOOK = "docs/runbook.md#"
 PERMANENT = ("access_denied", "no_such_bucket", "unauthenticated", "permission")
 LEVELS = {"OK": 0, "WARN": 1, "CRIT": 2}
@@ -47,7 +46,11 @@ def add_doctor_parser(sub: Any) -> None:
         help="is it healthy? the daily checks against a running estat (exit 0 / 1 / 2)",
         description=__doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else None,
     )
-    d.add_argument("--url", default=None, help=f"admin listener (ESTAT_ADMIN_URL; {DEFAULT_URL})")
+    d.add_argument(
+        "--url",
+        default=None,
+        help="admin listener (ESTAT_ADMIN_URL; default: ADMIN_ADDR from the environment or .env)",
+    )
     d.add_argument("--token", default=None, help="a read token (ESTAT_ADMIN_TOKEN), optional")
     d.add_argument(
         "--interval", type=float, default=10.0, help="seconds between the two reads (rates)"
@@ -101,9 +104,11 @@ def checks(before: Samples, after: Samples, seconds: float, ready: dict[str, Any
     bad = [
         f"{k}={v}"
         for k, v in ready.items()
-        if k not in ("ready", "roles")
+        if k not in ("ready", "roles", "destinations")
         and not (v is True or v in ("ok", "off", "unchecked") or (k == "draining" and v is False))
     ]
+    # each destination's circuit: ``closed`` is the healthy state
+    bad += [f"{k}={v}" for k, v in (ready.get("destinations") or {}).items() if v != "closed"]
     add(
         "ready", "CRIT" if not ok else "WARN" if bad else "OK",
         ("ready" if ok else "not ready") + (": " + ", ".join(bad) if bad else ""),
@@ -145,8 +150,11 @@ def checks(before: Samples, after: Samples, seconds: float, ready: dict[str, Any
         add("last lake upload", grade(age, 600, 1800) if accepted else "OK", f"{age:.0f} s ago",
             "WARN > 10 min, CRIT > 30 min while events are accepted", "estatlakestalled")  # fmt: skip
     elif accepted:
-        add("last lake upload", "WARN", "none since start", "an upload after events are accepted",
-            "estatlakestalled")  # fmt: skip
+        # a batch waits up to FLUSH_INTERVAL for more events: none yet is
+        # news only once the process has been up as long as the alert waits
+        up = time.time() - (total(after, "process_start_time_seconds") or time.time())
+        add("last lake upload", grade(up, 600, 1800), f"none since start ({up:.0f} s ago)",
+            "WARN > 10 min, CRIT > 30 min while events are accepted", "estatlakestalled")  # fmt: skip
     size = total(after, "data_dir_disk_total_bytes")
     if size:
         used = 1 - total(after, "data_dir_disk_free_bytes") / size
@@ -211,7 +219,9 @@ def table(rows: list[Check]) -> str:
 def run_doctor(args: argparse.Namespace, sleep: Callable[[float], None] = time.sleep) -> int:
     import httpx  # here, not at import: the parser is built before signals are held
 
-    url = (args.url or os.environ.get("ESTAT_ADMIN_URL") or DEFAULT_URL).rstrip("/")
+    from estat.settings.admin import admin_url
+
+    url = (args.url or admin_url()).rstrip("/")
     token = args.token or os.environ.get("ESTAT_ADMIN_TOKEN")
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:

@@ -4,7 +4,9 @@ inherits them."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -48,6 +50,32 @@ def parse_admin_tokens(text: str) -> list[AdminTokenEntry]:
     if len(set(names)) != len(names):
         raise ValueError("admin token names must be unique")
     return out
+
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
+
+
+def admin_url(environ: Mapping[str, str] = os.environ, dotenv: str = ".env") -> str:
+    """Where estat's own commands on this host (``estat admin``, ``estat
+    doctor``) find the admin listener: ``ESTAT_ADMIN_URL``, else the server's
+    ``ADMIN_ADDR`` as the server reads it (the environment, then ``.env`` in
+    the working directory), a wildcard host meaning this host's loopback."""
+    if environ.get("ESTAT_ADMIN_URL"):
+        return environ["ESTAT_ADMIN_URL"].rstrip("/")
+    addr = environ.get("ADMIN_ADDR")
+    if addr is None and Path(dotenv).is_file():
+        from dotenv import dotenv_values
+
+        addr = {k.upper(): v for k, v in dotenv_values(dotenv).items()}.get("ADMIN_ADDR")
+    if not addr or addr.strip().lower() == "off":
+        return DEFAULT_ADMIN_URL
+    try:
+        host, port = parse_addr(addr.strip())
+    except ValueError:
+        return DEFAULT_ADMIN_URL
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _tokens(v: SecretStr) -> SecretStr:
