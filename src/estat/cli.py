@@ -11,6 +11,7 @@ from estat import __version__
 from estat.errors import ConfigError
 from estat.settings import (
     Settings,
+    dotenv_notes,
     effective_config,
     load_settings,
     markdown_table,
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config" and args.markdown:
         sys.stdout.write(markdown_table())
         return 0
+    for note in dotenv_notes():
+        print(f"estat: warning: {note}", file=sys.stderr)
     try:
         settings = load_settings()
     except ConfigError as e:

@@ -122,6 +122,21 @@ def test_version_workers_bound_and_help(tmp_path: Path) -> None:
     assert "configuration.md" in out.stdout
 
 
+def test_a_misspelt_variable_in_dot_env_is_named_with_the_right_one(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "HTTP_PORT=9000\nflush_interval=3s\nAWS_SECRET_ACCESS_KEY=s\nAWS_REGION=eu-west-1\n"
+    )
+    out = estat("config", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "estat: warning: .env: HTTP_PORT is not an estat variable and is ignored "
+        "(did you mean HTTP_ADDR?)",
+        "estat: warning: .env: AWS_SECRET_ACCESS_KEY is read from the environment only: "
+        "export it instead",
+    ]
+    assert "FLUSH_INTERVAL                      3s" in out.stdout  # read, in any case
+
+
 def test_serve_refuses_a_compiled_module_older_than_its_source(tmp_path: Path) -> None:
     pkg = ROOT / "src" / "estat"
     if not list(pkg.glob("**/*.so")):
@@ -200,3 +215,18 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_a_one_shot_command_whose_reader_leaves_ends_quietly(tmp_path: Path) -> None:
+    """``estat config --markdown | head -1``: the reader closes the pipe
+    before estat writes; estat ends with 141 (as if SIGPIPE stopped it) and
+    no traceback, not status 1 and a BrokenPipeError."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before estat writes a byte
+    run = subprocess.run(
+        [sys.executable, "-m", "estat", "config", "--markdown"],
+        stdout=w, stderr=subprocess.PIPE, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    os.close(w)
+    assert run.returncode == 141, run.stderr
+    assert run.stderr == ""

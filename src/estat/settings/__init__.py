@@ -12,6 +12,7 @@ parsers, ``present.py`` loading, masking and the generated tables.
 from estat.settings.fields import Settings
 from estat.settings.present import (
     SECRET_VARIABLES,
+    dotenv_notes,
     effective_config,
     env_name,
     load_settings,
@@ -24,6 +25,7 @@ __all__ = [
     "SECRET_VARIABLES",
     "Duration",
     "Settings",
+    "dotenv_notes",
     "effective_config",
     "env_name",
     "load_settings",

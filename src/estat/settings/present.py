@@ -117,6 +117,35 @@ def raw_config() -> list[tuple[str, str]]:
     return rows
 
 
+#: read from the process environment only, by estat's commands or libraries
+ENVIRONMENT_ONLY = ("ESTAT_ADMIN_URL", "ESTAT_ADMIN_TOKEN", "ESTAT_NATIVE", "AWS_")
+
+
+def dotenv_notes(path: str = ".env") -> list[str]:
+    """One line per variable in ``.env`` that estat does not read from it: a
+    misspelt name (with the nearest estat variable), or one read from the
+    process environment only (AWS credentials, the admin client's)."""
+    if not os.path.isfile(path):
+        return []
+    import difflib
+
+    from dotenv import dotenv_values
+
+    known = {env_name(f) for f in Settings.model_fields} | set(_ALIASES)
+    notes = []
+    for key in dotenv_values(path):
+        name = key.upper()
+        if name in known:
+            continue
+        if name.startswith(ENVIRONMENT_ONLY):
+            notes.append(f"{path}: {name} is read from the environment only: export it instead")
+            continue
+        near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        notes.append(f"{path}: {name} is not an estat variable and is ignored{hint}")
+    return notes
+
+
 def markdown_table() -> str:
     """The configuration reference, generated from the fields above."""
     lines = [
@@ -128,7 +157,11 @@ def markdown_table() -> str:
         "file in the working directory (environment variables win). Durations accept",
         "`500ms`, `3s`, `2m`, `24h`, `1d` or a bare number of seconds. An invalid",
         "value stops start-up with one line naming the variable and what it accepts.",
-        "`estat config` prints the effective configuration.",
+        "`estat config` prints the effective configuration. A variable in `.env` that",
+        "estat does not read from it is named at start with a warning: a misspelt one",
+        "with the nearest variable below; AWS credentials (`AWS_ACCESS_KEY_ID`, …) and",
+        "the admin client's `ESTAT_ADMIN_URL` / `ESTAT_ADMIN_TOKEN` are read from the",
+        "process environment only.",
         "",
         "| variable | default | meaning | accepts |",
         "|---|---|---|---|",
