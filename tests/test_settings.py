@@ -198,6 +198,10 @@ def test_dispatch_targets_follow_the_destinations_configured() -> None:
         ({"DISPATCH_TARGETS": "POSTHOG"}, "needs POSTHOG_HOST and POSTHOG_API_KEY"),
         ({"DISPATCH_TARGETS": "MIXPANEL"}, "unknown destination 'MIXPANEL'"),
         ({"WEBHOOK_URL": "https://h.example.org/x"}, "needs WEBHOOK_URL and WEBHOOK_SECRET"),
+        # half a destination is not silently no destination
+        ({"POSTHOG_HOST": "https://eu.i.posthog.com"}, "POSTHOG_API_KEY not set: POSTHOG needs"),
+        ({"POSTHOG_API_KEY": "phc_x"}, "POSTHOG_HOST not set: POSTHOG needs"),
+        ({"WEBHOOK_SECRET": "s"}, "WEBHOOK_URL not set: WEBHOOK needs"),
         ({"POSTHOG_HOST": "eu.i.posthog.com"}, "http:// or https://"),
         ({"DISPATCH_BATCH_SIZE": "1001"}, "1000"),
         ({"DISPATCH_RETRY_MAX_DELAY": "5s"}, "at least DISPATCH_RETRY_BASE_DELAY"),
@@ -207,6 +211,30 @@ def test_dispatch_settings_are_checked_at_start(env: dict[str, str], says: str) 
     with pytest.raises(ConfigError) as e:
         load_settings(env)
     assert says in str(e.value)
+
+
+def test_a_check_across_variables_names_them_and_never_shows_a_secret(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {"POSTHOG_HOST": "https://eu.i.posthog.com", "POSTHOG_API_KEY": "phc_s3cr3t",
+           "WEBHOOK_SECRET": "whsec_s3cr3t", "DISPATCH_TARGETS": "POSTHOG,WEBHOOK"}  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        load_settings(env)
+    assert e.value.problems == {
+        "DISPATCH_TARGETS": "DISPATCH_TARGETS=POSTHOG,WEBHOOK needs WEBHOOK_URL and WEBHOOK_SECRET"
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "estat", "config"], env={**os.environ, **env},
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "s3cr3t" not in run.stdout + run.stderr
+    marked = [line for line in run.stdout.splitlines() if "<- INVALID" in line]
+    assert marked == [
+        "DISPATCH_TARGETS                    POSTHOG,WEBHOOK   <- INVALID: "
+        "DISPATCH_TARGETS=POSTHOG,WEBHOOK needs WEBHOOK_URL and WEBHOOK_SECRET"
+    ]
 
 
 def test_estat_dispatch_without_a_destination_says_what_to_set(tmp_path: Path) -> None:

@@ -122,7 +122,10 @@ def _print_rows(rows: list[tuple[str, str]], problems: dict[str, str]) -> None:
     """The configuration table; invalid variables are marked with the reason."""
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
-        mark = f"   <- INVALID: {problems[k].split(': ', 1)[1]}" if k in problems else ""
+        line = problems.get(k, "")
+        _, sep, why = line.partition(": ")  # NAME=value: why, or a check across variables
+        why = why if sep and line.startswith(f"{k}=") else line
+        mark = f"   <- INVALID: {why}" if line else ""
         print(f"{k.ljust(width)}  {v}{mark}")
 
 

@@ -14,7 +14,7 @@ DESTINATIONS = ("POSTHOG", "WEBHOOK")
 class DispatchFields(BaseSettings):
     dispatch_targets: Targets | None = Field(
         None,
-        description="Destinations every stored event is dispatched to, comma-separated: POSTHOG, WEBHOOK. Unset: POSTHOG when POSTHOG_HOST and POSTHOG_API_KEY are set, WEBHOOK when WEBHOOK_URL is; empty: none.",
+        description="Destinations every stored event is dispatched to, comma-separated: POSTHOG, WEBHOOK. Unset: POSTHOG when POSTHOG_HOST or POSTHOG_API_KEY is set (both are then required), WEBHOOK when WEBHOOK_URL or WEBHOOK_SECRET is; empty: none.",
         json_schema_extra=accepts("POSTHOG, WEBHOOK, both separated by a comma, or empty"),
     )
     posthog_host: EndpointUrl | None = Field(
@@ -124,9 +124,9 @@ class DispatchFields(BaseSettings):
     @property
     def targets(self) -> tuple[str, ...]:
         if self.dispatch_targets is None:
-            auto = (
-                "POSTHOG" if self.posthog_host and self.posthog_api_key else "",
-                "WEBHOOK" if self.webhook_url else "",
+            auto = (  # half a destination is one too: the check below names what is missing
+                "POSTHOG" if self.posthog_host or self.posthog_api_key else "",
+                "WEBHOOK" if self.webhook_url or self.webhook_secret else "",
             )
             return tuple(t for t in auto if t)
         return tuple(
@@ -140,10 +140,22 @@ class DispatchFields(BaseSettings):
                 raise ValueError(
                     f"DISPATCH_TARGETS: unknown destination {t!r} (known: {', '.join(DESTINATIONS)})"
                 )
-        if "POSTHOG" in self.targets and not (self.posthog_host and self.posthog_api_key):
-            raise ValueError("DISPATCH_TARGETS=POSTHOG needs POSTHOG_HOST and POSTHOG_API_KEY")
-        if "WEBHOOK" in self.targets and not (self.webhook_url and self.webhook_secret):
-            raise ValueError("DISPATCH_TARGETS=WEBHOOK needs WEBHOOK_URL and WEBHOOK_SECRET")
+        for target, needed in (
+            (
+                "POSTHOG",
+                {"POSTHOG_HOST": self.posthog_host, "POSTHOG_API_KEY": self.posthog_api_key},
+            ),
+            ("WEBHOOK", {"WEBHOOK_URL": self.webhook_url, "WEBHOOK_SECRET": self.webhook_secret}),
+        ):
+            missing = [name for name, value in needed.items() if not value]
+            if target in self.targets and missing:
+                both = " and ".join(needed)
+                raise ValueError(
+                    f"DISPATCH_TARGETS={self.dispatch_targets} needs {both}"
+                    if self.dispatch_targets is not None
+                    else f"{' and '.join(missing)} not set: {target} needs {both} "
+                    "(DISPATCH_TARGETS= sends nowhere)"
+                )
         if self.dispatch_retry_max_delay < self.dispatch_retry_base_delay:
             raise ValueError("DISPATCH_RETRY_MAX_DELAY must be at least DISPATCH_RETRY_BASE_DELAY")
         return self

@@ -5,6 +5,7 @@ shows when values do not validate, and the generated reference."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,14 +50,19 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
 
 
 def _problem(err: Any) -> tuple[str, str]:
-    field = str(err["loc"][0]) if err["loc"] else "?"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not err["loc"]:
+        # a check across variables: its message names them; its input is
+        # every value (secrets too), never shown
+        named = [w for w in re.findall(r"[A-Z][A-Z0-9_]+", msg) if w in _NAMES]
+        return (named[0] if named else "configuration"), msg
+    field = str(err["loc"][0])
     field = _ALIASES.get(field.upper(), field)
     name = env_name(field) if field in Settings.model_fields else field.upper()
     info = Settings.model_fields.get(field)
     extra = info.json_schema_extra if info is not None else None
     accepts = extra.get("accepts") if isinstance(extra, dict) else None
     raw = (INJECTED_ENV.get() or os.environ).get(name, err.get("input"))
-    msg = str(err["msg"]).removeprefix("Value error, ")
     hint = f" (accepts {accepts})" if accepts else ""
     shown = "****" if name in SECRET_VARIABLES else repr(raw)
     return name, f"{name}={shown}: {msg}{hint}"
@@ -68,6 +74,8 @@ _ALIASES = {
     if isinstance(info.validation_alias, AliasChoices)
     for choice in info.validation_alias.choices
 }
+
+_NAMES = frozenset(env_name(f) for f in Settings.model_fields)
 
 #: variables whose values are never printed (typed ``SecretStr``)
 SECRET_VARIABLES = frozenset(
