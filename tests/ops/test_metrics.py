@@ -65,11 +65,18 @@ def test_json_log_lines_have_the_contract_fields() -> None:
         "setup_logging('info', env='prod')\n"
         "get_logger('t').warning('lake upload failed', batchKey='raw/x', durationMs=1.5)\n"
         "get_logger('t').debug('hidden')\n"
+        # a database thread's line (the dispatch circuit's transitions): the same fields
+        "import threading\n"
+        "t = threading.Thread(target=lambda: get_logger('t').warning('from a thread'))\n"
+        "t.start(); t.join()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = [json.loads(x) for x in out.stdout.splitlines()]
-    assert len(lines) == 1
-    (line,) = lines
+    assert len(lines) == 2
+    line, threaded = lines
+    assert {k: threaded[k] for k in ("service", "env", "level")} == {
+        "service": "estat", "env": "prod", "level": "warning",
+    }  # fmt: skip
     assert line["level"] == "warning"
     assert line["msg"] == "lake upload failed"
     assert line["service"] == "estat"

@@ -71,8 +71,15 @@ def _dumps(obj: Any, default: Any = None) -> bytes:
 def setup_logging(
     level: str = "info", *, pretty: bool = False, service: str = "estat", env: str = "local"
 ) -> None:
+    def identity(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        # a processor, not bound context vars: threads (the database's) have their own context
+        event.setdefault("service", service)
+        event.setdefault("env", env)
+        return event
+
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        identity,
         structlog.processors.add_log_level,
         _count,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
@@ -91,7 +98,6 @@ def setup_logging(
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
-    structlog.contextvars.bind_contextvars(service=service, env=env)
     # Libraries that log through the standard library go to stderr at WARNING.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
