@@ -58,6 +58,12 @@ def add_admin_parser(sub: Any) -> None:
     dr.add_argument("--dry-run", action="store_true", help="count only")
     dr.add_argument("--from", dest="created_from", default=None, help="created_at >= (ISO 8601)")
     dr.add_argument("--to", dest="created_to", default=None, help="created_at < (ISO 8601)")
+    dd = dsub.add_parser(
+        "discard", help="delete the rows still to be sent of a target no longer configured"
+    )
+    dd.add_argument("--target", required=True, help="a target not in DISPATCH_TARGETS")
+    dd.add_argument("--limit", type=int, default=100_000, help="1..100000 (default 100000)")
+    dd.add_argument("--dry-run", action="store_true", help="count only")
     dc = dsub.add_parser("circuit", help="each target's circuit breaker; --reset TARGET closes one")
     dc.add_argument("--reset", metavar="TARGET", default=None, help="close this target's circuit")
     cp = asub.add_parser(
@@ -122,6 +128,8 @@ def _dispatch_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any
             return "POST", f"{base}/circuits/{args.reset.upper()}/reset", {}
         return "GET", f"{base}/circuits", {}
     params: dict[str, Any] = {"limit": args.limit, "dryRun": str(args.dry_run).lower()}
+    if args.dispatch_command == "discard":
+        return "POST", f"{base}/discard", {**params, "target": args.target}
     for k, v in (("target", args.target), ("from", args.created_from), ("to", args.created_to)):
         if v is not None:
             params[k] = v

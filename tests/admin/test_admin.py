@@ -93,8 +93,9 @@ async def test_every_admin_route_needs_a_token_with_its_scope(admin: Admin) -> N
     assert f"{ADMIN_PREFIX}/dlq/replay" in paths
     assert f"{ADMIN_PREFIX}/dispatch/replay" in paths
     assert f"{ADMIN_PREFIX}/dispatch/circuits/{{target}}/reset" in paths
+    assert f"{ADMIN_PREFIX}/dispatch/discard" in paths
     assert "/openapi.json" in paths
-    params = {"messageId": "m", "limit": "1"}
+    params = {"messageId": "m", "limit": "1", "target": "RETIRED"}
     for method, template, scope in routes:
         path = template.replace("{name}", "relay").replace("{action}", "resume")
         path = path.replace("{target}", "POSTHOG")

@@ -173,3 +173,53 @@ async def test_the_dispatch_commands(setup: tuple[App, httpx.AsyncClient, Captur
     rc, out = await estat("workers", "pause", "dispatcher")
     assert rc == 0, out
     assert app.pauses.paused("dispatcher")
+    rc, out = await estat("--json", "dispatch", "discard", "--target", "webhook", "--dry-run")
+    assert rc == 0, out
+    assert json.loads(out) == {"discardedCount": 0, "target": "WEBHOOK", "dryRun": True}
+    rc, out = await estat("dispatch", "discard", "--target", "posthog")
+    assert rc == 2
+    assert "ADMIN_TARGET_CONFIGURED" in out
+
+
+async def test_the_rows_of_a_target_taken_out_of_the_configuration_can_be_discarded(
+    setup: tuple[App, httpx.AsyncClient, CaptureServer],
+) -> None:
+    """WEBHOOK was a target (its rows wait, nothing sends them): an operator
+    discards them; POSTHOG, configured, is refused; counted, logged, audited."""
+    from estat.store.events import EventStore
+    from estat.store.rows import encode, event_row
+
+    app, c, capture = setup
+    assert app.activity is not None
+    db = app.activity.db
+    records = [rec() for _ in range(7)]
+    EventStore(db, ["POSTHOG", "WEBHOOK"]).store(
+        [event_row(r) for r in records], [encode(r).decode() for r in records]
+    )
+    await until(lambda: len(capture.uuids()) == 7)  # POSTHOG's rows are sent
+    discard = f"{ADMIN_PREFIX}/dispatch/discard"
+    r = await c.post(discard, params={"target": "WEBHOOK"}, headers=auth("replayer"))
+    assert r.status_code == 403  # operate scope
+    r = await c.post(discard, params={"target": "posthog"}, headers=auth("operator"))
+    assert (r.status_code, r.json()["code"]) == (409, "ADMIN_TARGET_CONFIGURED")
+    r = await c.post(
+        discard, params={"target": "webhook", "dryRun": "true"}, headers=auth("operator")
+    )
+    assert r.json() == {"discardedCount": 7, "target": "WEBHOOK", "dryRun": True}
+    r = await c.post(discard, params={"target": "webhook", "limit": 5}, headers=auth("operator"))
+    assert r.json() == {"discardedCount": 5, "target": "WEBHOOK", "dryRun": False}
+    r = await c.post(discard, params={"target": "webhook"}, headers=auth("operator"))
+    assert r.json()["discardedCount"] == 2
+    summary = (await c.get(f"{ADMIN_PREFIX}/dispatch/summary", headers=auth("reader"))).json()
+    assert [(t["target"], t["pendingCount"], t["dispatchedCount"]) for t in summary] == [
+        ("POSTHOG", 0, 7)
+    ]
+    assert app.metrics.dispatch_discarded.labels("WEBHOOK")._value.get() == 7
+    with db.engine.connect() as conn:
+        effects = [
+            r.effect
+            for r in conn.execute(select(admin_audit_log.c.route, admin_audit_log.c.effect))
+            if r.route == discard
+        ]
+    assert len(effects) == 5  # every call, refused ones too
+    assert effects[-1] == {"discardedCount": 2, "target": "WEBHOOK", "dryRun": False}

@@ -153,3 +153,30 @@ def test_due_failed_rows_come_first_and_a_lease_holds_only_the_rows_it_returns(
     for lease in (a, b):
         box.mark(lease.rows, [], [], later, lease)
     assert box.counts() == {("POSTHOG", "DISPATCHED"): 10}
+
+
+def test_a_discard_deletes_only_the_target_rows_still_to_be_sent(db: Database) -> None:
+    """A target taken out of DISPATCH_TARGETS: its PENDING, FAILED and parked
+    rows go; its DISPATCHED rows, another target's rows and the events stay;
+    a row a dispatcher holds in a lease (PostgreSQL) is left to it."""
+    ids = stored(db, 6, ["POSTHOG", "WEBHOOK"])
+    box = DispatchOutbox(db, max_attempts=1)
+    now = datetime.now(UTC)
+    leased = box.lease("WEBHOOK", 3, now)
+    a, b, _ = leased.rows
+    box.mark([a], [(b, "HTTP 500", 0.0, False)], [], now, leased)  # b parked: 1 attempt
+    assert rows(db)[(b.event_id, "WEBHOOK")]["next_retry_at"] is None
+    assert box.discard("WEBHOOK", 100, dry_run=True) == 5  # b, c, and three PENDING
+    held = box.lease("WEBHOOK", 1, now)  # c again
+    if db.dialect == "postgresql":
+        assert box.discard("WEBHOOK", 2) == 2  # not the held one
+        assert box.discard("WEBHOOK", 100) == 2
+        box.release(held, now)
+        assert box.discard("WEBHOOK", 100) == 1
+    else:
+        assert box.discard("WEBHOOK", 2) == 2
+        assert box.discard("WEBHOOK", 100) == 3
+    left = rows(db)
+    assert {k for k in left if k[1] == "WEBHOOK"} == {(a.event_id, "WEBHOOK")}  # DISPATCHED
+    assert {k[0] for k in left if k[1] == "POSTHOG"} == set(ids)
+    assert box.discard("WEBHOOK", 100) == 0

@@ -46,6 +46,12 @@ class DispatchReplayResult(BaseModel):
     dryRun: bool = False
 
 
+class DispatchDiscardResult(BaseModel):
+    discardedCount: int
+    target: str
+    dryRun: bool = False
+
+
 class CircuitView(BaseModel):
     target: str
     state: str  # closed, open, half_open
@@ -150,7 +156,7 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
         "model": ErrorBody,
         "description": "this process lacks the part the route needs: ADMIN_PIPELINE_DISABLED, "
         "ADMIN_BUS_UNAVAILABLE, ADMIN_DLQ_UNAVAILABLE, ADMIN_WORKERS_UNAVAILABLE, "
-        "ADMIN_AUDIT_UNAVAILABLE",
+        "ADMIN_AUDIT_UNAVAILABLE; or a state that forbids it: ADMIN_TARGET_CONFIGURED",
     },
     503: {"model": ErrorBody, "description": "ADMIN_BUS_UNAVAILABLE: the bus did not answer"},
 }

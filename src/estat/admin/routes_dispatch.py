@@ -12,14 +12,18 @@ from estat.admin.context import ADMIN_PREFIX, AdminContext, AdminError, Dispatch
 from estat.admin.models import (
     REFUSALS,
     CircuitView,
+    DispatchDiscardResult,
     DispatchReplayResult,
     DispatchTargetSummary,
     IsoTime,
     aware,
 )
 from estat.circuit import CircuitState
+from estat.ops.logging import get_logger
 from estat.settings.admin import AdminTokenEntry
 from estat.store.circuit import SharedCircuit, circuits
+
+log = get_logger("estat.admin")
 
 Target = Annotated[str, Path(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,29}$")]
 
@@ -92,6 +96,39 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
         if n and not dry_run:
             d.notify()
         result = DispatchReplayResult(replayedCount=n, target=tgt, dryRun=dry_run)
+        request.state.effect = result.model_dump()
+        return result
+
+    @app.post(
+        f"{ADMIN_PREFIX}/dispatch/discard", tags=["dispatch"], responses=REFUSALS,
+        openapi_extra=doc("operate"),
+    )  # fmt: skip
+    async def dispatch_discard(
+        request: Request,
+        target: Annotated[str, Query(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,29}$")],
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+        dry_run: Annotated[bool, Query(alias="dryRun")] = False,
+        token: AdminTokenEntry = scope("operate"),
+    ) -> DispatchDiscardResult:
+        """Delete up to ``limit`` rows still to be sent (PENDING, FAILED,
+        parked) of a target no longer in ``DISPATCH_TARGETS``: nothing would
+        ever send them. The events stay in the store; DISPATCHED rows are
+        left to the retention. ``dryRun`` counts them only. A configured
+        target is refused (``409 ADMIN_TARGET_CONFIGURED``)."""
+        d = ops()
+        name = target.upper()
+        if name in d.targets:
+            raise AdminError(
+                409,
+                "ADMIN_TARGET_CONFIGURED",
+                f"{name} is in DISPATCH_TARGETS: its rows are being sent; remove it there "
+                "(every estat that dispatches) before discarding them",
+            )
+        n = await d.outbox.db.run(lambda: d.outbox.discard(name, limit, dry_run=dry_run))
+        if n and not dry_run:
+            ctx.metrics.dispatch_discarded.labels(name).inc(n)
+            log.warning("dispatch rows discarded", target=name, rows=n, by=token.name)
+        result = DispatchDiscardResult(discardedCount=n, target=name, dryRun=dry_run)
         request.state.effect = result.model_dump()
         return result
 

@@ -50,6 +50,12 @@ class PipelineMetrics:
             "(max attempts reached, or refused by the destination; replay by hand).",
             ("result", "target"),
         )
+        self.dispatch_discarded = counter(
+            "dispatch_rows_discarded_total",
+            "Dispatch outbox rows still to be sent that an operator discarded, by target (one "
+            "no longer configured); the events stay in the store.",
+            ("target",),
+        )
         self.dispatch_circuit = counter(
             "analytics_user_activity_dispatch_circuit_total",
             "Transitions of a target's circuit breaker, by the state entered (open, half_open, "

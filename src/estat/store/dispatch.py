@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import (
     and_,
     bindparam,
+    delete,
     func,
     select,
     update,
@@ -316,6 +317,23 @@ class DispatchOutbox:
                 .values(status="PENDING", retry_count=0, next_retry_at=None, updated_at=now)
             )
             return int(res.rowcount)
+
+    def discard(self, target: str, limit: int, *, dry_run: bool = False) -> int:
+        """An operator's discard, for a target no longer configured: up to
+        ``limit`` of its rows still to be sent (PENDING, FAILED, parked)
+        deleted; ``dry_run`` counts them only. The events stay in the store
+        and DISPATCHED rows are left to the retention. On PostgreSQL a row a
+        dispatcher holds in a lease is skipped (it marks it)."""
+        cond = and_(T.c.dispatch_target == target, T.c.status.in_(("PENDING", "FAILED")))
+        ids = select(T.c.id).where(cond).limit(limit)
+        if dry_run:
+            with self.db.engine.connect() as conn:
+                n = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
+                return int(n)
+        if self.db.skip_locked:
+            ids = ids.with_for_update(skip_locked=True)
+        with self.db.engine.begin() as conn:
+            return int(conn.execute(delete(T).where(T.c.id.in_(ids.scalar_subquery()))).rowcount)
 
     def summary(self, now: datetime) -> dict[str, dict[str, Any]]:
         """target → rows by status (PARKED: FAILED with no next retry),
