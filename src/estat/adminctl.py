@@ -25,13 +25,7 @@ def add_admin_parser(sub: Any) -> None:
         "admin",
         help="the admin API: tokens, outbox, dispatch, completeness, traces, workers, audit",
     )
-    a.add_argument(
-        "--url",
-        default=None,
-        help="admin listener (ESTAT_ADMIN_URL; default: ADMIN_ADDR from the environment or .env)",
-    )
-    a.add_argument("--token", default=None, help="bearer token (ESTAT_ADMIN_TOKEN)")
-    a.add_argument("--json", action="store_true", help="print the JSON answer")
+    _common(a, None, None, False)
     asub = a.add_subparsers(dest="admin_command", required=True)
     tok = asub.add_parser("token", help="admin tokens")
     tsub = tok.add_subparsers(dest="token_command", required=True)
@@ -84,6 +78,29 @@ def add_admin_parser(sub: Any) -> None:
         wp.add_argument("name", help="relay, store, dispatcher or dlq-replayer")
     au = asub.add_parser("audit", help="the latest admin calls")
     au.add_argument("--limit", type=int, default=20)
+    _after_the_command(a)
+
+
+def _common(p: argparse.ArgumentParser, url: Any, token: Any, json: Any) -> None:
+    p.add_argument(
+        "--url",
+        default=url,
+        help="admin listener (ESTAT_ADMIN_URL; default: ADMIN_ADDR from the environment or .env)",
+    )
+    p.add_argument("--token", default=token, help="bearer token (ESTAT_ADMIN_TOKEN)")
+    p.add_argument("--json", action="store_true", default=json, help="print the JSON answer")
+
+
+def _after_the_command(p: argparse.ArgumentParser) -> None:
+    """``--url``, ``--token`` and ``--json`` where people type them too,
+    after the command (``estat admin dispatch summary --json``); a level
+    that does not see one leaves the value given before it."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                s = argparse.SUPPRESS
+                _common(child, s, s, s)
+                _after_the_command(child)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:

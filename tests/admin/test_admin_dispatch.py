@@ -154,7 +154,7 @@ async def test_the_dispatch_commands(setup: tuple[App, httpx.AsyncClient, Captur
         out, _ = await proc.communicate()
         return proc.returncode or 0, out.decode()
 
-    rc, out = await estat("--json", "dispatch", "summary", token="reader")
+    rc, out = await estat("dispatch", "summary", "--json", token="reader")  # after it, too
     assert rc == 0, out
     assert json.loads(out)[0]["dispatchedCount"] == 3
     rc, out = await estat("dispatch", "circuit", token="reader")
