@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+#: the longest member id estat takes (a JWT ``sub``, a server event's
+#: ``memberId``): the store keeps it whole (``user_activity_event.member_key``)
+MEMBER_ID_MAX = 255
+
 
 @dataclass(slots=True)
 class Batch:

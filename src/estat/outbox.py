@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection
 
-from estat.model import EventRecord
+from estat.model import MEMBER_ID_MAX, EventRecord
 from estat.store.outbox import Enqueued, enqueue_rows
 
 __all__ = ["Enqueued", "enqueue"]
@@ -30,6 +30,8 @@ def _record(e: Mapping[str, Any], now: str) -> EventRecord:
     if not isinstance(name, str) or not 0 < len(name) <= 100:
         raise ValueError("eventName must be a string of 1 to 100 characters")
     member = e.get("memberId")
+    if member is not None and not 0 < len(str(member)) <= MEMBER_ID_MAX:
+        raise ValueError(f"memberId must be 1 to {MEMBER_ID_MAX} characters")
     props = {k: v for k, v in dict(e.get("properties") or {}).items() if v is not None}
     props["source"] = "SERVER"
     return EventRecord(

@@ -227,6 +227,10 @@ async def test_member_identity_from_a_signed_jwt(app: App, tmp_path: Path) -> No
     assert (
         await send(app, {"events": [ev(4)]}, {"Authorization": f"Bearer {other}"})
     ).status == 401
+    # a subject longer than the store keeps whole: refused, never cut to another member's
+    long_sub = jwt.encode({"sub": "m" * 256}, SECRET, algorithm="HS256")
+    resp = await send(app, {"events": [ev(5)]}, {"Authorization": f"Bearer {long_sub}"})
+    assert (resp.status, code(resp)) == (401, "ANALYTICS_INGEST_INVALID_TOKEN")
     (rec,) = await events_in_lake(app, tmp_path)
     assert rec["member_id"] == "member-42"
     assert rec["anonymous_id"] is None

@@ -126,6 +126,37 @@ def test_columns_are_filled_from_the_properties(db: Database) -> None:
     assert row["properties"]["sessionId"] == "s-1"
 
 
+def test_a_member_id_that_is_not_a_bigint_is_stored_whole_in_member_key(db: Database) -> None:
+    """A JWT ``sub``, a UUID, a name: seed 004's ``member_id bigint`` cannot
+    hold them, and the event used to be stored with no identity at all."""
+    from estat.store.rows import BadPayload
+
+    store = EventStore(db)
+    ids = {
+        "42": (42, None),
+        "auth0|5f7c8ec7c33c6c004bbafe82": (None, "auth0|5f7c8ec7c33c6c004bbafe82"),
+        "9223372036854775808": (None, "9223372036854775808"),  # one past bigint
+        "k" * 255: (None, "k" * 255),
+    }
+    records = {rec(member=m).event_id: m for m in ids}
+    store_all(store, [rec(eid, member=m) for eid, m in records.items()] + [rec("anon")])
+    with db.engine.connect() as conn:
+        got = {
+            r.event_id: (r.member_id, r.member_key)
+            for r in conn.execute(select(user_activity_event))
+        }
+        keyed = conn.execute(
+            select(user_activity_event.c.event_id).where(
+                user_activity_event.c.member_key == "auth0|5f7c8ec7c33c6c004bbafe82"
+            )
+        ).scalars()
+        assert len(list(keyed)) == 1
+    assert {records[e]: v for e, v in got.items() if e != "anon"} == ids
+    assert got["anon"] == (None, None)
+    with pytest.raises(BadPayload):  # never cut: that would be another member
+        event_row(rec(member="k" * 256))
+
+
 def test_a_nul_character_is_a_data_error_on_postgresql(db: Database) -> None:
     store = EventStore(db)
     bad = rec(props=b'{"note":"a\\u0000b"}')
@@ -313,6 +344,8 @@ def test_the_transactional_outbox_commits_or_rolls_back_with_the_callers_transac
     # a row written by hand with the documented minimal payload decodes too
     minimal = b'{"event_id":"x","event_name":"n","occurred_at":"2026-11-30T00:00:00Z","member_id":"7","properties":{"a":1}}'
     assert event_row(decode(minimal))["member_id"] == 7
+    with pytest.raises(ValueError, match="memberId must be 1 to 255"), db.engine.begin() as conn:
+        enqueue(conn, [{**ev, "eventId": "order-2", "memberId": "m" * 256}])
 
 
 def _has_expression(index: object) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import jwt
 
+from estat.model import MEMBER_ID_MAX
+
 
 class InvalidToken(Exception):
     """The bearer token is missing a subject, malformed, expired or forged."""
@@ -47,4 +49,6 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str | int) or str(sub) == "":
             raise InvalidToken("sub claim missing")
+        if len(str(sub)) > MEMBER_ID_MAX:
+            raise InvalidToken(f"sub claim longer than {MEMBER_ID_MAX} characters")
         return str(sub)

@@ -117,6 +117,7 @@ _COLUMNS = (
     "app_version",
     "locale",
     "properties",
+    "member_key",
 )
 _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS estat_event_staging "
@@ -125,15 +126,15 @@ _STAGING = (
 _COPY = (
     "COPY estat_event_staging (event_id, event_name, event_version, occurred_at, member_id, "
     "anonymous_id, session_id, source, request_path, request_method, device_id, platform, "
-    "app_version, locale, properties, payload) FROM STDIN"
+    "app_version, locale, properties, member_key, payload) FROM STDIN"
 )
 _MOVE = (
     "WITH ins AS (INSERT INTO user_activity_event (event_id, event_name, event_version, "
     "occurred_at, member_id, anonymous_id, session_id, source, request_path, request_method, "
-    "device_id, platform, app_version, locale, properties) "
+    "device_id, platform, app_version, locale, properties, member_key) "
     "SELECT event_id, event_name, event_version, occurred_at, member_id, anonymous_id, "
     "session_id, source, request_path, request_method, device_id, platform, app_version, "
-    "locale, properties FROM estat_event_staging "
+    "locale, properties, member_key FROM estat_event_staging "
     "ON CONFLICT (event_id) DO NOTHING RETURNING event_id), "
     "dis AS (INSERT INTO user_activity_dispatch_outbox (event_id, dispatch_target, payload, status) "
     "SELECT s.event_id, t.target, s.payload::jsonb, 'PENDING' "

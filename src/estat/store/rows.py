@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from estat.model import EventRecord
+from estat.model import MEMBER_ID_MAX, EventRecord
 
 
 class _Payload(msgspec.Struct, kw_only=True):
@@ -71,7 +71,7 @@ _FROM_PROPERTIES: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("request_method", ("requestMethod", "request_method", "method"), 10),
 )
 
-#: a member id that fits ``bigint``; others stay in the payload only
+#: a member id that fits ``bigint`` goes to ``member_id``, any other to ``member_key``
 _BIGINT = 2**63 - 1
 
 
@@ -124,12 +124,18 @@ def member_bigint(member_id: str | None) -> int | None:
 
 def event_row(rec: EventRecord) -> dict[str, Any]:
     raw = bytes(rec.properties)
+    member_id = member_bigint(rec.member_id)
+    if rec.member_id is not None and len(rec.member_id) > MEMBER_ID_MAX:
+        raise BadPayload(f"member_id longer than {MEMBER_ID_MAX} characters")
     row: dict[str, Any] = {
         "event_id": rec.event_id,
         "event_name": rec.event_name,
         "event_version": rec.event_version[:20],
         "occurred_at": timestamp(rec.occurred_at),
-        "member_id": member_bigint(rec.member_id),
+        "member_id": member_id,
+        # a member id seed 004's bigint cannot hold, whole (never cut: that
+        # would make it another member's)
+        "member_key": rec.member_id if member_id is None and rec.member_id else None,
         "anonymous_id": rec.anonymous_id[:100] if rec.anonymous_id else None,
         "source": rec.source,
         "properties": raw.decode("utf-8"),

@@ -59,7 +59,16 @@ user_activity_event = Table(
     Column("locale", String(20)),
     Column("properties", Json, nullable=False, server_default=text("'{}'")),
     Column("created_at", Ts, nullable=False, server_default=func.now()),
+    # a member id that is not a bigint (estat's; migration 0006)
+    Column("member_key", String(255)),
     Index("idx_user_activity_event_member_occurred", "member_id", text("occurred_at DESC")),
+    Index(
+        "idx_user_activity_event_member_key_occurred",
+        "member_key",
+        text("occurred_at DESC"),
+        postgresql_where=text("member_key IS NOT NULL"),
+        sqlite_where=text("member_key IS NOT NULL"),
+    ),
     Index("idx_user_activity_event_name_occurred", "event_name", text("occurred_at DESC")),
     Index("idx_user_activity_event_occurred", text("occurred_at DESC")),
 )
