@@ -207,7 +207,7 @@ def run_admin_command(args: argparse.Namespace) -> int:
         print(json.dumps(body))
     elif isinstance(body, dict):
         print(_table([body], list(body)))
-    elif args.admin_command in ("dispatch", "completeness"):
+    elif args.admin_command in ("dispatch", "completeness", "workers"):
         print(_table(body, list(body[0]) if body else ["none"]))
     elif args.admin_command == "traces":
         print(

@@ -167,6 +167,11 @@ def test_a_paused_store_stays_paused_across_a_restart_and_resumes_everything(
     assert listed.returncode == 0, listed.stderr
     store = next(w for w in json.loads(listed.stdout) if w["name"] == "store")
     assert (store["paused"], store["updatedBy"]) == (True, "ops")  # it survived the restart
+    table = cli("workers").stdout.splitlines()  # the table an operator reads
+    assert table[0].split() == ["name", "paused", "running", "updatedAt", "updatedBy"]
+    assert next(line for line in table if line.startswith("store")).split()[:3] == [
+        "store", "True", "True",
+    ]  # fmt: skip
     time.sleep(2)
     assert stored() == 0
     assert cli("workers", "resume", "store").returncode == 0
