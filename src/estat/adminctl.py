@@ -103,8 +103,16 @@ def _after_the_command(p: argparse.ArgumentParser) -> None:
                 _after_the_command(child)
 
 
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, dict):  # completeness's dispatched: {target: n}
+        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items()) or "-"
+    return str(v)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]

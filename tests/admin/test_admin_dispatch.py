@@ -157,6 +157,12 @@ async def test_the_dispatch_commands(setup: tuple[App, httpx.AsyncClient, Captur
     rc, out = await estat("dispatch", "summary", "--json", token="reader")  # after it, too
     assert rc == 0, out
     assert json.loads(out)[0]["dispatchedCount"] == 3
+    for _ in range(40):  # the ledger adds its counts every few seconds
+        rc, out = await estat("completeness", token="reader")
+        if "POSTHOG=3" in out:
+            break
+        await asyncio.sleep(0.5)
+    assert "POSTHOG=3" in out, out  # {target: n} as an operator reads it
     rc, out = await estat("dispatch", "circuit", token="reader")
     assert rc == 0, out
     assert "POSTHOG" in out
