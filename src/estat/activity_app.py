@@ -37,7 +37,7 @@ from estat.pause import Pauses
 from estat.retry import RetryPolicy
 from estat.settings import Settings
 from estat.stage import Stage
-from estat.store.db import Database, SchemaTooNew
+from estat.store.db import Database, MigrationBlocked, SchemaTooNew
 from estat.store.dispatch import DispatchOutbox
 from estat.store.events import EventStore
 from estat.store.outbox import ReplayFilter, SourceOutbox
@@ -297,7 +297,7 @@ class Activity:
                         f"the database schema is at {current}, this estat needs {db.head()}: "
                         "run `estat migrate` (AUTO_MIGRATE=false)"
                     )
-        except SchemaTooNew as e:
+        except (SchemaTooNew, MigrationBlocked) as e:
             raise StartFailed(str(e)) from e
         except TRANSIENT_DB as e:
             raise StartFailed(f"database {db.description} unavailable: {str(e)[:300]}") from e

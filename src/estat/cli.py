@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from estat.store.db import Database, SchemaTooNew
+    from estat.store.db import Database, MigrationBlocked, SchemaTooNew
 
     db = Database(settings.database)
     try:
@@ -240,6 +240,9 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     except SchemaTooNew as e:
         print(f"estat: {e}", file=sys.stderr)
         return 2
+    except MigrationBlocked as e:
+        print(f"estat: {e}", file=sys.stderr)
+        return 1
     except SQLAlchemyError as e:
         print(f"estat: database error: {str(e).splitlines()[0][:300]}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -400,3 +401,80 @@ def test_concurrent_migrations_of_one_database_do_not_collide(db: Database) -> N
         d.close()
     assert errors == []
     assert db.current() == db.head()
+
+
+def test_a_migration_behind_a_long_query_gives_way_instead_of_stalling_the_store(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An analyst's long transaction reads ``user_activity_event`` while a
+    new estat adds a column to it. Waiting for its lock, the ALTER would
+    queue every other session's statement on the table behind it (the store
+    stalls for the whole query); it waits ``MIGRATION_LOCK_TIMEOUT`` only,
+    gives way, names the blocker and retries, and completes once the query
+    ends. Without the limit, the store's insert below waits until then."""
+    import estat.store.db as dbmod
+
+    monkeypatch.setattr(dbmod, "MIGRATION_LOCK_TIMEOUT", 0.3)
+    old = Database(pg_url)
+    old.upgrade("0005")  # the schema before member_key
+    analyst = old.engine.connect()
+    analyst.begin()
+    analyst.execute(text("SELECT count(*) FROM user_activity_event"))  # holds ACCESS SHARE
+    new = Database(pg_url)
+    done: list[BaseException | None] = []
+
+    def migrate() -> None:
+        try:
+            new.upgrade()
+            done.append(None)
+        except BaseException as e:  # reported below
+            done.append(e)
+
+    t = threading.Thread(target=migrate)
+    t.start()
+    try:
+        time.sleep(1.0)  # the migration has tried, given way, and waits to retry
+        with old.engine.begin() as store:  # an old estat's store keeps storing
+            store.execute(text("SET LOCAL lock_timeout = 3000"))
+            store.execute(
+                text(
+                    "INSERT INTO user_activity_event (event_id, event_name, event_version, "
+                    "occurred_at, source) VALUES ('during', 'n', 'v1', now(), 'CLIENT')"
+                )
+            )
+        assert not done  # still waiting for the analyst
+        assert old.current() == "0005"
+        said = capsys.readouterr().out
+        assert "migration waiting" in said
+        assert "SELECT count(*) FROM user_activity_event" in said  # the blocker, named
+    finally:
+        analyst.rollback()
+        analyst.close()
+    t.join(timeout=60)
+    assert done == [None]
+    assert new.current() == new.head()
+    assert "member_key" in {
+        c["name"] for c in inspect(new.engine).get_columns("user_activity_event")
+    }
+    new.close()
+    old.close()
+
+
+def test_a_migration_blocked_past_its_patience_fails_naming_the_blocker(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import estat.store.db as dbmod
+
+    monkeypatch.setattr(dbmod, "MIGRATION_LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(dbmod, "MIGRATION_LOCK_PATIENCE", 1.0)
+    old = Database(pg_url)
+    old.upgrade("0005")
+    with old.engine.connect() as analyst:
+        analyst.begin()
+        analyst.execute(text("SELECT count(*) FROM user_activity_event"))
+        new = Database(pg_url)
+        with pytest.raises(dbmod.MigrationBlocked, match=r"pid \d+ \(idle in transaction"):
+            new.upgrade()
+        new.close()
+    assert old.current() == "0005"  # nothing half-done
+    old.close()

@@ -27,13 +27,24 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
+from estat.ops.logging import get_logger
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
 T = TypeVar("T")
 
+log = get_logger("estat.store")
+
 #: the advisory lock (PostgreSQL) that serialises migrations
 MIGRATION_LOCK = 0x657374617401  # "estat" 1
+
+#: PostgreSQL: how long one migration attempt waits for a table's lock
+#: before it gives way (then retries): a migration queued behind a long
+#: query would otherwise hold every other session's statements on that table
+MIGRATION_LOCK_TIMEOUT = 5.0
+#: and how long it keeps trying before start-up fails, naming the blockers
+MIGRATION_LOCK_PATIENCE = 600.0
 
 #: a transient database failure: retried with backoff, nothing is given up
 TRANSIENT_DB = (SQLAlchemyError, OSError)
@@ -54,6 +65,10 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 class SchemaTooNew(Exception):
     """The database was migrated by a newer estat: refusing to run on it."""
+
+
+class MigrationBlocked(Exception):
+    """Other sessions held the locks a migration needs for too long."""
 
 
 def normalise_url(url: str) -> str:
@@ -228,13 +243,63 @@ class Database:
 
         self.check_schema()
         cfg = self._config()
-        with self.engine.begin() as conn:
-            if self.dialect == "postgresql":
-                # the workers of a server (and every role) migrate at start:
-                # one at a time, the others then find the schema at head
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+        deadline = time.monotonic() + MIGRATION_LOCK_PATIENCE
+        pause = 0.5
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    if self.dialect == "postgresql":
+                        # the workers of a server (and every role) migrate at
+                        # start: one at a time, the others then find the schema
+                        # at head; then a table lock is waited for a while only
+                        conn.execute(
+                            text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK}
+                        )
+                        ms = int(MIGRATION_LOCK_TIMEOUT * 1000)
+                        conn.execute(text(f"SET LOCAL lock_timeout = {ms}"))
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, revision)
+                return
+            except DBAPIError as e:
+                if getattr(e.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                    raise
+                blockers = self._lock_holders()
+                if time.monotonic() > deadline:
+                    raise MigrationBlocked(
+                        f"the migration waited {MIGRATION_LOCK_PATIENCE:.0f} s for locks held "
+                        f"by other sessions: {blockers or 'gone by now'}; end them (or wait "
+                        "for them) and start again"
+                    ) from None
+                log.warning(
+                    "migration waiting: another session holds a lock it needs",
+                    blockers=blockers,
+                    retryInSeconds=pause,
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, 10.0)
+
+    def _lock_holders(self) -> str:
+        """The sessions holding locks on estat's tables (pid, state, since,
+        query), for the operator to end or wait for."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    text(
+                        "SELECT DISTINCT a.pid, a.state, a.xact_start, left(a.query, 80) "
+                        "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                        "JOIN pg_stat_activity a ON a.pid = l.pid "
+                        "WHERE l.granted AND a.pid <> pg_backend_pid() "
+                        "AND (c.relname LIKE 'user_activity_%' OR c.relname LIKE 'estat_%' "
+                        "OR c.relname LIKE 'message_queue_%' OR c.relname LIKE 'admin_%') "
+                        "ORDER BY a.xact_start LIMIT 5"
+                    )
+                ).all()
+        except DBAPIError:
+            return ""
+        return "; ".join(
+            f"pid {p} ({st}, since {t:%H:%M:%S}): {q}" if t else f"pid {p} ({st}): {q}"
+            for p, st, t, q in rows
+        )
 
     def downgrade(self, revision: str) -> None:
         from alembic import command
