@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config" and args.markdown:
         sys.stdout.write(markdown_table())
         return 0
-    for note in dotenv_notes():
-        print(f"estat: warning: {note}", file=sys.stderr)
+    if not getattr(args, "reuse_port", False):  # a server's workers: said once, by the server
+        for note in dotenv_notes():
+            print(f"estat: warning: {note}", file=sys.stderr)
     try:
         settings = load_settings()
     except ConfigError as e:

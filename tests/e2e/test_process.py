@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EstatProcess, free_port
+from tests.conftest import EstatProcess, free_port, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -135,6 +135,25 @@ def test_a_misspelt_variable_in_dot_env_is_named_with_the_right_one(tmp_path: Pa
         "export it instead",
     ]
     assert "FLUSH_INTERVAL                      3s" in out.stdout  # read, in any case
+
+
+def test_a_server_with_workers_names_a_misspelt_variable_once(tmp_path: Path) -> None:
+    port, admin = free_port(), free_port()
+    (tmp_path / ".env").write_text(
+        f"HTTP_PORT=9000\nHTTP_ADDR=127.0.0.1:{port}\nADMIN_ADDR=127.0.0.1:{admin}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "estat", "serve", "--workers", "2"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready")
+        time.sleep(1.0)  # both workers up (each would have said it again)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err.count("HTTP_PORT is not an estat variable") == 1, err
 
 
 def test_serve_refuses_a_compiled_module_older_than_its_source(tmp_path: Path) -> None:
