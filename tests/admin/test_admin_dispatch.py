@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -229,3 +230,55 @@ async def test_the_rows_of_a_target_taken_out_of_the_configuration_can_be_discar
         ]
     assert len(effects) == 5  # every call, refused ones too
     assert effects[-1] == {"discardedCount": 2, "target": "WEBHOOK", "dryRun": False}
+
+
+async def test_an_admin_summary_waiting_on_a_lock_does_not_hold_up_server_events(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """PostgreSQL: an operator's dispatch summary waits for another session's
+    lock on the dispatch outbox (or reads a large one for seconds); a
+    server event's outbox write in the same process is not behind it (the
+    admin's statements have a database thread of their own)."""
+    import hashlib
+    import json
+
+    from tests.servers import table_locked
+
+    token = "svc-" + uuid.uuid4().hex
+    app = await start_app(
+        tmp_path, admin_addr=f"127.0.0.1:{free_port()}", admin_tokens=ENTRIES,
+        database_url=pg_url, dispatch_targets="",
+        server_event_tokens=f"svc:{hashlib.sha256(token.encode()).hexdigest()}",
+    )  # fmt: skip
+    try:
+        assert app.admin is not None
+        assert app.admin.address is not None
+        assert app.address is not None
+        admin = f"http://{app.admin.address[0]}:{app.admin.address[1]}"
+        ingest = f"http://{app.address[0]}:{app.address[1]}"
+        async with httpx.AsyncClient(timeout=30) as c:
+            with table_locked(pg_url, "user_activity_dispatch_outbox") as holder:
+                summary = asyncio.create_task(
+                    c.get(f"{admin}{ADMIN_PREFIX}/dispatch/summary", headers=auth("reader"))
+                )
+                await asyncio.sleep(0.5)  # the summary waits for the lock
+                assert not summary.done()
+                r = await asyncio.wait_for(
+                    c.post(
+                        f"{ingest}/api/v1/server-events",
+                        content=json.dumps(
+                            {"memberId": 7, "events": [{"eventId": "e-1", "eventName": "n"}]}
+                        ),
+                        headers={
+                            "Authorization": f"Bearer {token}",
+                            "Content-Type": "application/json",
+                        },
+                    ),
+                    5,
+                )
+                assert r.status_code == 200, r.text
+                holder.rollback()
+            assert (await summary).status_code == 200
+    finally:
+        await close_all()
+        await app.shutdown()

@@ -42,7 +42,7 @@ class AuditLog:
             with self.db.engine.begin() as conn:
                 conn.execute(insert(T).values(**row))
 
-        await self.db.run(_write)
+        await self.db.run(_write, on="admin")
 
     async def recent(self, limit: int, since: datetime | None) -> list[dict[str, Any]]:
         stmt = select(T).order_by(T.c.id.desc()).limit(limit)
@@ -53,4 +53,4 @@ class AuditLog:
             with self.db.engine.connect() as conn:
                 return [dict(r._mapping) for r in conn.execute(stmt)]
 
-        return await self.db.run(_read)
+        return await self.db.run(_read, on="admin")

@@ -141,7 +141,7 @@ def _store_counts(activity: Activity) -> Callable[[], Awaitable[dict[str, Any]]]
         }
 
     async def counts() -> dict[str, Any]:
-        out = await db.run(read)
+        out = await db.run(read, on="admin")
         pending = parked = None
         if activity.bus is not None:
             try:

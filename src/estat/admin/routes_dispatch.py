@@ -47,7 +47,7 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
         next retry), the highest retry count, the oldest due row."""
         d = ops()
         now = ctx.now()
-        rows = await d.outbox.db.run(lambda: d.outbox.summary(now))
+        rows = await d.outbox.db.run(lambda: d.outbox.summary(now), on="admin")
         for t in d.targets:
             rows.setdefault(t, {"maxRetryCount": 0, "oldestDue": None})
         return [
@@ -91,7 +91,8 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
                 created_from=aware(created_from),
                 created_to=aware(created_to),
                 dry_run=dry_run,
-            )
+            ),
+            on="admin",
         )
         if n and not dry_run:
             d.notify()
@@ -124,7 +125,9 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
                 f"{name} is in DISPATCH_TARGETS: its rows are being sent; remove it there "
                 "(every estat that dispatches) before discarding them",
             )
-        n = await d.outbox.db.run(lambda: d.outbox.discard(name, limit, dry_run=dry_run))
+        n = await d.outbox.db.run(
+            lambda: d.outbox.discard(name, limit, dry_run=dry_run), on="admin"
+        )
         if n and not dry_run:
             ctx.metrics.dispatch_discarded.labels(name).inc(n)
             log.warning("dispatch rows discarded", target=name, rows=n, by=token.name)
@@ -147,7 +150,7 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
     async def dispatch_circuits(_: AdminTokenEntry = scope("read")) -> list[CircuitView]:
         """Each target's circuit breaker, as every dispatcher shares it."""
         d = ops()
-        stored = await d.outbox.db.run(lambda: circuits(d.outbox.db))
+        stored = await d.outbox.db.run(lambda: circuits(d.outbox.db), on="admin")
         names = sorted({*d.targets, *stored})
         return [view(d, t, stored.get(t, CircuitState())) for t in names]
 
@@ -163,7 +166,7 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
         d = ops()
         name = target.upper()
         shared = SharedCircuit(d.outbox.db, name, d.circuit, d.clock)
-        state = await d.outbox.db.run(shared.reset)
+        state = await d.outbox.db.run(shared.reset, on="admin")
         d.notify()
         result = view(d, name, state)
         request.state.effect = {"target": name, "state": state.state}

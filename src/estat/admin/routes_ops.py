@@ -148,7 +148,7 @@ def add_operations_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str]
         now = ctx.now()
         to = aware(end) or now
         frm = aware(start) or to - timedelta(hours=24)
-        hours = await db.run(lambda: ledger_read(db, frm, to))
+        hours = await db.run(lambda: ledger_read(db, frm, to), on="admin")
         grace = timedelta(seconds=grace_s)
         out = []
         for h in hours:

@@ -50,7 +50,7 @@ def add_pipeline_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
     async def outbox_summary(_: AdminTokenEntry = scope("read")) -> OutboxSummary:
         """Source outbox rows by status, and the highest retry count."""
         box = outbox()
-        counts = await box.db.run(box.counts)
+        counts = await box.db.run(box.counts, on="admin")
         return OutboxSummary(
             pendingCount=counts.get("PENDING", (0, 0))[0],
             failedCount=counts.get("FAILED", (0, 0))[0],
@@ -80,7 +80,7 @@ def add_pipeline_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
         which = ReplayFilter(event_name, aware(created_from), aware(created_to))
         if dry_run:
             now = ctx.now()
-            n = await box.db.run(lambda: box.count_replayable(which, now, limit))
+            n = await box.db.run(lambda: box.count_replayable(which, now, limit), on="admin")
             result = ReplayResult(processedCount=n, successCount=0, failedCount=0, dryRun=True)
         else:
             if ctx.replay is None:
@@ -103,7 +103,7 @@ def add_pipeline_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
     ) -> list[TraceRow]:
         """The message's trace rows (message_queue_trace_log), newest first."""
         box = outbox()
-        rows = await box.db.run(lambda: traces(box.db, message_id, limit))
+        rows = await box.db.run(lambda: traces(box.db, message_id, limit), on="admin")
         return [
             TraceRow(
                 id=r["id"],

@@ -58,7 +58,7 @@ class PauseWatcher:
 
     async def refresh(self) -> None:
         try:
-            states = await self.db.run(lambda: read_states(self.db))
+            states = await self.db.run(lambda: read_states(self.db), on="workers")
         except TRANSIENT_DB as e:
             log.warning("worker pause state not read: keeping the last one", error=str(e)[:300])
             return
@@ -76,6 +76,6 @@ class PauseWatcher:
     async def write(self, worker: str, paused: bool, by: str | None, now: datetime) -> None:
         """The admin API's change: to the database (every process follows),
         and at once in this process."""
-        await self.db.run(lambda: set_state(self.db, worker, paused, by, now))
+        await self.db.run(lambda: set_state(self.db, worker, paused, by, now), on="admin")
         self.updated[worker] = (now, by)
         self.apply(worker, paused, by)

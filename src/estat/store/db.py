@@ -5,8 +5,8 @@ SQLite (the embedded default) runs in WAL mode with a busy timeout, so the
 worker processes of one server share the file; PostgreSQL runs through
 psycopg 3. Both are used synchronously, off the event loop
 (``Database.run``): the statements are few and batched. On PostgreSQL the
-relay, the store consumer and the housekeeper each have a thread of their
-own (``run(fn, on=...)``), and long reads another (``run_aside``), so none
+relay, the store consumer, the housekeeper and the admin API each have a
+thread of their own (``run(fn, on=...)``), and long reads another (``run_aside``), so none
 waits for another's statements; SQLite (one writer) has one thread for all.
 """
 
