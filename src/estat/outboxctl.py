@@ -19,17 +19,7 @@ def run_outbox_command(settings: Settings, args: argparse.Namespace) -> int:
     db = Database(settings.database)
     try:
         if args.outbox_command == "summary":
-            counts = SourceOutbox(db).counts()
-            print(
-                json.dumps(
-                    {
-                        "pendingCount": counts.get("PENDING", (0, 0))[0],
-                        "failedCount": counts.get("FAILED", (0, 0))[0],
-                        "publishedCount": counts.get("PUBLISHED", (0, 0))[0],
-                        "maxRetryCount": max((m for _, m in counts.values()), default=0),
-                    }
-                )
-            )
+            print(json.dumps(SourceOutbox(db).summary()))
         else:
             if not 1 <= args.limit <= 100_000:
                 print("estat: --limit must be from 1 to 100000", file=sys.stderr)

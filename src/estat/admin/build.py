@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from estat.activity_app import Activity
 from estat.admin.api import build_admin_app
@@ -24,12 +24,15 @@ from estat.clock import Clock
 from estat.dlq.queue import DeadLetterQueue, Sink
 from estat.ops.metrics import Metrics
 from estat.settings import Settings
+from estat.store.budget import Overrun, estimated_rows, within_budget
 from estat.store.db import Database
 from estat.store.dispatch import DispatchOutbox
+from estat.store.dispatch import by_status as dispatch_by_status
+from estat.store.dispatch import estimated_by_status as estimated_dispatch
+from estat.store.outbox import by_status as source_by_status
+from estat.store.outbox import estimated_by_status as estimated_source
 from estat.store.schema import (
-    user_activity_dispatch_outbox,
     user_activity_event,
-    user_activity_source_outbox,
 )
 
 
@@ -114,31 +117,28 @@ def _dispatch_ops(settings: Settings, activity: Activity, clock: Clock) -> Dispa
 def _store_counts(activity: Activity) -> Callable[[], Awaitable[dict[str, Any]]]:
     db = activity.db
 
-    def read() -> dict[str, Any]:
-        with db.engine.connect() as conn:
-            events = conn.execute(
-                select(func.count()).select_from(user_activity_event)
-            ).scalar_one()
-            src = user_activity_source_outbox
-            source: dict[str, int] = {
-                str(status): int(n)
-                for status, n in conn.execute(
-                    select(src.c.status, func.count()).group_by(src.c.status)
-                )
-            }
-            d = user_activity_dispatch_outbox
-            dispatch: dict[str, dict[str, int]] = {}
-            for target, status, n in conn.execute(
-                select(d.c.dispatch_target, d.c.status, func.count()).group_by(
-                    d.c.dispatch_target, d.c.status
-                )
-            ):
-                dispatch.setdefault(target, {})[status] = int(n)
+    def exact(conn: Connection) -> dict[str, Any]:
+        events = conn.execute(select(func.count()).select_from(user_activity_event)).scalar_one()
         return {
             "events": int(events),
-            "sourceOutbox": {k: int(v) for k, v in source.items()},
-            "dispatchOutbox": dispatch,
+            "sourceOutbox": {k: n for k, (n, _) in source_by_status(conn, None).items()},
+            "dispatchOutbox": _dispatch_counts(dispatch_by_status(conn, None)),
+            "estimated": False,
         }
+
+    def read() -> dict[str, Any]:
+        """Exact within SUMMARY_BUDGET; past it (a large PostgreSQL store),
+        the rows still to be sent exactly and the rest estimated."""
+        try:
+            return within_budget(db, exact)
+        except Overrun:
+            with db.engine.connect() as conn:
+                return {
+                    "events": estimated_rows(conn, user_activity_event.name)[""],
+                    "sourceOutbox": {k: n for k, (n, _) in estimated_source(conn).items()},
+                    "dispatchOutbox": _dispatch_counts(estimated_dispatch(conn)),
+                    "estimated": True,
+                }
 
     async def counts() -> dict[str, Any]:
         out = await db.run(read, on="admin")
@@ -152,6 +152,17 @@ def _store_counts(activity: Activity) -> Callable[[], Awaitable[dict[str, Any]]]
         return {**out, "busPending": pending, "busParked": parked}
 
     return counts
+
+
+def _dispatch_counts(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """target → status → rows (PARKED counted as FAILED, as stored)."""
+    out: dict[str, dict[str, int]] = {}
+    for target, row in rows.items():
+        counts = {k: int(row[k]) for k in ("PENDING", "FAILED", "DISPATCHED") if row.get(k)}
+        if row.get("PARKED"):
+            counts["FAILED"] = counts.get("FAILED", 0) + int(row["PARKED"])
+        out[target] = counts
+    return out
 
 
 def dlq_ops(dlq: DeadLetterQueue, sink: Sink) -> DlqOps:

@@ -21,6 +21,9 @@ class OutboxSummary(BaseModel):
     failedCount: int
     publishedCount: int
     maxRetryCount: int
+    # true: the exact count overran SUMMARY_BUDGET; publishedCount is
+    # PostgreSQL's estimate, maxRetryCount that of the rows still to publish
+    publishedCountEstimated: bool = False
 
 
 class ReplayResult(BaseModel):
@@ -38,6 +41,9 @@ class DispatchTargetSummary(BaseModel):
     dispatchedCount: int
     maxRetryCount: int
     oldestDueAt: datetime | None  # created_at of the oldest row due now
+    # true: the exact count overran SUMMARY_BUDGET; dispatchedCount is
+    # PostgreSQL's estimate, maxRetryCount that of the rows still to send
+    dispatchedCountEstimated: bool = False
 
 
 class DispatchReplayResult(BaseModel):
@@ -133,6 +139,9 @@ class StoreCounts(BaseModel):
     sourceOutbox: dict[str, int]
     busPending: int | None
     busParked: int | None
+    # true: counting every row overran SUMMARY_BUDGET; events, PUBLISHED and
+    # DISPATCHED are PostgreSQL's estimates, the rows still to be sent exact
+    estimated: bool = False
 
 
 class AuditRow(BaseModel):

@@ -59,6 +59,7 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
                 dispatchedCount=r.get("DISPATCHED", 0),
                 maxRetryCount=r["maxRetryCount"],
                 oldestDueAt=r["oldestDue"],
+                dispatchedCountEstimated=r.get("estimated", False),
             )
             for t, r in sorted(rows.items())
         ]

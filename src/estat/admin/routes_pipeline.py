@@ -50,13 +50,7 @@ def add_pipeline_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
     async def outbox_summary(_: AdminTokenEntry = scope("read")) -> OutboxSummary:
         """Source outbox rows by status, and the highest retry count."""
         box = outbox()
-        counts = await box.db.run(box.counts, on="admin")
-        return OutboxSummary(
-            pendingCount=counts.get("PENDING", (0, 0))[0],
-            failedCount=counts.get("FAILED", (0, 0))[0],
-            publishedCount=counts.get("PUBLISHED", (0, 0))[0],
-            maxRetryCount=max((mx for _, mx in counts.values()), default=0),
-        )
+        return OutboxSummary(**await box.db.run(box.summary, on="admin"))
 
     @app.post(
         f"{ADMIN_PREFIX}/user-activity/outbox/replay", tags=["user-activity"],

@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from estat.retry import RetryPolicy
+from estat.store.budget import Overrun, estimated_rows, within_budget
 from estat.store.db import Database
 from estat.store.lease import aware, commit_held, due, hold, lease, oldest_in
 from estat.store.schema import ERROR_MAX
@@ -44,6 +45,39 @@ from estat.store.schema import user_activity_dispatch_outbox as T
 
 #: 10 s x 2^min(retry_count, 10), at most 10 min, equal jitter (DISPATCH_RETRY_*)
 DISPATCH_RETRY = RetryPolicy(base=10.0, cap=600.0, exponent_cap=10, jitter="equal")
+
+
+def estimated_by_status(conn: Connection) -> dict[str, dict[str, Any]]:
+    """``by_status`` when counting every row overran its budget: the rows
+    still to be sent exactly (their index), DISPATCHED estimated
+    (``estimated``), the highest retry count of the rows still to be sent."""
+    out = by_status(conn, T.c.status.in_(("PENDING", "FAILED")))
+    for target, rows in estimated_rows(conn, T.name, "dispatch_target").items():
+        if target:
+            row = out.setdefault(target, {"maxRetryCount": 0, "oldestDue": None})
+            still = sum(row.get(k, 0) for k in ("PENDING", "FAILED", "PARKED"))
+            row["DISPATCHED"] = max(0, rows - still)
+    for row in out.values():
+        row["estimated"] = True
+    return out
+
+
+def by_status(conn: Connection, where: Any) -> dict[str, dict[str, Any]]:
+    """target → rows by status (PARKED apart) and the highest retry count,
+    of the rows ``where`` says (all: ``None``)."""
+    parked = and_(T.c.status == "FAILED", T.c.next_retry_at.is_(None))
+    stmt = select(
+        T.c.dispatch_target, T.c.status, parked, func.count(), func.max(T.c.retry_count)
+    ).group_by(T.c.dispatch_target, T.c.status, parked)
+    if where is not None:
+        stmt = stmt.where(where)
+    out: dict[str, dict[str, Any]] = {}
+    for target, status, is_parked, n, mx in conn.execute(stmt):
+        row = out.setdefault(str(target), {"maxRetryCount": 0, "oldestDue": None})
+        key = "PARKED" if is_parked else str(status)
+        row[key] = row.get(key, 0) + int(n)
+        row["maxRetryCount"] = max(row["maxRetryCount"], int(mx or 0))
+    return out
 
 
 class DispatchRow(NamedTuple):
@@ -337,19 +371,16 @@ class DispatchOutbox:
 
     def summary(self, now: datetime) -> dict[str, dict[str, Any]]:
         """target → rows by status (PARKED: FAILED with no next retry),
-        the highest retry count, and the oldest due row's creation."""
-        parked = and_(T.c.status == "FAILED", T.c.next_retry_at.is_(None))
-        out: dict[str, dict[str, Any]] = {}
+        the highest retry count, and the oldest due row's creation. Exact
+        within ``SUMMARY_BUDGET``; past it (PostgreSQL, a large outbox) the
+        rows still to be sent exactly, DISPATCHED estimated and
+        ``maxRetryCount`` of the rows still to be sent (``estimated``)."""
+        try:
+            out = within_budget(self.db, lambda conn: by_status(conn, None))
+        except Overrun:
+            with self.db.engine.connect() as conn:
+                out = estimated_by_status(conn)
         with self.db.engine.connect() as conn:
-            for target, status, is_parked, n, mx in conn.execute(
-                select(
-                    T.c.dispatch_target, T.c.status, parked, func.count(), func.max(T.c.retry_count)
-                ).group_by(T.c.dispatch_target, T.c.status, parked)
-            ):
-                row = out.setdefault(str(target), {"maxRetryCount": 0, "oldestDue": None})
-                key = "PARKED" if is_parked else str(status)
-                row[key] = row.get(key, 0) + int(n)
-                row["maxRetryCount"] = max(row["maxRetryCount"], int(mx or 0))
             for target, at in conn.execute(
                 select(T.c.dispatch_target, func.min(T.c.created_at))
                 .where(due(T, now))

@@ -31,6 +31,7 @@ from sqlalchemy import Connection, Text, and_, bindparam, cast, func, or_, selec
 
 from estat.model import EventRecord
 from estat.retry import RetryPolicy
+from estat.store.budget import Overrun, estimated_rows, within_budget
 from estat.store.db import Database
 from estat.store.lease import commit_held, due, due_ranges, hold, lease, oldest_in
 from estat.store.rows import encode, outbox_row
@@ -305,11 +306,43 @@ class SourceOutbox:
         with self.db.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(ids)).scalar_one())
 
-    def counts(self) -> dict[str, tuple[int, int]]:
-        """status → (rows, max retry_count)."""
-        stmt = select(T.c.status, func.count(), func.max(T.c.retry_count)).group_by(T.c.status)
-        with self.db.engine.connect() as conn:
-            return {s: (n, m or 0) for s, n, m in conn.execute(stmt)}
+    def summary(self) -> dict[str, Any]:
+        """Seed 004's ``{pendingCount, failedCount, publishedCount,
+        maxRetryCount}``, with ``publishedCountEstimated``: exact within
+        ``SUMMARY_BUDGET``; past it (PostgreSQL, a large outbox) PENDING and
+        FAILED exactly, PUBLISHED estimated, ``maxRetryCount`` of the rows
+        still to be published."""
+        estimated = False
+        try:
+            counts = within_budget(self.db, lambda conn: by_status(conn, None))
+        except Overrun:
+            estimated = True
+            with self.db.engine.connect() as conn:
+                counts = estimated_by_status(conn)
+        return {
+            "pendingCount": counts.get("PENDING", (0, 0))[0],
+            "failedCount": counts.get("FAILED", (0, 0))[0],
+            "publishedCount": counts.get("PUBLISHED", (0, 0))[0],
+            "maxRetryCount": max((m for _, m in counts.values()), default=0),
+            "publishedCountEstimated": estimated,
+        }
+
+
+def by_status(conn: Connection, where: Any) -> dict[str, tuple[int, int]]:
+    """status → (rows, highest retry count) of the rows ``where`` says (all: ``None``)."""
+    stmt = select(T.c.status, func.count(), func.max(T.c.retry_count)).group_by(T.c.status)
+    if where is not None:
+        stmt = stmt.where(where)
+    return {s: (int(n), int(m or 0)) for s, n, m in conn.execute(stmt)}
+
+
+def estimated_by_status(conn: Connection) -> dict[str, tuple[int, int]]:
+    """``by_status`` when counting every row overran its budget: PENDING and
+    FAILED exactly (their index), PUBLISHED estimated."""
+    counts = by_status(conn, T.c.status.in_(("PENDING", "FAILED")))
+    still = sum(n for n, _ in counts.values())
+    counts["PUBLISHED"] = (max(0, estimated_rows(conn, T.name)[""] - still), 0)
+    return counts
 
 
 def requeue_failed(db: Database, limit: int, now: datetime) -> int:
