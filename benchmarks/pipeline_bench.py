@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -239,28 +240,30 @@ def api_part(redis: Any, work: Path) -> None:
         port = free_port()
         env = {**env, "ANALYTICS_RATE_LIMIT_MAX_REQUESTS": "1000000000"}
         proc = start_estat(work / name, port, env, roles="ingest")
-        url = f"http://127.0.0.1:{port}/api/v1/analytics/events"
-        _wrk(url, 8, 2)
-        per_core, rates, refused = [], [], 0.0
-        c_redis = _run.cpu_seconds(redis.proc.pid)
-        for _ in range(3):
-            c0 = _run.cpu_seconds(proc.pid)
-            requests, non2xx = _wrk(url, 8, SECONDS)
-            cpu = _run.cpu_seconds(proc.pid) - c0
-            accepted = (requests - non2xx) * 50
-            per_core.append(accepted / cpu)
-            rates.append(accepted / SECONDS)
-            refused += non2xx
-        redis_cpu = _run.cpu_seconds(redis.proc.pid) - c_redis
-        time.sleep(3)
-        m = _run.metrics(port)
+        try:
+            url = f"http://127.0.0.1:{port}/api/v1/analytics/events"
+            _wrk(url, 8, 2)
+            per_core, rates, refused = [], [], 0.0
+            c_redis = _run.cpu_seconds(redis.proc.pid)
+            for _ in range(3):
+                c0 = _run.cpu_seconds(proc.pid)
+                requests, non2xx = _wrk(url, 8, SECONDS)
+                cpu = _run.cpu_seconds(proc.pid) - c0
+                accepted = (requests - non2xx) * 50
+                per_core.append(accepted / cpu)
+                rates.append(accepted / SECONDS)
+                refused += non2xx
+            redis_cpu = _run.cpu_seconds(redis.proc.pid) - c_redis
+            time.sleep(3)
+            m = _run.metrics(port)
+        finally:
+            stop(proc)  # never left running, whatever failed
         acc = m.get('analytics_ingest_events_total{reason="",result="accepted"}', 0)
         pub = m.get(
             'mq_publish_count_total{provider="redis-stream",result="success",topic="user-activity"}',
             0,
         ) + m.get('activity_publish_fallback_total{to="outbox"}', 0)
         rows.append((name, per_core, rates, refused, acc, pub, redis_cpu))
-        stop(proc)
     for name, per_core, rates, refused, acc, pub, redis_cpu in rows:
         print(
             f"  bus {name:>3}: {statistics.median(per_core):>10,.0f} events/s per core of estat, "
@@ -336,6 +339,10 @@ def main() -> int:
     parts = set(ap.parse_args().parts or ["store", "api", "latency"])
     if parts - {"store", "api", "latency"}:
         ap.error(f"unknown part: {', '.join(sorted(parts - {'store', 'api', 'latency'}))}")
+    if "api" in parts and shutil.which("wrk") is None:
+        ap.error(
+            "the api part needs wrk (make bench installs it); or: pipeline_bench.py store latency"
+        )
     work = Path(tempfile.mkdtemp(prefix="estat-pipeline-bench-"))
     pg = PostgresServer(free_port())
     pg.start()
