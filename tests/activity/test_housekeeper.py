@@ -113,6 +113,13 @@ async def test_dispatch_gauges_by_target_parked_apart_and_the_oldest_due_age(
         assert got == want
         age = value(m, "dispatch_oldest_due_age_seconds", target=target)
         assert 29 <= age <= 40
+    # WEBHOOK taken out of the configuration, its rows discarded: its gauges
+    # go back to 0 (they stayed at their last value, and the alert on)
+    hk.targets = ("POSTHOG",)
+    assert box.discard("WEBHOOK", 100) == 6
+    await hk.refresh_backlog()
+    assert value(m, "dispatch_outbox_rows", status="PENDING", target="WEBHOOK") == 0
+    assert value(m, "dispatch_oldest_due_age_seconds", target="WEBHOOK") == 0
 
 
 async def test_retention_deletes_finished_rows_only_in_bounded_batches(db: Database) -> None:

@@ -128,6 +128,9 @@ class Housekeeper:
         pauses: Pauses | None = None,
     ) -> None:
         self.targets = tuple(targets)
+        #: every target a gauge was set for: one whose rows are all gone (a
+        #: discard, the retention) is set back to 0, not left at its last value
+        self._gauged: set[str] = set(self.targets)
         #: rule name (``store/retention.py``) → age in seconds (0: kept forever)
         self.ages = dict(ages or {})
         self.pauses = pauses
@@ -186,7 +189,8 @@ class Housekeeper:
             log.warning("finished rows: database unavailable", error=str(e)[:200])
             return
         self._m.source_outbox_rows.labels("PUBLISHED").set(published)
-        for target in {*self.targets, *dispatched}:
+        self._gauged.update(dispatched)
+        for target in self._gauged:
             self._m.dispatch_outbox_rows.labels("DISPATCHED", target).set(dispatched.get(target, 0))
 
     async def refresh_backlog(self) -> None:
@@ -200,7 +204,8 @@ class Housekeeper:
             self.database_status = "ok"
             for status, n in src.items():
                 self._m.source_outbox_rows.labels(status).set(n)
-            for target in {*self.targets, *(t for _, t in dis)}:
+            self._gauged.update(t for _, t in dis)
+            for target in self._gauged:
                 for status in DISPATCH_STATUSES:
                     n = dis.get((status, target), 0)
                     self._m.dispatch_outbox_rows.labels(status, target).set(n)
