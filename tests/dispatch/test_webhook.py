@@ -43,3 +43,25 @@ def test_the_receiver_check_refuses_tampering_and_old_requests() -> None:
     assert not verify(b"other", body, good, now)
     assert not verify(b"k", body, good, now + 301)
     assert not verify(b"k", body, "t=abc,v1=00", now)
+
+
+def test_the_receiver_check_docs_api_shows_accepts_what_estat_signs() -> None:
+    """The ``verify_estat`` a receiver copies from docs/api.md (standalone,
+    no estat) accepts estat's signature and refuses the same tampering."""
+    import re
+    from pathlib import Path
+
+    api = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = api.split("## Outgoing: the webhook", 1)[1]
+    (code,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    scope: dict[str, object] = {}
+    exec(code, scope)  # the documented snippet, as a receiver would paste it
+    verify_estat = scope["verify_estat"]
+    assert callable(verify_estat)
+    body = b'{"batch":[{"event_id":"e-1"}],"sent_at":"2026-12-01T00:00:00.000Z"}'
+    header = signature(b"whsec", body, int(time.time()))
+    assert verify_estat(b"whsec", body, header)
+    assert not verify_estat(b"whsec", body + b" ", header)
+    assert not verify_estat(b"other", body, header)
+    assert not verify_estat(b"whsec", body, signature(b"whsec", body, int(time.time()) - 600))
+    assert not verify_estat(b"whsec", body, "t=abc,v1=00")
