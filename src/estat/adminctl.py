@@ -52,6 +52,11 @@ def add_admin_parser(sub: Any) -> None:
     dr.add_argument("--dry-run", action="store_true", help="count only")
     dr.add_argument("--from", dest="created_from", default=None, help="created_at >= (ISO 8601)")
     dr.add_argument("--to", dest="created_to", default=None, help="created_at < (ISO 8601)")
+    dr.add_argument(
+        "--all",
+        action="store_true",
+        help="every FAILED row, each once: calls of --limit (up to 500) until none is left",
+    )
     dd = dsub.add_parser(
         "discard", help="delete the rows still to be sent of a target no longer configured"
     )
@@ -161,6 +166,40 @@ def _dispatch_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any
     return "POST", f"{base}/replay", params
 
 
+def _replay_all(url: str, headers: dict[str, str], args: argparse.Namespace) -> int:
+    """``dispatch replay --all``: calls of ``--limit`` rows, each after the
+    last row id of the one before (``afterId``), until one takes none: every
+    FAILED row once, never one the destination refused again meanwhile."""
+    import httpx
+
+    if args.dry_run:
+        print("estat: --all replays; `estat admin dispatch summary` counts them", file=sys.stderr)
+        return 2
+    method, path, params = _dispatch_request(args)
+    done = 0
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+            while True:
+                body = client.request(method, path, params=params).raise_for_status().json()
+                if not body["replayedCount"]:
+                    break
+                done += int(body["replayedCount"])
+                params["afterId"] = body["lastId"]
+                if not args.json:
+                    print(f"replayed {done:,}", file=sys.stderr)
+    except httpx.HTTPStatusError as e:
+        body = e.response.json() if e.response.content else {}
+        print(f"estat: {e.response.status_code} {body.get('code')}: {body.get('message')}",
+              file=sys.stderr)  # fmt: skip
+        return 1 if e.response.status_code >= 500 else 2
+    except httpx.HTTPError as e:
+        print(f"estat: cannot reach the admin listener at {url}: {e}", file=sys.stderr)
+        return 1
+    result = {"replayedCount": done, "target": params.get("target"), "dryRun": False}
+    print(json.dumps(result) if args.json else _table([result], list(result)))
+    return 0
+
+
 def run_admin_command(args: argparse.Namespace) -> int:
     if args.admin_command == "token":
         return _create_token(args)
@@ -180,6 +219,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
         ):
             if v is not None:
                 params[k] = v
+    elif args.admin_command == "dispatch" and args.dispatch_command == "replay" and args.all:
+        return _replay_all(url, headers, args)
     elif args.admin_command == "dispatch":
         method, path, params = _dispatch_request(args)
     elif args.admin_command == "completeness":

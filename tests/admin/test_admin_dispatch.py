@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -52,6 +52,14 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[App, httpx.AsyncClient, C
     await close_all()
     await app.shutdown()
     capture.stop()
+
+
+async def until_async(read: Callable[[], Awaitable[int]], want: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := await read()) != want:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{got} != {want}")
+        await asyncio.sleep(0.05)
 
 
 async def stored(app: App, n: int) -> list[str]:
@@ -106,12 +114,12 @@ async def test_circuit_summary_reset_replay_and_pause(
         f"{ADMIN_PREFIX}/dispatch/replay", params={"dryRun": "true", "target": "WEBHOOK"},
         headers=auth("replayer"),
     )  # fmt: skip
-    assert r.json() == {"replayedCount": 0, "target": "WEBHOOK", "dryRun": True}
+    assert r.json() == {"replayedCount": 0, "target": "WEBHOOK", "dryRun": True, "lastId": None}
     r = await c.post(
         f"{ADMIN_PREFIX}/dispatch/replay", params={"target": "posthog", "limit": 10},
         headers=auth("replayer"),
     )  # fmt: skip
-    assert r.json() == {"replayedCount": 4, "target": "POSTHOG", "dryRun": False}
+    assert r.json()["replayedCount"] == 4
     await until(lambda: len(capture.uuids()) == 9)  # woken at once, not in an hour
     assert sorted(capture.uuids()) == sorted(event_uuid(i) for i in first + second)
 
@@ -173,7 +181,7 @@ async def test_the_dispatch_commands(setup: tuple[App, httpx.AsyncClient, Captur
     assert "ADMIN_SCOPE_REQUIRED" in out
     rc, out = await estat("--json", "dispatch", "replay", "--dry-run", token="replayer")
     assert rc == 0, out
-    assert json.loads(out) == {"replayedCount": 0, "target": None, "dryRun": True}
+    assert json.loads(out) == {"replayedCount": 0, "target": None, "dryRun": True, "lastId": None}
     rc, out = await estat("--json", "dispatch", "circuit", "--reset", "posthog")
     assert rc == 0, out
     assert json.loads(out)["state"] == "closed"
@@ -282,3 +290,43 @@ async def test_an_admin_summary_waiting_on_a_lock_does_not_hold_up_server_events
     finally:
         await close_all()
         await app.shutdown()
+
+
+async def test_replay_all_takes_every_failed_row_there_is_and_no_more(
+    setup: tuple[App, httpx.AsyncClient, CaptureServer],
+) -> None:
+    """``estat admin dispatch replay --all --limit 3``: 7 parked events in
+    three calls, all delivered; while the destination still refuses them,
+    one ``--all`` replays each once (the calls walk by row id: it does not
+    chase the rows parked again meanwhile)."""
+    import json
+    import sys
+
+    from tests.admin.test_admin import TOKENS
+
+    app, c, capture = setup
+    ids = await stored(app, 7)
+    capture.bad_uuids = {event_uuid(i) for i in ids}  # refused: parked with the reason
+    await until(lambda: capture.requests >= 7)
+
+    async def replay_all() -> dict[str, object]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "estat", "admin", "--url", str(c.base_url),
+            "--token", TOKENS["replayer"], "dispatch", "replay", "--all", "--limit", "3",
+            "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)  # chasing would not end
+        assert proc.returncode == 0, err
+        return dict(json.loads(out))
+
+    async def parked() -> int:
+        r = await c.get(f"{ADMIN_PREFIX}/dispatch/summary", headers=auth("reader"))
+        return int(r.json()[0]["parkedCount"])
+
+    await until_async(lambda: parked(), 7)
+    assert (await replay_all())["replayedCount"] == 7  # refused again: parked again
+    await until_async(lambda: parked(), 7)
+    capture.bad_uuids = set()
+    assert (await replay_all())["replayedCount"] == 7
+    await until(lambda: set(capture.uuids()) == {event_uuid(i) for i in ids})
+    assert (await replay_all())["replayedCount"] == 0

@@ -151,8 +151,8 @@ def test_replays_do_not_walk_the_sent_rows(pg: Database) -> None:
     stale_statistics(pg, "user_activity_source_outbox", "PUBLISHED", "TRUE")
     now = datetime.now(UTC)
     with statements(pg, "UPDATE") as seen:
-        assert DispatchOutbox(pg).replay(LEASE, now, target="POSTHOG") == LEASE
-        assert DispatchOutbox(pg).replay(LEASE, now) == LEASE
+        assert DispatchOutbox(pg).replay(LEASE, now, target="POSTHOG").rows == LEASE
+        assert DispatchOutbox(pg).replay(LEASE, now).rows == LEASE
         assert requeue_failed(pg, LEASE, now) == LEASE
     assert len(seen) == 3
     for sql, params in seen:

@@ -50,6 +50,7 @@ class DispatchReplayResult(BaseModel):
     replayedCount: int
     target: str | None
     dryRun: bool = False
+    lastId: int | None = None  # the highest row id taken: the next call's afterId
 
 
 class DispatchDiscardResult(BaseModel):

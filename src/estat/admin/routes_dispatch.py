@@ -75,6 +75,7 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
         dry_run: Annotated[bool, Query(alias="dryRun")] = False,
         created_from: Annotated[IsoTime, Query(alias="from")] = None,
         created_to: Annotated[IsoTime, Query(alias="to")] = None,
+        after_id: Annotated[int | None, Query(alias="afterId", ge=0, le=2**63 - 1)] = None,
         _: AdminTokenEntry = scope("replay"),
     ) -> DispatchReplayResult:
         """FAILED rows (parked ones and those waiting for their backoff),
@@ -91,13 +92,16 @@ def add_dispatch_routes(app: FastAPI, ctx: AdminContext, scope: Callable[[str], 
                 target=tgt,
                 created_from=aware(created_from),
                 created_to=aware(created_to),
+                after_id=after_id,
                 dry_run=dry_run,
             ),
             on="admin",
         )
-        if n and not dry_run:
+        if n.rows and not dry_run:
             d.notify()
-        result = DispatchReplayResult(replayedCount=n, target=tgt, dryRun=dry_run)
+        result = DispatchReplayResult(
+            replayedCount=n.rows, target=tgt, dryRun=dry_run, lastId=n.last_id
+        )
         request.state.effect = result.model_dump()
         return result
 

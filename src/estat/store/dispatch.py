@@ -80,6 +80,11 @@ def by_status(conn: Connection, where: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+class Replayed(NamedTuple):
+    rows: int
+    last_id: int | None  # the highest id replayed (the next call's ``after_id``)
+
+
 class DispatchRow(NamedTuple):
     id: int
     event_id: str
@@ -325,13 +330,16 @@ class DispatchOutbox:
         target: str | None = None,
         created_from: datetime | None = None,
         created_to: datetime | None = None,
+        after_id: int | None = None,
         dry_run: bool = False,
-    ) -> int:
+    ) -> Replayed:
         """An operator's replay: up to ``limit`` FAILED rows (parked ones and
         those waiting for their backoff), oldest first, PENDING and due now
         with their attempts reset (the cause was fixed: each gets the whole
         retry policy again); ``dry_run`` counts them only. ``from``
-        inclusive, ``to`` exclusive, on ``created_at``."""
+        inclusive, ``to`` exclusive, on ``created_at``; ``after_id``: rows
+        after that id only (the last one of the previous call: a run of
+        calls takes each row once, never one that failed again since)."""
         cond, order = oldest_in(self.db, T, "FAILED")
         if target is not None:
             cond = and_(cond, T.c.dispatch_target == target)
@@ -339,18 +347,26 @@ class DispatchOutbox:
             cond = and_(cond, T.c.created_at >= created_from)
         if created_to is not None:
             cond = and_(cond, T.c.created_at < created_to)
+        if after_id is not None:
+            cond = and_(cond, T.c.id > after_id)
         ids = select(T.c.id).where(cond).order_by(*order).limit(limit)
         if dry_run:
             with self.db.engine.connect() as conn:
-                n = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
-                return int(n)
+                sub = ids.subquery()
+                n, last = conn.execute(select(func.count(), func.max(sub.c.id))).one()
+                return Replayed(int(n), last)
         with self.db.engine.begin() as conn:
-            res = conn.execute(
-                update(T)
-                .where(T.c.id.in_(ids.scalar_subquery()))
-                .values(status="PENDING", retry_count=0, next_retry_at=None, updated_at=now)
+            done = (
+                conn.execute(
+                    update(T)
+                    .where(T.c.id.in_(ids.scalar_subquery()))
+                    .values(status="PENDING", retry_count=0, next_retry_at=None, updated_at=now)
+                    .returning(T.c.id)
+                )
+                .scalars()
+                .all()
             )
-            return int(res.rowcount)
+            return Replayed(len(done), max(done, default=None))
 
     def discard(self, target: str, limit: int, *, dry_run: bool = False) -> int:
         """An operator's discard, for a target no longer configured: up to
