@@ -480,3 +480,23 @@ def test_a_migration_blocked_past_its_patience_fails_naming_the_blocker(
         new.close()
     assert old.current() == "0005"  # nothing half-done
     old.close()
+
+
+def test_the_changelog_sql_gives_earlier_events_their_member_key(db: Database) -> None:
+    """The UPDATE the CHANGELOG gives for events stored before migration
+    0006, from the dispatch outbox rows the retention still keeps."""
+    import re
+    from pathlib import Path
+
+    if db.dialect != "postgresql":
+        pytest.skip("the statement is PostgreSQL SQL")
+    log = (Path(__file__).resolve().parents[2] / "CHANGELOG.md").read_text()
+    (sql,) = [s for s in re.findall(r"```sql\n(.*?)```", log, re.S) if "member_key" in s]
+    named, numbered, anonymous = rec(member="user-abc"), rec(member="42"), rec()
+    store_all(EventStore(db, ["POSTHOG"]), [named, numbered, anonymous])
+    with db.engine.begin() as conn:
+        conn.execute(text("UPDATE user_activity_event SET member_key = NULL"))  # as before 0006
+        conn.execute(text(sql.strip().rstrip(";")))
+        rows = conn.execute(text("SELECT event_id, member_key FROM user_activity_event"))
+        got = {str(r[0]): r[1] for r in rows}
+    assert got == {named.event_id: "user-abc", numbered.event_id: None, anonymous.event_id: None}
