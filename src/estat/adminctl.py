@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from estat.admin.auth import new_token
@@ -55,7 +56,7 @@ def add_admin_parser(sub: Any) -> None:
     dr.add_argument(
         "--all",
         action="store_true",
-        help="every FAILED row, each once: calls of --limit (up to 500) until none is left",
+        help="every FAILED row created before the run, each once: calls of --limit (up to 500)",
     )
     dd = dsub.add_parser(
         "discard", help="delete the rows still to be sent of a target no longer configured"
@@ -169,13 +170,16 @@ def _dispatch_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any
 def _replay_all(url: str, headers: dict[str, str], args: argparse.Namespace) -> int:
     """``dispatch replay --all``: calls of ``--limit`` rows, each after the
     last row id of the one before (``afterId``), until one takes none: every
-    FAILED row once, never one the destination refused again meanwhile."""
+    FAILED row created before the run (or ``--to``) once, never one the
+    destination refused again meanwhile."""
     import httpx
 
     if args.dry_run:
         print("estat: --all replays; `estat admin dispatch summary` counts them", file=sys.stderr)
         return 2
     method, path, params = _dispatch_request(args)
+    # the rows there are now: not those a refusing destination keeps adding
+    params.setdefault("to", datetime.now(UTC).isoformat())
     done = 0
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
