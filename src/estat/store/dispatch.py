@@ -405,11 +405,3 @@ class DispatchOutbox:
                 if at is not None and str(target) in out:
                     out[str(target)]["oldestDue"] = aware(at)
         return out
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        """(target, status) → rows."""
-        stmt = select(T.c.dispatch_target, T.c.status, func.count()).group_by(
-            T.c.dispatch_target, T.c.status
-        )
-        with self.db.engine.connect() as conn:
-            return {(t, s): int(n) for t, s, n in conn.execute(stmt)}
