@@ -167,13 +167,41 @@ def _dispatch_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any
     return "POST", f"{base}/replay", params
 
 
+class _Failed(Exception):
+    """A call refused or unanswered (already said on stderr): the exit status."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+def _call(url: str, method: str, path: str, params: dict[str, Any], headers: dict[str, str]) -> Any:
+    """The admin API's answer to one call; a refusal or no answer is said
+    on stderr and raised as ``_Failed`` (2: refused, 1: the server's fault
+    or no answer)."""
+    import httpx  # here, not at import: every command builds this parser
+
+    try:
+        resp = httpx.request(method, url + path, params=params, headers=headers, timeout=30)
+    except httpx.HTTPError as e:
+        print(f"estat: cannot reach the admin listener at {url}: {e}", file=sys.stderr)
+        raise _Failed(1) from None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"code": "NOT_JSON", "message": resp.text[:300]}
+    if resp.status_code >= 400:
+        print(
+            f"estat: {resp.status_code} {body.get('code')}: {body.get('message')}", file=sys.stderr
+        )
+        raise _Failed(1 if resp.status_code >= 500 else 2)
+    return body
+
+
 def _replay_all(url: str, headers: dict[str, str], args: argparse.Namespace) -> int:
     """``dispatch replay --all``: calls of ``--limit`` rows, each after the
     last row id of the one before (``afterId``), until one takes none: every
     FAILED row created before the run (or ``--to``) once, never one the
     destination refused again meanwhile."""
-    import httpx
-
     if args.dry_run:
         print("estat: --all replays; `estat admin dispatch summary` counts them", file=sys.stderr)
         return 2
@@ -182,23 +210,13 @@ def _replay_all(url: str, headers: dict[str, str], args: argparse.Namespace) -> 
     params.setdefault("to", datetime.now(UTC).isoformat())
     done = 0
     try:
-        with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
-            while True:
-                body = client.request(method, path, params=params).raise_for_status().json()
-                if not body["replayedCount"]:
-                    break
-                done += int(body["replayedCount"])
-                params["afterId"] = body["lastId"]
-                if not args.json:
-                    print(f"replayed {done:,}", file=sys.stderr)
-    except httpx.HTTPStatusError as e:
-        body = e.response.json() if e.response.content else {}
-        print(f"estat: {e.response.status_code} {body.get('code')}: {body.get('message')}",
-              file=sys.stderr)  # fmt: skip
-        return 1 if e.response.status_code >= 500 else 2
-    except httpx.HTTPError as e:
-        print(f"estat: cannot reach the admin listener at {url}: {e}", file=sys.stderr)
-        return 1
+        while (body := _call(url, method, path, params, headers))["replayedCount"]:
+            done += int(body["replayedCount"])
+            params["afterId"] = body["lastId"]
+            if not args.json:
+                print(f"replayed {done:,}", file=sys.stderr)
+    except _Failed as f:
+        return f.status
     result = {"replayedCount": done, "target": params.get("target"), "dryRun": False}
     print(json.dumps(result) if args.json else _table([result], list(result)))
     return 0
@@ -240,22 +258,10 @@ def run_admin_command(args: argparse.Namespace) -> int:
     else:
         path = "/api/v1/admin/audit"
         params = {"limit": args.limit}
-    import httpx  # here, not at import: every command builds this parser
-
     try:
-        resp = httpx.request(method, url + path, params=params, headers=headers, timeout=30)
-    except httpx.HTTPError as e:
-        print(f"estat: cannot reach the admin listener at {url}: {e}", file=sys.stderr)
-        return 1
-    try:
-        body = resp.json()
-    except ValueError:
-        body = {"code": "NOT_JSON", "message": resp.text[:300]}
-    if resp.status_code >= 400:
-        print(
-            f"estat: {resp.status_code} {body.get('code')}: {body.get('message')}", file=sys.stderr
-        )
-        return 1 if resp.status_code >= 500 else 2
+        body = _call(url, method, path, params, headers)
+    except _Failed as f:
+        return f.status
     if args.json:
         print(json.dumps(body))
     elif isinstance(body, dict):
