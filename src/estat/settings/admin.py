@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings
 
-from estat.settings.values import accepts, parse_addr
+from estat.settings.values import accepts, dotenv_vars, parse_addr
 
 SCOPES = ("read", "replay", "operate")
 _ENTRY = re.compile(r"([A-Za-z0-9._-]{1,64}):([a-z+]{1,40}):([0-9a-fA-F]{64})")
@@ -63,10 +63,8 @@ def admin_url(environ: Mapping[str, str] = os.environ, dotenv: str = ".env") -> 
     if environ.get("ESTAT_ADMIN_URL"):
         return environ["ESTAT_ADMIN_URL"].rstrip("/")
     addr = environ.get("ADMIN_ADDR")
-    if addr is None and Path(dotenv).is_file():
-        from dotenv import dotenv_values
-
-        addr = {k.upper(): v for k, v in dotenv_values(dotenv).items()}.get("ADMIN_ADDR")
+    if addr is None:
+        addr = dotenv_vars(dotenv).get("ADMIN_ADDR")
     if not addr or addr.strip().lower() == "off":
         return DEFAULT_ADMIN_URL
     try:

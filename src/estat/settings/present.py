@@ -18,6 +18,7 @@ from pydantic import (
 
 from estat.errors import ConfigError
 from estat.settings.fields import INJECTED_ENV, Settings
+from estat.settings.values import dotenv_vars
 
 
 def env_name(field: str) -> str:
@@ -108,9 +109,7 @@ def effective_config(settings: Settings) -> list[tuple[str, str]]:
 def raw_config() -> list[tuple[str, str]]:
     """(variable, value) as set in the environment or ``.env`` (or the default),
     secrets masked: what ``estat config`` shows when the values do not validate."""
-    from dotenv import dotenv_values
-
-    dotenv = {k.upper(): v for k, v in dotenv_values(".env").items() if v is not None}
+    dotenv = dotenv_vars()
     rows: list[tuple[str, str]] = []
     for field in Settings.model_fields:
         name = env_name(field)
@@ -133,16 +132,11 @@ def dotenv_notes(path: str = ".env") -> list[str]:
     """One line per variable in ``.env`` that estat does not read from it: a
     misspelt name (with the nearest estat variable), or one read from the
     process environment only (AWS credentials, the admin client's)."""
-    if not os.path.isfile(path):
-        return []
     import difflib
-
-    from dotenv import dotenv_values
 
     known = {env_name(f) for f in Settings.model_fields} | set(_ALIASES)
     notes = []
-    for key in dotenv_values(path):
-        name = key.upper()
+    for name in dotenv_vars(path):
         if name in known:
             continue
         if name.startswith(ENVIRONMENT_ONLY):

@@ -65,6 +65,18 @@ ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?")
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
+def dotenv_vars(path: str = ".env") -> dict[str, str]:
+    """The variables a ``.env`` file sets (names upper-cased, as the
+    settings read them; none when there is no file)."""
+    import os
+
+    if not os.path.isfile(path):
+        return {}
+    from dotenv import dotenv_values
+
+    return {k.upper(): v for k, v in dotenv_values(path).items() if v is not None}
+
+
 def parse_addr(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
