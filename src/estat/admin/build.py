@@ -24,7 +24,7 @@ from estat.clock import Clock
 from estat.dlq.queue import DeadLetterQueue, Sink
 from estat.ops.metrics import Metrics
 from estat.settings import Settings
-from estat.store.budget import Overrun, estimated_rows, within_budget
+from estat.store.budget import estimated_rows, exact_or_estimated
 from estat.store.db import Database
 from estat.store.dispatch import DispatchOutbox
 from estat.store.dispatch import by_status as dispatch_by_status
@@ -123,22 +123,20 @@ def _store_counts(activity: Activity) -> Callable[[], Awaitable[dict[str, Any]]]
             "events": int(events),
             "sourceOutbox": {k: n for k, (n, _) in source_by_status(conn, None).items()},
             "dispatchOutbox": _dispatch_counts(dispatch_by_status(conn, None)),
-            "estimated": False,
+        }
+
+    def estimated(conn: Connection) -> dict[str, Any]:
+        return {
+            "events": estimated_rows(conn, user_activity_event.name)[""],
+            "sourceOutbox": {k: n for k, (n, _) in estimated_source(conn).items()},
+            "dispatchOutbox": _dispatch_counts(estimated_dispatch(conn)),
         }
 
     def read() -> dict[str, Any]:
         """Exact within SUMMARY_BUDGET; past it (a large PostgreSQL store),
         the rows still to be sent exactly and the rest estimated."""
-        try:
-            return within_budget(db, exact)
-        except Overrun:
-            with db.engine.connect() as conn:
-                return {
-                    "events": estimated_rows(conn, user_activity_event.name)[""],
-                    "sourceOutbox": {k: n for k, (n, _) in estimated_source(conn).items()},
-                    "dispatchOutbox": _dispatch_counts(estimated_dispatch(conn)),
-                    "estimated": True,
-                }
+        out, guessed = exact_or_estimated(db, exact, estimated)
+        return {**out, "estimated": guessed}
 
     async def counts() -> dict[str, Any]:
         out = await db.run(read, on="admin")

@@ -45,6 +45,18 @@ def within_budget(db: Database, read: Callable[[Connection], T]) -> T:
             raise
 
 
+def exact_or_estimated(
+    db: Database, exact: Callable[[Connection], T], estimated: Callable[[Connection], T]
+) -> tuple[T, bool]:
+    """(``exact``'s answer, False) when it fits ``SUMMARY_BUDGET``, else
+    (``estimated``'s, True)."""
+    try:
+        return within_budget(db, exact), False
+    except Overrun:
+        with db.engine.connect() as conn:
+            return estimated(conn), True
+
+
 def estimated_rows(conn: Connection, table: str, column: str | None = None) -> dict[str, int]:
     """PostgreSQL's estimate of ``table``'s rows (``""`` → all), and, given
     ``column``, of the rows holding each of its most common values."""

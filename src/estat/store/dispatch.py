@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from estat.retry import RetryPolicy
-from estat.store.budget import Overrun, estimated_rows, within_budget
+from estat.store.budget import estimated_rows, exact_or_estimated
 from estat.store.db import Database
 from estat.store.lease import aware, commit_held, due, hold, lease, oldest_in
 from estat.store.schema import ERROR_MAX
@@ -391,11 +391,7 @@ class DispatchOutbox:
         within ``SUMMARY_BUDGET``; past it (PostgreSQL, a large outbox) the
         rows still to be sent exactly, DISPATCHED estimated and
         ``maxRetryCount`` of the rows still to be sent (``estimated``)."""
-        try:
-            out = within_budget(self.db, lambda conn: by_status(conn, None))
-        except Overrun:
-            with self.db.engine.connect() as conn:
-                out = estimated_by_status(conn)
+        out, _ = exact_or_estimated(self.db, lambda c: by_status(c, None), estimated_by_status)
         with self.db.engine.connect() as conn:
             for target, at in conn.execute(
                 select(T.c.dispatch_target, func.min(T.c.created_at))

@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Text, and_, bindparam, cast, func, or_, selec
 
 from estat.model import EventRecord
 from estat.retry import RetryPolicy
-from estat.store.budget import Overrun, estimated_rows, within_budget
+from estat.store.budget import estimated_rows, exact_or_estimated
 from estat.store.db import Database
 from estat.store.lease import commit_held, due, due_ranges, hold, lease, oldest_in
 from estat.store.rows import encode, outbox_row
@@ -312,13 +312,9 @@ class SourceOutbox:
         ``SUMMARY_BUDGET``; past it (PostgreSQL, a large outbox) PENDING and
         FAILED exactly, PUBLISHED estimated, ``maxRetryCount`` of the rows
         still to be published."""
-        estimated = False
-        try:
-            counts = within_budget(self.db, lambda conn: by_status(conn, None))
-        except Overrun:
-            estimated = True
-            with self.db.engine.connect() as conn:
-                counts = estimated_by_status(conn)
+        counts, estimated = exact_or_estimated(
+            self.db, lambda c: by_status(c, None), estimated_by_status
+        )
         return {
             "pendingCount": counts.get("PENDING", (0, 0))[0],
             "failedCount": counts.get("FAILED", (0, 0))[0],
