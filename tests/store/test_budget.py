@@ -80,3 +80,26 @@ def test_past_the_budget_the_rows_to_send_are_exact_and_the_rest_estimated(
     assert s["publishedCountEstimated"] is True
     assert (s["pendingCount"], s["failedCount"], s["maxRetryCount"]) == (7, 3, 2)
     assert s["publishedCount"] == pytest.approx(50_000, rel=0.05)
+
+
+async def test_the_store_counts_past_the_budget_are_flagged_estimates(
+    big: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GET /api/v1/admin/user-activity/store``'s reader, on the same rows."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from estat.admin.build import _store_counts
+
+    counts = _store_counts(cast(Any, SimpleNamespace(db=big, bus=None)))
+    exact = await counts()
+    assert exact["estimated"] is False
+    assert exact["dispatchOutbox"]["POSTHOG"] == {"PENDING": 50, "FAILED": 20, "DISPATCHED": 80_000}
+    monkeypatch.setattr(budget, "SUMMARY_BUDGET", 0.001)
+    guessed = await counts()
+    assert guessed["estimated"] is True
+    ph = guessed["dispatchOutbox"]["POSTHOG"]
+    assert (ph["PENDING"], ph["FAILED"]) == (50, 20)  # still to be sent: exact
+    assert ph["DISPATCHED"] == pytest.approx(80_000, rel=0.05)
+    assert guessed["sourceOutbox"]["PUBLISHED"] == pytest.approx(50_000, rel=0.05)
+    assert (guessed["sourceOutbox"]["PENDING"], guessed["sourceOutbox"]["FAILED"]) == (7, 3)
