@@ -307,6 +307,7 @@ class Activity:
                     "no destination to dispatch to: set POSTHOG_HOST and POSTHOG_API_KEY, "
                     "or WEBHOOK_URL and WEBHOOK_SECRET (DISPATCH_TARGETS)"
                 )
+            self._log_ready("none")
             return  # the dispatcher needs the database only
         if self.bus is None:
             log.warning("message queue provider is none: skipping user activity publish")
@@ -319,14 +320,17 @@ class Activity:
                 log.error("bus unavailable at start: events go to the source outbox", error=str(e))
             else:
                 raise StartFailed(f"bus unavailable: {e}") from e
+        self._log_ready(self.bus.provider)
+
+    def _log_ready(self, provider: str) -> None:
+        # the destinations configured: those this process's store consumer
+        # enqueues rows for and its dispatcher (if any) sends to
         log.info(
             "user-activity pipeline ready",
-            database=db.description,
-            provider=self.bus.provider,
+            database=self.db.description,
+            provider=provider,
             roles=",".join(self.roles),
-            destinations=",".join(d.name for d in self.dispatcher.destinations)
-            if self.dispatcher
-            else "none",
+            destinations=",".join(self.settings.targets) or "none",
         )
 
     def layers(self) -> tuple[list[Stage], list[Stage], list[Stage]]:

@@ -48,7 +48,10 @@ async def _serve(settings: Settings, reuse_port: bool, roles: tuple[str, ...]) -
     try:
         await app.start()
     except OSError as e:
-        log.error("cannot listen", addr=settings.http_addr, error=str(e))
+        if "ADMIN_ADDR" in str(e):
+            log.error("cannot listen", error=str(e))
+        else:
+            log.error("cannot listen", addr=settings.http_addr, error=str(e))
         return 2
     except StartFailed as e:
         log.error("cannot start", error=str(e))

@@ -249,3 +249,43 @@ def test_a_one_shot_command_whose_reader_leaves_ends_quietly(tmp_path: Path) -> 
     os.close(w)
     assert run.returncode == 141, run.stderr
     assert run.stderr == ""
+
+
+def test_a_role_whose_admin_address_is_taken_names_that_address(estat_factory: Any) -> None:
+    """``estat store`` has no ingest listener: its refusal must name
+    ADMIN_ADDR, not the HTTP_ADDR it never binds."""
+    first: EstatProcess = estat_factory({}, args=["store"])
+    first.start()
+    second: EstatProcess = estat_factory(
+        {"ADMIN_ADDR": first.env["ADMIN_ADDR"], "DATA_DIR": first.env["DATA_DIR"] + "-2"},
+        args=["store"],
+    )
+    second.start(wait=False)
+    assert second.proc is not None
+    assert second.proc.wait(30) == 2
+    out = second.log.read_text()
+    line = next(x for x in out.splitlines() if "cannot listen" in x)
+    assert f"ADMIN_ADDR {first.env['ADMIN_ADDR']}" in line, out
+    assert second.env["HTTP_ADDR"] not in line
+    assert first.stop() == 0
+
+
+def test_a_store_role_names_the_destinations_it_enqueues_for(estat_factory: Any) -> None:
+    """The store consumer enqueues a dispatch row per configured destination
+    although it sends nothing itself; its start line says which."""
+    p: EstatProcess = estat_factory(
+        {"POSTHOG_HOST": "http://127.0.0.1:9", "POSTHOG_API_KEY": "phc_x"}, args=["store"]
+    )
+    p.start()
+    ready = next(x for x in p.log.read_text().splitlines() if "pipeline ready" in x)
+    assert '"destinations":"POSTHOG"' in ready
+    assert '"roles":"store"' in ready
+    assert p.stop() == 0
+    d: EstatProcess = estat_factory(
+        {"POSTHOG_HOST": "http://127.0.0.1:9", "POSTHOG_API_KEY": "phc_x"}, args=["dispatch"]
+    )
+    d.start()
+    ready = next(x for x in d.log.read_text().splitlines() if "pipeline ready" in x)
+    assert '"destinations":"POSTHOG"' in ready
+    assert '"roles":"dispatch"' in ready
+    assert d.stop() == 0

@@ -54,9 +54,10 @@ class AdminListener:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self.port))
-        except OSError:
+        except OSError as e:
             sock.close()
-            raise
+            # named: the ingest listener's address is not the one in use
+            raise OSError(e.errno, f"ADMIN_ADDR {self.host}:{self.port}: {e.strerror}") from e
         sock.listen(128)
         sock.setblocking(False)
         self._sock = sock
