@@ -7,10 +7,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import pytest
+from nats.js.errors import NotFoundError
 
+from estat.bus import nats as nats_bus
 from estat.bus.base import Bus, BusError, Consumer, Delivery, Message, message_of
 from estat.bus.memory import MemoryBus
 from estat.bus.nats import NatsBus
@@ -253,3 +256,81 @@ async def test_redis_batch_mode_carries_a_message_that_is_not_an_event_in_its_ow
     await c.ack(got)
     assert (await b.stats()).pending == 0
     await b.close()
+
+
+async def _lose_the_stream(bus: Bus) -> None:
+    """What a Redis restarted without its data, or a NATS server that lost
+    its JetStream storage, leaves: no stream, no group, no consumer."""
+    if isinstance(bus, RedisStreamBus):
+        assert await bus.redis.delete(bus.stream) == 1
+    else:
+        assert isinstance(bus, NatsBus)
+        js = await bus._connect()
+        assert await js.delete_stream(bus.stream)
+
+
+async def test_a_running_consumer_reads_on_after_the_bus_lost_its_stream(bus: Bus) -> None:
+    """Without this, Redis's consumer read NOGROUP forever while publishers
+    re-created the stream, and NATS's publishes failed for want of a stream
+    (every event to the source outbox), until the processes restarted."""
+    if isinstance(bus, MemoryBus):
+        pytest.skip("the in-process bus is lost only with its process")
+    c = bus.consumer("c")
+    await bus.publish(msgs(3))
+    await c.ack(await drain(c, 3))
+    await _lose_the_stream(bus)
+    later = msgs(5)
+    await bus.publish(later)
+    got = await drain(c, 5)
+    assert sorted(d.message.message_id for d in got) == sorted(m.message_id for m in later)
+    await c.ack(got)
+    assert (await bus.stats()).pending == 0
+    await c.close()
+
+
+async def test_nats_an_idle_consumer_declares_its_deleted_durable_again(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interest stream with no consumer keeps nothing: events published
+    after `nats consumer rm` were dropped, and the pulls of the running
+    consumer only timed out, as idle ones do."""
+    monkeypatch.setattr(nats_bus, "CHECK_CONSUMER_EVERY", 0.2)
+    b = NatsBus(nats_server.url, prefix="t" + uuid.uuid4().hex[:8], group="g", claim_idle=1.0)
+    await b.start()
+    c = b.consumer("c")
+    js = await b._connect()
+    assert await js.delete_consumer(b.stream, b.group)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert await c.fetch(10, 0.1) == []
+        try:
+            await js.consumer_info(b.stream, b.group)
+            break
+        except NotFoundError:
+            continue
+    sent = msgs(5)
+    await b.publish(sent)
+    got = await drain(c, 5)
+    assert sorted(d.message.message_id for d in got) == sorted(m.message_id for m in sent)
+    await c.ack(got)
+    await c.close()
+    await b.close()
+
+
+@pytest.mark.parametrize("persist", [False, True])
+async def test_redis_without_an_append_only_file_is_named_at_start(
+    tmp_path: Path, persist: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import free_port
+
+    server = RedisServer(free_port(), tmp_path, persist=persist)
+    server.start()
+    try:
+        b = RedisStreamBus(server.url, prefix="t" + uuid.uuid4().hex[:8], group="g")
+        capsys.readouterr()
+        await b.start()
+        said = capsys.readouterr().out
+        await b.close()
+    finally:
+        server.stop()
+    assert ("appendonly no" in said) is not persist, said

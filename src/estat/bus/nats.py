@@ -10,6 +10,13 @@ after ``MQ_MAX_DELIVERIES`` the message is published to the parked stream
 acked within ``MQ_CLAIM_IDLE`` (a consumer died) is delivered again.
 ``Nats-Msg-Id`` is the event id, so JetStream drops a republished message
 within its duplicate window.
+
+A stream or durable consumer that is gone (deleted, or a server that lost
+its JetStream storage) is declared again, and said so, by the first to
+notice: a publish that finds no stream (it would fail until then, every
+event going to the source outbox), or a consumer whose idle pulls find its
+durable consumer missing (an interest stream with no consumer keeps
+nothing: what is published then is dropped).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import nats
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from estat.bus.base import (
     TOPIC,
@@ -39,6 +46,11 @@ from estat.bus.base import (
     short,
 )
 from estat.model import EventRecord
+from estat.ops.logging import get_logger
+
+log = get_logger("estat.bus")
+
+CHECK_CONSUMER_EVERY = 10.0  # seconds of idle pulls between checks that the consumer exists
 
 
 def _parked_message(data: bytes, headers: dict[str, str]) -> Message:
@@ -134,9 +146,26 @@ class NatsBus:
             await js.publish(self.subject, m.payload, headers=headers, timeout=self.timeout)
 
         try:
-            await asyncio.gather(*(one(m) for m in messages))
+            try:
+                await asyncio.gather(*(one(m) for m in messages))
+            except NoStreamResponseError:
+                await self.declare_again("no stream answered a publish")
+                await asyncio.gather(*(one(m) for m in messages))  # once; duplicates dropped
         except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
+
+    async def declare_again(self, why: str) -> None:
+        """The stream or the durable consumer is gone: declare both again."""
+        log.error(
+            "bus: the stream or its consumer was gone; declared again",
+            stream=self.stream,
+            group=self.group,
+            why=why,
+            hint="deleted, or a NATS server without its JetStream storage: messages it held "
+            "unread are not on the bus (they are in the lake); "
+            "see docs/runbook.md, 'The bus lost its data'",
+        )
+        await self.start()
 
     async def parked(self, limit: int) -> list[ParkedMessage]:
         js = await self._connect()
@@ -235,6 +264,7 @@ class NatsConsumer:
     def __init__(self, bus: NatsBus) -> None:
         self.bus = bus
         self._sub: Any = None
+        self._next_check = time.monotonic() + CHECK_CONSUMER_EVERY
 
     async def _subscription(self) -> Any:
         if self._sub is None:
@@ -251,11 +281,29 @@ class NatsConsumer:
         try:
             msgs = await sub.fetch(max_messages, timeout=max(timeout, 0.05))
         except NatsTimeout:
+            await self._check_consumer()
             return []
         except (TimeoutError, NatsError, OSError) as e:
             raise BusError(short(e)) from e
         t = time.monotonic()
         return [Delivery(_message(m), int(m.metadata.num_delivered), m, t) for m in msgs]
+
+    async def _check_consumer(self) -> None:
+        """Pulls on a deleted consumer time out like idle ones: now and then
+        an idle consumer asks whether it still exists."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + CHECK_CONSUMER_EVERY
+        b = self.bus
+        js = await b._connect()
+        try:
+            try:
+                await js.consumer_info(b.stream, b.group)
+            except NotFoundError:
+                await b.declare_again("the durable consumer was not found")
+        except (TimeoutError, NatsError, OSError) as e:
+            raise BusError(short(e)) from e
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         # acks confirmed by the server (concurrently): once ``ack`` returns,

@@ -28,6 +28,14 @@ Trimming removes only entries that every group has acknowledged: the
 stream is cut (``XTRIM MINID ~``) below the oldest entry any group still
 has pending or has not yet read. (A ``MAXLEN`` cap, as seed 004's producer
 used, drops unconsumed entries silently.)
+
+A consumer that finds its group gone (Redis restarted without its data, a
+failover to a replica that had not the group yet, the key deleted by hand)
+creates it again from the stream's first entry and says so: a publisher's
+XADD creates the stream again by itself, and without the group nothing
+would read it. What the stream held before is not in Redis any more (the
+events are in the lake); what was added since is read, the store
+deduplicating by event id.
 """
 
 from __future__ import annotations
@@ -62,6 +70,9 @@ from estat.bus.redis_entries import (
     message_from,
 )
 from estat.model import EventRecord
+from estat.ops.logging import get_logger
+
+log = get_logger("estat.bus")
 
 TRIM_EVERY = 10.0  # seconds between trims, per consumer
 
@@ -94,12 +105,50 @@ class RedisStreamBus:
 
     async def start(self) -> None:
         try:
+            await self._create_group()
+        except (RedisError, OSError) as e:
+            raise BusError(short(e)) from e
+        await self._check_persistence()
+
+    async def _check_persistence(self) -> None:
+        """A Redis without an append-only file loses, when it restarts, every
+        entry written since its last snapshot: said at start."""
+        try:
+            info = await self.redis.info("persistence")
+        except (RedisError, OSError):
+            return  # INFO may be refused (a managed Redis): nothing to say
+        if str(info.get("aof_enabled", "1")) == "0":
+            log.warning(
+                "bus: Redis keeps no append-only file (appendonly no): a restart loses the "
+                "entries not yet stored (they stay in the lake); run it with appendonly yes",
+                stream=self.stream,
+            )
+
+    async def _create_group(self) -> bool:
+        """Create the group from the stream's start; False: it was there."""
+        try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
-                raise BusError(short(e)) from e
-        except (RedisError, OSError) as e:
-            raise BusError(short(e)) from e
+                raise
+            return False
+        return True
+
+    async def group_lost(self, e: ResponseError) -> bool:
+        """``e`` says the group (or the stream) is gone: create it again and
+        report it. False: some other error."""
+        if not str(e).startswith("NOGROUP"):
+            return False
+        if await self._create_group():
+            log.error(
+                "bus: the consumer group was gone; created again from the stream's start",
+                stream=self.stream,
+                group=self.group,
+                hint="Redis restarted without its data, failed over, or the key was deleted: "
+                "entries it held unread are not on the bus (they are in the lake); "
+                "see docs/runbook.md, 'The bus lost its data'",
+            )
+        return True
 
     async def publish_events(self, records: Sequence[EventRecord], lines: Sequence[bytes]) -> None:
         if self.entry == "batch":
@@ -279,6 +328,14 @@ class RedisStreamConsumer:
                 self._next_trim = now + TRIM_EVERY
                 await b.trim()
             return out
+        except ResponseError as e:
+            try:
+                if await b.group_lost(e):
+                    self._claim_cursor = "0-0"
+                    return []
+            except (RedisError, OSError) as again:
+                raise BusError(short(again)) from again
+            raise BusError(short(e)) from e
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
 
