@@ -50,9 +50,8 @@ class Snapshot:
     newest: datetime | None  # the newest occurred_at of user_activity_event
 
 
-def add_backup_parser(store_parser: Any) -> None:
-    sub = store_parser.add_subparsers(dest="store_command")
-    v = sub.add_parser(
+def add_backup_parser(store_sub: Any) -> None:
+    v = store_sub.add_parser(
         "verify-backup",
         help="restore a pg_dump file into a scratch database and compare it with the live store",
         description=(__doc__ or "").split("\n\n", 1)[1],

@@ -56,9 +56,12 @@ def _parser() -> argparse.ArgumentParser:
             role, help=text, description=text + " (same as serve --roles " + role + ")"
         )
         if role == "store":
+            from estat.backfillctl import add_backfill_parser
             from estat.backupctl import add_backup_parser
 
-            add_backup_parser(rp_)
+            store_sub = rp_.add_subparsers(dest="store_command")
+            add_backup_parser(store_sub)
+            add_backfill_parser(store_sub)
     ob = sub.add_parser("outbox", help="the source outbox: summary, replay FAILED rows")
     osub = ob.add_subparsers(dest="outbox_command", required=True)
     osub.add_parser("summary", help="pendingCount, failedCount, publishedCount, maxRetryCount")
@@ -172,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         from estat.backupctl import run_verify_backup
 
         return run_verify_backup(settings, args)
+    if args.command == "store" and getattr(args, "store_command", None) == "backfill":
+        from estat.backfillctl import run_backfill
+
+        return run_backfill(settings, args)
     if args.command in ("relay", "store", "dispatch"):
         args.roles, args.workers, args.reuse_port = args.command, 1, False
     stale = stale_compiled_modules()

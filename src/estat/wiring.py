@@ -22,13 +22,15 @@ from estat.ops.metrics import Metrics
 from estat.settings import Settings
 
 
-def build_sink(settings: Settings) -> ObjectStoreSink:
+def build_sink(settings: Settings, *, timeout: float | None = None) -> ObjectStoreSink:
+    """``timeout``: of one request, instead of ``S3_TIMEOUT`` (an operator
+    command reading whole objects)."""
     if settings.raw_bucket:
         return s3_sink(
             settings.raw_bucket,
             region=settings.aws_region,
             endpoint=settings.s3_endpoint_url,
-            timeout=settings.s3_timeout,
+            timeout=settings.s3_timeout if timeout is None else timeout,
         )
     return local_sink(settings.lake_path)
 

@@ -67,10 +67,29 @@ class ObjectStoreSink:
             return classify(e)
         return None
 
+    async def keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (operator commands: one partition hour
+        at a time)."""
+        try:
+            return [
+                str(meta["path"])
+                async for chunk in obstore.list(self._store, prefix=prefix)
+                for meta in chunk
+            ]
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a Rust panic is a BaseException
+            raise classify(e) from e
+
     async def get(self, key: str) -> bytes:
         """Read an object back (operator commands and tests)."""
-        result = await obstore.get_async(self._store, key)
-        return bytes(await result.bytes_async())
+        try:
+            result = await obstore.get_async(self._store, key)
+            return bytes(await result.bytes_async())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a Rust panic is a BaseException
+            raise classify(e) from e
 
     async def close(self) -> None:
         return None
