@@ -188,7 +188,12 @@ def test_the_open_file_limit_is_raised_to_its_hard_limit(tmp_path: Path) -> None
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "estat", "serve", "--workers", "1"],
-        env={**os.environ, "DATA_DIR": str(tmp_path / "d"), "HTTP_ADDR": f"127.0.0.1:{port}"},
+        env={
+            **os.environ,
+            "DATA_DIR": str(tmp_path / "d"),
+            "HTTP_ADDR": f"127.0.0.1:{port}",
+            "ADMIN_ADDR": f"127.0.0.1:{free_port()}",  # not the default: it may be taken
+        },
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
