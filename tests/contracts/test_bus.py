@@ -4,6 +4,7 @@ ids and checks where each one ends up."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -334,3 +335,39 @@ async def test_redis_without_an_append_only_file_is_named_at_start(
     finally:
         server.stop()
     assert ("appendonly no" in said) is not persist, said
+
+
+async def test_nats_an_outage_is_one_structured_line_not_a_traceback_a_second(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """nats-py's default error callback logs a plain-text traceback for each
+    failed reconnection attempt (one a second): a JSON log pipeline got
+    hundreds of unparsable lines from a short outage."""
+    from tests.conftest import free_port
+
+    server = NatsServer(free_port())
+    server.start()
+    b = NatsBus(server.url, prefix="t" + uuid.uuid4().hex[:8], group="g", timeout=1.0)
+    try:
+        await b.start()
+        capfd.readouterr()
+        server.stop()
+        await asyncio.sleep(3.5)  # several reconnection attempts
+        server.start()
+        sent = msgs(3)
+        deadline = time.monotonic() + 15
+        while True:  # the client reconnects within a second or two
+            try:
+                await b.publish(sent)
+                break
+            except BusError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+        out, err = capfd.readouterr()
+    finally:
+        await b.close()
+        server.destroy()
+    said = out + err
+    assert "Traceback" not in said, said
+    assert said.count("NATS connection error") == 1, said
+    assert "reconnected to NATS" in said

@@ -86,6 +86,7 @@ class NatsBus:
         self.timeout = timeout
         self._nc: Any = None
         self._js: Any = None
+        self._erring = False  # a connection error was logged; quiet until reconnected
 
     async def _connect(self) -> Any:
         if self._js is None:
@@ -98,6 +99,9 @@ class NatsBus:
                         max_reconnect_attempts=-1,
                         reconnect_time_wait=1,
                         allow_reconnect=True,
+                        error_cb=self._on_error,
+                        disconnected_cb=self._on_disconnected,
+                        reconnected_cb=self._on_reconnected,
                     ),
                     self.timeout * 2,
                 )
@@ -105,6 +109,20 @@ class NatsBus:
                 raise BusError(short(e)) from e
             self._js = self._nc.jetstream(timeout=self.timeout)
         return self._js
+
+    # nats-py's own callbacks log a traceback per failed reconnection
+    # attempt (one a second) in plain text: one structured line per outage
+    async def _on_error(self, e: Exception) -> None:
+        if not self._erring:
+            self._erring = True
+            log.warning("bus: NATS connection error, reconnecting", error=short(e))
+
+    async def _on_disconnected(self) -> None:
+        log.warning("bus: disconnected from NATS", url=self.url)
+
+    async def _on_reconnected(self) -> None:
+        self._erring = False
+        log.info("bus: reconnected to NATS", url=self.url)
 
     async def start(self) -> None:
         js = await self._connect()
