@@ -129,6 +129,42 @@ def test_every_error_line_is_counted_by_its_reason() -> None:
     }  # the warning is not counted
 
 
+def test_libraries_log_records_are_json_lines_of_their_own_counted_by_logger() -> None:
+    """asyncio's "Task exception was never retrieved", nats-py's reconnect
+    errors, SQLAlchemy's pool warnings: plain text with multi-line
+    tracebacks on stderr before, which a JSON log pipeline cannot parse."""
+    code = (
+        "import asyncio, gc, logging\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from estat.ops.logging import setup_logging, count_errors\n"
+        "from estat.ops.metrics import Metrics\n"
+        "m = Metrics(CollectorRegistry())\n"
+        "setup_logging('info', env='prod')\n"
+        "count_errors(lambda r: m.log_errors.labels(r).inc())\n"
+        "async def boom():\n    raise RuntimeError('lost in a task')\n"
+        "async def main():\n"
+        "    t = asyncio.ensure_future(boom())\n    await asyncio.sleep(0.01)\n    del t\n"
+        "    gc.collect()\n"
+        "asyncio.run(main())\n"
+        "logging.getLogger('sqlalchemy.pool').warning('pool %s overflow', 'p1')\n"
+        "logging.getLogger('sqlalchemy.pool').info('below WARNING: not written')\n"
+        "print(m.exposition().decode())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr == ""
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    task, pool = lines
+    assert (task["logger"], task["level"], task["env"]) == ("asyncio", "error", "prod")
+    assert task["msg"].startswith("Task exception was never retrieved")
+    assert "RuntimeError: lost in a task" in task["exception"]
+    assert (pool["logger"], pool["level"], pool["msg"]) == (
+        "sqlalchemy.pool",
+        "warning",
+        "pool p1 overflow",
+    )
+    assert 'log_errors_total{reason="library asyncio"} 1.0' in out.stdout
+
+
 def test_client_addresses_are_masked_in_info_lines() -> None:
     from estat.ops.logging import mask_ip
 

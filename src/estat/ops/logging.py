@@ -56,12 +56,32 @@ def reason_of(msg: str) -> str:
 def _count(_logger: Any, method: str, event: Any) -> Any:
     counter = _error_counter
     if counter is not None and method in _ERRORS:
+        # a library's message may hold anything: its logger names the reason
+        library = event.get("logger")
+        reason = f"library {library}" if library else reason_of(str(event.get("event", "")))
         # e.g. EMFILE: a new label's file (multiprocess metrics) cannot be
         # opened while descriptors run out; the error being logged is often
         # that very condition, and logging must never raise
         with contextlib.suppress(Exception):
-            counter(reason_of(str(event.get("event", ""))))
+            counter(reason[:100])
     return event
+
+
+class _Bridge(logging.Handler):
+    """Records of libraries that log through the standard library (asyncio's
+    "Task exception was never retrieved", uvicorn, SQLAlchemy, nats-py) as
+    estat's lines: JSON, one per record (a traceback in its ``exception``
+    field), with ``service``, ``env`` and ``logger``, and counted like
+    estat's own when they are errors."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            kw: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                kw["exc_info"] = record.exc_info
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage()[:2000], **kw)
+        except Exception:
+            self.handleError(record)
 
 
 def _dumps(obj: Any, default: Any = None) -> bytes:
@@ -98,8 +118,9 @@ def setup_logging(
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
-    # Libraries that log through the standard library go to stderr at WARNING.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # Libraries that log through the standard library: from WARNING, as lines
+    # of estat's own
+    logging.basicConfig(level=logging.WARNING, handlers=[_Bridge()])
 
 
 def get_logger(name: str) -> Any:
