@@ -198,3 +198,20 @@ def test_the_command_says_what_failed_and_exits_1(tmp_path: Path) -> None:
     outbox_only = _estat(env, tmp_path, "store", "backfill", *window, "--source", "outbox")
     assert outbox_only.returncode == 0, outbox_only.stderr
     assert outbox_only.stdout.startswith("outbox: 0 pages, 0 events read")
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+async def test_an_event_in_both_the_lake_and_the_outbox_is_counted_once(
+    db: Database, tmp_path: Path, dry_run: bool
+) -> None:
+    """A client event accepted while the bus was down went to the source
+    outbox and to the lake: both sources hold it."""
+    r = rec()
+    put(tmp_path / "lake", "events/dt=2026-12-01/hr=10/1_a_000000.jsonl.gz", [encode(r)])
+    SourceOutbox(db).enqueue([r])
+    now = datetime.now(UTC)
+    fill = Backfill(EventStore(db, ["POSTHOG"]), dry_run=dry_run)
+    lake = await from_lake(fill, local_sink(tmp_path / "lake"), ["events/dt=2026-12-01/hr=10/"])
+    outbox = from_outbox(fill, now - timedelta(minutes=1), now + timedelta(minutes=1))
+    assert (lake.inserted, outbox.inserted, outbox.duplicates) == (1, 0, 1)
+    assert ids_in(db) == ([] if dry_run else [r.event_id])

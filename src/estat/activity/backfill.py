@@ -110,6 +110,9 @@ class Backfill:
         self.batch_size = batch_size
         self.dry_run = dry_run
         self.on_stored = on_stored
+        # a dry run's events "stored" already: a client event the publisher
+        # put in the source outbox is in the lake too, and counted once
+        self._would: set[str] = set()
 
     def add(self, tally: Tally, where: str, payloads: Iterable[bytes]) -> None:
         batch: list[tuple[dict[str, Any], str]] = []
@@ -128,8 +131,9 @@ class Backfill:
 
     def _store(self, tally: Tally, where: str, batch: list[tuple[dict[str, Any], str]]) -> None:
         if self.dry_run:
-            have = self._existing([r["event_id"] for r, _ in batch])
-            new = {r["event_id"] for r, _ in batch} - have
+            ids = {r["event_id"] for r, _ in batch}
+            new = ids - self._existing(list(ids)) - self._would
+            self._would |= new
             tally.inserted += len(new)
             tally.duplicates += len(batch) - len(new)
             return
