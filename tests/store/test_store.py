@@ -6,6 +6,8 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -500,3 +502,60 @@ def test_the_changelog_sql_gives_earlier_events_their_member_key(db: Database) -
         rows = conn.execute(text("SELECT event_id, member_key FROM user_activity_event"))
         got = {str(r[0]): r[1] for r in rows}
     assert got == {named.event_id: "user-abc", numbered.event_id: None, anonymous.event_id: None}
+
+
+def test_the_printed_upgrade_sql_applies_with_psql_and_gives_way_to_a_long_query(
+    pg_url: str, postgres_server: Any, tmp_path: Path
+) -> None:
+    """``estat migrate upgrade FROM:head --sql`` for a DBA who applies
+    migrations by hand: it applies with psql, and behind a session holding
+    the table it fails within the lock timeout, changing nothing (it would
+    otherwise queue every statement on the table behind it), and applies
+    once that session ends."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.servers import libpq, pg_bin, table_locked
+
+    def estat_sql(*args: str) -> Path:
+        out = subprocess.run(
+            [sys.executable, "-m", "estat", "migrate", *args, "--sql"],
+            env={**os.environ, "DATABASE_URL": pg_url}, capture_output=True, text=True,
+            check=True, timeout=60,
+        )  # fmt: skip
+        path = tmp_path / f"upgrade-{len(list(tmp_path.iterdir()))}.sql"
+        path.write_text(out.stdout)
+        return path
+
+    def psql(path: Path, url: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [pg_bin("psql"), libpq(url), "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    db = Database(pg_url)
+    db.upgrade("0005")
+    up = estat_sql("upgrade", "0005:head")
+    assert "SET lock_timeout = '5s';" in up.read_text()
+    with table_locked(pg_url, "user_activity_event"):
+        t0 = time.monotonic()
+        blocked = psql(up, pg_url)
+        assert time.monotonic() - t0 < 30
+    assert blocked.returncode != 0
+    assert "lock timeout" in blocked.stderr
+    assert db.current() == "0005"  # nothing changed
+    done = psql(up, pg_url)
+    assert done.returncode == 0, done.stderr
+    assert db.current() == db.head()
+    assert "member_key" in {
+        c["name"] for c in inspect(db.engine).get_columns("user_activity_event")
+    }
+    db.close()
+    # from an empty database: the whole schema
+    empty = postgres_server.create_database()
+    full = psql(estat_sql(), empty)
+    assert full.returncode == 0, full.stderr
+    fresh = Database(empty)
+    assert fresh.current() == fresh.head()
+    fresh.close()

@@ -310,14 +310,27 @@ class Database:
             command.downgrade(cfg, revision)
 
     def upgrade_sql(self, revision: str = "head") -> str:
-        """The SQL ``upgrade`` would run from an empty database (``--sql``)."""
+        """The SQL ``upgrade`` would run (``--sql``): from an empty database,
+        or ``FROM:TO`` (``0005:head``). On PostgreSQL it starts with the
+        lock timeout a migration run by estat has, so that a DBA's
+        ``psql -v ON_ERROR_STOP=1 -f`` gives way to a long query instead of
+        queueing every statement on the table behind it."""
         from alembic import command
 
         cfg = self._config()
         out = io.StringIO()
         cfg.output_buffer = out
         command.upgrade(cfg, revision, sql=True)
-        return out.getvalue()
+        if self.dialect != "postgresql":
+            return out.getvalue()
+        wait = f"{MIGRATION_LOCK_TIMEOUT:g}s"
+        return (
+            f"-- estat's schema upgrade ({revision}). Apply with: psql -v ON_ERROR_STOP=1 -f FILE\n"
+            f"-- A statement waits at most {wait} for a table's lock (a long query holding it\n"
+            "-- would otherwise hold every other statement on the table behind this one):\n"
+            "-- when it fails on the lock timeout, nothing was changed; run the file again.\n"
+            f"SET lock_timeout = '{wait}';\n\n" + out.getvalue()
+        )
 
 
 def _when_unlocked(fn: Callable[[], T], attempts: int = 100) -> T:
