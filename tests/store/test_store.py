@@ -559,3 +559,38 @@ def test_the_printed_upgrade_sql_applies_with_psql_and_gives_way_to_a_long_query
     fresh = Database(empty)
     assert fresh.current() == fresh.head()
     fresh.close()
+
+
+@pytest.mark.parametrize(("command", "status"), [("migrate", 1), ("store", 2)])
+def test_a_blocked_migration_fails_the_command_or_the_start_naming_the_blocker(
+    pg_url: str, tmp_path: Path, command: str, status: int
+) -> None:
+    """`estat migrate` exits 1, a role's start exits 2 (it did not start),
+    each saying which session holds the lock; nothing is half-migrated."""
+    import os
+    import subprocess
+    import sys
+
+    shorter = (
+        "import sys, estat.store.db as d\n"
+        "d.MIGRATION_LOCK_TIMEOUT, d.MIGRATION_LOCK_PATIENCE = 0.2, 1.0\n"
+        "from estat.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )  # the patience is 10 minutes
+    old = Database(pg_url)
+    old.upgrade("0005")
+    with old.engine.connect() as analyst:
+        analyst.begin()
+        analyst.execute(text("SELECT count(*) FROM user_activity_event"))
+        run = subprocess.run(
+            [sys.executable, "-c", shorter, command],
+            env={**os.environ, "DATABASE_URL": pg_url, "DATA_DIR": str(tmp_path / "d"),
+                 "ADMIN_ADDR": "off"},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    said = run.stdout + run.stderr
+    assert run.returncode == status, said
+    assert "SELECT count(*) FROM user_activity_event" in said
+    assert "Traceback" not in said
+    assert old.current() == "0005"
+    old.close()
