@@ -42,6 +42,14 @@ def add_backfill_parser(store_sub: Any) -> None:
         help="lake: client events; outbox: server events; both (the default)",
     )
     b.add_argument(
+        "--dispatch",
+        default="",
+        metavar="TARGETS",
+        help="also enqueue every event of the window that is stored already for these "
+        "destinations (comma-separated, configured ones; a destination added later) unless "
+        "it has a dispatch row for them",
+    )
+    b.add_argument(
         "--dry-run", action="store_true", help="count what would be stored, store nothing"
     )
     b.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -60,6 +68,18 @@ def run_backfill(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if end <= start:
         print("estat: --to must be after --from", file=sys.stderr)
+        return 2
+    dispatch = tuple(
+        dict.fromkeys(t.strip().upper() for t in args.dispatch.split(",") if t.strip())
+    )
+    unknown = [t for t in dispatch if t not in settings.targets]
+    if unknown:
+        configured = ", ".join(settings.targets) or "none"
+        print(
+            f"estat: --dispatch {','.join(unknown)}: not a configured destination "
+            f"(DISPATCH_TARGETS: {configured}); its rows would never be sent",
+            file=sys.stderr,
+        )
         return 2
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -94,6 +114,7 @@ def run_backfill(settings: Settings, args: argparse.Namespace) -> int:
             batch_size=settings.store_batch_size,
             dry_run=args.dry_run,
             on_stored=count,
+            dispatch=dispatch,
         )
         if args.source in ("lake", "both"):
             sink = build_sink(settings, timeout=max(settings.s3_timeout, 60.0))
@@ -142,8 +163,7 @@ def _report(tallies: list[Any], args: argparse.Namespace, start: datetime, end: 
             f"already stored {t.duplicates}, unreadable {t.unreadable}"
         )
         if t.dispatch:
-            print(
-                "  dispatch rows enqueued: " + ", ".join(f"{k}={v}" for k, v in t.dispatch.items())
-            )
+            enqueued = ", ".join(f"{k}={v}" for k, v in t.dispatch.items())
+            print(f"  dispatch rows {'to enqueue' if args.dry_run else 'enqueued'}: {enqueued}")
         for ex in t.examples:
             print(f"  unreadable: {ex}")

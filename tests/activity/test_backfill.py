@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -45,7 +46,7 @@ def rec(props: bytes = b'{"source":"CLIENT"}', member: str | None = None) -> Eve
     )
 
 
-def put(root: Path, key: str, lines: list[bytes]) -> None:
+def put(root: Path, key: str, lines: Iterable[bytes]) -> None:
     path = root / key
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
@@ -195,6 +196,9 @@ def test_the_command_says_what_failed_and_exits_1(tmp_path: Path) -> None:
     bad = _estat(env, tmp_path, "store", "backfill", "--from", "yesterday", "--to", "2026-12-01")
     assert bad.returncode == 2
     assert "--from / --to" in bad.stderr
+    nowhere = _estat(env, tmp_path, "store", "backfill", *window, "--dispatch", "posthog")
+    assert nowhere.returncode == 2
+    assert "--dispatch POSTHOG: not a configured destination" in nowhere.stderr
     outbox_only = _estat(env, tmp_path, "store", "backfill", *window, "--source", "outbox")
     assert outbox_only.returncode == 0, outbox_only.stderr
     assert outbox_only.stdout.startswith("outbox: 0 pages, 0 events read")
@@ -215,3 +219,36 @@ async def test_an_event_in_both_the_lake_and_the_outbox_is_counted_once(
     outbox = from_outbox(fill, now - timedelta(minutes=1), now + timedelta(minutes=1))
     assert (lake.inserted, outbox.inserted, outbox.duplicates) == (1, 0, 1)
     assert ids_in(db) == ([] if dry_run else [r.event_id])
+
+
+async def test_a_destination_added_later_gets_the_stored_events_of_the_window(
+    db: Database, tmp_path: Path
+) -> None:
+    records = [rec() for _ in range(10)]
+    put(tmp_path / "lake", "events/dt=2026-12-01/hr=10/1_a_000000.jsonl.gz", map(encode, records))
+    EventStore(db, ["POSTHOG"]).store(
+        [event_row(r) for r in records], [encode(r).decode() for r in records]
+    )  # stored while only PostHog was configured
+    with db.engine.begin() as conn:  # one had reached the webhook some other way
+        conn.execute(
+            user_activity_dispatch_outbox.insert(),
+            {"event_id": records[0].event_id, "dispatch_target": "WEBHOOK",
+             "payload": encode(records[0]).decode(), "status": "DISPATCHED"},
+        )  # fmt: skip
+
+    def rows() -> list[tuple[str, int]]:
+        d = user_activity_dispatch_outbox
+        with db.engine.connect() as conn:
+            q = select(d.c.dispatch_target, func.count()).group_by(d.c.dispatch_target)
+            return sorted((str(a), int(b)) for a, b in conn.execute(q).tuples())
+
+    later = EventStore(db, ["POSTHOG", "WEBHOOK"])
+    sink, hour = local_sink(tmp_path / "lake"), ["events/dt=2026-12-01/hr=10/"]
+    dry = await from_lake(Backfill(later, dry_run=True, dispatch=["WEBHOOK"]), sink, hour)
+    assert (dry.inserted, dry.dispatch) == (0, {"WEBHOOK": 9})
+    assert rows() == [("POSTHOG", 10), ("WEBHOOK", 1)]
+    t = await from_lake(Backfill(later, batch_size=4, dispatch=["WEBHOOK"]), sink, hour)
+    assert (t.inserted, t.duplicates, t.dispatch) == (0, 10, {"WEBHOOK": 9})
+    assert rows() == [("POSTHOG", 10), ("WEBHOOK", 10)]
+    again = await from_lake(Backfill(later, dispatch=["WEBHOOK"]), sink, hour)
+    assert again.dispatch == {}

@@ -35,7 +35,11 @@ from estat.lake.sink import ObjectStoreSink
 from estat.ops.ledger import hour_bounds
 from estat.store.events import EventStore
 from estat.store.rows import BadPayload, decode, event_row
-from estat.store.schema import user_activity_event, user_activity_source_outbox
+from estat.store.schema import (
+    user_activity_dispatch_outbox,
+    user_activity_event,
+    user_activity_source_outbox,
+)
 
 EXAMPLES = 5  # reasons kept per source, to print
 
@@ -105,8 +109,14 @@ class Backfill:
         batch_size: int = 500,
         dry_run: bool = False,
         on_stored: Callable[[int], None] | None = None,
+        dispatch: Sequence[str] = (),
     ) -> None:
+        """``dispatch``: destinations (configured ones) that get a dispatch
+        row for every event read that is stored and has none for them yet
+        (a destination added later); events stored now get one for every
+        configured destination anyway."""
         self.store = store
+        self.dispatch = tuple(dispatch)
         self.batch_size = batch_size
         self.dry_run = dry_run
         self.on_stored = on_stored
@@ -132,10 +142,17 @@ class Backfill:
     def _store(self, tally: Tally, where: str, batch: list[tuple[dict[str, Any], str]]) -> None:
         if self.dry_run:
             ids = {r["event_id"] for r, _ in batch}
-            new = ids - self._existing(list(ids)) - self._would
+            stored_before = self._existing(list(ids))
+            new = ids - stored_before - self._would
             self._would |= new
+            for target in self.store.targets if new else ():  # as the store would enqueue
+                tally.dispatch[target] = tally.dispatch.get(target, 0) + len(new)
             tally.inserted += len(new)
             tally.duplicates += len(batch) - len(new)
+            if self.dispatch:
+                self._enqueue(
+                    tally, [(r["event_id"], p) for r, p in batch if r["event_id"] in stored_before]
+                )
             return
         try:
             stored = self.store.store([r for r, _ in batch], [p for _, p in batch])
@@ -155,6 +172,43 @@ class Backfill:
             tally.dispatch[target] = tally.dispatch.get(target, 0) + n
         if self.on_stored is not None and stored.inserted:
             self.on_stored(stored.inserted)
+        if self.dispatch and stored.duplicates:
+            self._enqueue(tally, [(r["event_id"], p) for r, p in batch])
+
+    def _enqueue(self, tally: Tally, events: list[tuple[str, str]]) -> None:
+        """A dispatch row per ``self.dispatch`` target for each of ``events``
+        that is stored and has none for it (any status) yet."""
+        d, t = user_activity_dispatch_outbox, user_activity_event
+        ids = list({eid for eid, _ in events})
+        with self.store.db.engine.begin() as conn:
+            stored = {r[0] for r in conn.execute(select(t.c.event_id).where(t.c.event_id.in_(ids)))}
+            have = set(
+                conn.execute(
+                    select(d.c.event_id, d.c.dispatch_target).where(
+                        d.c.event_id.in_(ids), d.c.dispatch_target.in_(self.dispatch)
+                    )
+                ).tuples()
+            )
+            rows = [
+                {
+                    "event_id": eid,
+                    "dispatch_target": target,
+                    "payload": payload,
+                    "status": "PENDING",
+                }
+                for eid, payload in dict(events).items()
+                if eid in stored
+                for target in self.dispatch
+                if (eid, target) not in have
+            ]
+            if self.dry_run:
+                added = [r["dispatch_target"] for r in rows]
+            elif rows:
+                added = [r[0] for r in conn.execute(self.store.dispatch_insert, rows)]
+            else:
+                added = []
+        for target in added:
+            tally.dispatch[target] = tally.dispatch.get(target, 0) + 1
 
     def _existing(self, ids: Sequence[str]) -> set[str]:
         t = user_activity_event

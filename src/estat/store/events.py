@@ -32,7 +32,8 @@ class EventStore:
             db.insert(t).on_conflict_do_nothing(index_elements=["event_id"]).returning(t.c.event_id)
         )
         d = user_activity_dispatch_outbox
-        self._dispatch = (
+        #: one dispatch row per parameter set, none where one exists; returns the targets added
+        self.dispatch_insert = (
             db.insert(d)
             .on_conflict_do_nothing(index_elements=["event_id", "dispatch_target"])
             .returning(d.c.dispatch_target)
@@ -67,7 +68,7 @@ class EventStore:
                 for eid in inserted
                 for target in self.targets
             ]
-            for (target,) in conn.execute(self._dispatch, dispatch):
+            for (target,) in conn.execute(self.dispatch_insert, dispatch):
                 per_target[target] = per_target.get(target, 0) + 1
         return Stored(len(inserted), len(rows) - len(inserted), per_target)
 
