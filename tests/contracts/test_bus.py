@@ -335,6 +335,24 @@ async def test_redis_without_an_append_only_file_is_named_at_start(
     finally:
         server.stop()
     assert ("appendonly no" in said) is not persist, said
+    assert "evict" not in said
+
+
+async def test_redis_that_may_evict_the_stream_is_named_at_start(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    b = RedisStreamBus(redis_server.url, prefix="t" + uuid.uuid4().hex[:8], group="g")
+    await b.redis.config_set("maxmemory", "512mb")
+    await b.redis.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        capsys.readouterr()
+        await b.start()
+        said = capsys.readouterr().out
+    finally:
+        await b.redis.config_set("maxmemory", "0")
+        await b.redis.config_set("maxmemory-policy", "noeviction")
+        await b.close()
+    assert "maxmemory-policy allkeys-lru" in said, said
 
 
 async def test_nats_an_outage_is_one_structured_line_not_a_traceback_a_second(

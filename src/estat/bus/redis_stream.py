@@ -108,19 +108,30 @@ class RedisStreamBus:
             await self._create_group()
         except (RedisError, OSError) as e:
             raise BusError(short(e)) from e
-        await self._check_persistence()
+        await self._check_durability()
 
-    async def _check_persistence(self) -> None:
-        """A Redis without an append-only file loses, when it restarts, every
-        entry written since its last snapshot: said at start."""
+    async def _check_durability(self) -> None:
+        """Said at start: a Redis without an append-only file loses, when it
+        restarts, every entry written since its last snapshot; one that may
+        evict keys when full (a ``maxmemory-policy`` other than
+        ``noeviction``) can drop the whole stream silently."""
         try:
             info = await self.redis.info("persistence")
+            memory = await self.redis.info("memory")
         except (RedisError, OSError):
             return  # INFO may be refused (a managed Redis): nothing to say
         if str(info.get("aof_enabled", "1")) == "0":
             log.warning(
                 "bus: Redis keeps no append-only file (appendonly no): a restart loses the "
                 "entries not yet stored (they stay in the lake); run it with appendonly yes",
+                stream=self.stream,
+            )
+        policy = str(memory.get("maxmemory_policy", "noeviction"))
+        if int(memory.get("maxmemory", 0) or 0) > 0 and policy != "noeviction":
+            log.warning(
+                "bus: Redis may evict keys when full (maxmemory-policy "
+                f"{policy}): the stream itself can be dropped; use noeviction (a full Redis "
+                "then refuses publishes, and events wait in the source outbox)",
                 stream=self.stream,
             )
 
