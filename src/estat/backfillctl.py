@@ -119,9 +119,12 @@ def run_backfill(settings: Settings, args: argparse.Namespace) -> int:
         if args.source in ("lake", "both"):
             sink = build_sink(settings, timeout=max(settings.s3_timeout, 60.0))
             prefixes = hour_prefixes(settings.events_prefix, start, end, tz)
-            tallies.append(asyncio.run(from_lake(fill, sink, prefixes)))
+            tallies.append(Tally("lake"))
+            progress = None if args.json else _progress
+            asyncio.run(from_lake(fill, sink, prefixes, tallies[-1], progress))
         if args.source in ("outbox", "both"):
-            tallies.append(from_outbox(fill, start, end))
+            tallies.append(Tally("outbox"))
+            from_outbox(fill, start, end, tallies[-1])
     except DeliveryError as e:
         failed = f"the lake ({e.error_class}): {str(e).splitlines()[0][:300]}"
     except SQLAlchemyError as e:
@@ -140,6 +143,14 @@ def run_backfill(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 1
     return 1 if any(t.unreadable for t in tallies) else 0
+
+
+def _progress(prefix: str, tally: Any) -> None:
+    print(
+        f"estat: {prefix} read ({tally.read:,} events so far, {tally.inserted:,} missing)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _report(tallies: list[Any], args: argparse.Namespace, start: datetime, end: datetime) -> None:

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from sqlalchemy import func, select
 
-from estat.activity.backfill import Backfill, from_lake, from_outbox, hour_prefixes
+from estat.activity.backfill import Backfill, Tally, from_lake, from_outbox, hour_prefixes
 from estat.lake.keys import object_key
 from estat.lake.sink import local_sink
 from estat.model import EventRecord
@@ -252,3 +252,36 @@ async def test_a_destination_added_later_gets_the_stored_events_of_the_window(
     assert rows() == [("POSTHOG", 10), ("WEBHOOK", 10)]
     again = await from_lake(Backfill(later, dispatch=["WEBHOOK"]), sink, hour)
     assert again.dispatch == {}
+
+
+async def test_a_lake_failing_half_way_leaves_the_counts_of_what_was_stored(
+    tmp_path: Path,
+) -> None:
+    """The command reports what was done before the lake failed (run it
+    again for the rest)."""
+    from estat.errors import RetryableDeliveryError
+
+    lake = tmp_path / "lake"
+    first = [rec() for _ in range(4)]
+    put(lake, "events/dt=2026-12-01/hr=10/1_a_000000.jsonl.gz", map(encode, first))
+    put(lake, "events/dt=2026-12-01/hr=11/2_a_000000.jsonl.gz", [encode(rec())])
+    real = local_sink(lake)
+
+    class Failing:  # the lake stops answering after the first hour
+        async def keys(self, prefix: str) -> list[str]:
+            return await real.keys(prefix)
+
+        async def get(self, key: str) -> bytes:
+            if "hr=11" in key:
+                raise RetryableDeliveryError("no answer", error_class="timeout")
+            return await real.get(key)
+
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    db.upgrade()
+    tally = Tally("lake")
+    hours = ["events/dt=2026-12-01/hr=10/", "events/dt=2026-12-01/hr=11/"]
+    with pytest.raises(RetryableDeliveryError):
+        await from_lake(Backfill(EventStore(db)), Failing(), hours, tally)  # type: ignore[arg-type]
+    assert (tally.objects, tally.read, tally.inserted) == (1, 4, 4)
+    assert sorted(ids_in(db)) == sorted(r.event_id for r in first)
+    db.close()

@@ -222,11 +222,14 @@ async def from_lake(
     backfill: Backfill,
     sink: ObjectStoreSink,
     prefixes: Sequence[str],
-    progress: Callable[[str], None] | None = None,
+    tally: Tally | None = None,
+    progress: Callable[[str, Tally], None] | None = None,
 ) -> Tally:
     """Every ``.jsonl.gz`` object under ``prefixes`` (the events dataset's
-    partition hours), object by object."""
-    tally = Tally("lake")
+    partition hours), object by object, counted in ``tally`` as it goes (so
+    that a lake failing half-way leaves the counts of what was done);
+    ``progress`` after each prefix."""
+    tally = tally if tally is not None else Tally("lake")
     for prefix in prefixes:
         for key in sorted(await sink.keys(prefix)):
             if not key.endswith(".jsonl.gz"):
@@ -239,16 +242,18 @@ async def from_lake(
                 tally.refuse(key, f"not gzip JSON Lines: {e}")
                 continue
             backfill.add(tally, key, lines)
-            if progress is not None:
-                progress(key)
+        if progress is not None:
+            progress(prefix, tally)
     return tally
 
 
-def from_outbox(backfill: Backfill, start: datetime, end: datetime) -> Tally:
+def from_outbox(
+    backfill: Backfill, start: datetime, end: datetime, tally: Tally | None = None
+) -> Tally:
     """Every source outbox row created in [start, end), whatever its status
     (a row still PENDING is stored now and counted a duplicate when the
-    relay's publish reaches the store), by id."""
-    tally = Tally("outbox")
+    relay's publish reaches the store), by id, counted in ``tally``."""
+    tally = tally if tally is not None else Tally("outbox")
     t = user_activity_source_outbox
     last = 0
     page = max(backfill.batch_size, 100)
