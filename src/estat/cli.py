@@ -254,6 +254,11 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     except SQLAlchemyError as e:
         print(f"estat: database error: {str(e).splitlines()[0][:300]}", file=sys.stderr)
         return 1
+    except Exception as e:  # alembic's CommandError (alembic is imported only to migrate)
+        if type(e).__name__ != "CommandError":
+            raise
+        print(f"estat: {e} (`estat migrate current` names the database's)", file=sys.stderr)
+        return 2
     finally:
         db.close()
     return 0

@@ -56,9 +56,12 @@ def concrete(cmd: str, admin_url: str, event_id: str, dump: Path) -> list[str]:
     cmd = cmd.replace("<eventId>", event_id).replace(" NAME", " retention")
     cmd = cmd.replace("--limit N", "--limit 5").replace("http://estat-host:8081", admin_url)
     cmd = cmd.replace("estat-2026-12-01.dump", str(dump)).replace("--interval 30", "--interval 1")
-    cmd = cmd.replace("<last night's dump>", str(dump))
+    cmd = cmd.replace("<last night's dump>", str(dump)).replace("<revision>:", "0005:")
     week_ago = (datetime.now(UTC) - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
     cmd = cmd.replace("<7 days ago>", week_ago)
+    now = datetime.now(UTC)
+    for name, t in (("<start>", now - timedelta(hours=1)), ("<end>", now + timedelta(hours=1))):
+        cmd = cmd.replace(name, t.strftime("%Y-%m-%dT%H:%M:%SZ"))
     if cmd.startswith("estat doctor") and "--interval" not in cmd:
         cmd += " --interval 1"  # the two reads of /metrics, 1 s apart rather than 10
     return shlex.split(cmd)

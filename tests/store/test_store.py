@@ -552,6 +552,13 @@ def test_the_printed_upgrade_sql_applies_with_psql_and_gives_way_to_a_long_query
         c["name"] for c in inspect(db.engine).get_columns("user_activity_event")
     }
     db.close()
+    typo = subprocess.run(
+        [sys.executable, "-m", "estat", "migrate", "upgrade", "0500:head", "--sql"],
+        env={**os.environ, "DATABASE_URL": pg_url}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert typo.returncode == 2
+    assert "Can't locate revision identified by '0500'" in typo.stderr
+    assert "Traceback" not in typo.stderr
     # from an empty database: the whole schema
     empty = postgres_server.create_database()
     full = psql(estat_sql(), empty)
