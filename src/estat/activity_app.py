@@ -170,6 +170,9 @@ class Activity:
         self.metrics = metrics
         self.clock = clock
         self.bus = build_bus(s)
+        if self.bus is not None:
+            lost = metrics.bus_lost.labels(self.bus.provider)
+            self.bus.on_lost = lost.inc
         self.db = Database(s.database)
         self.outbox = SourceOutbox(
             self.db, max_attempts=s.outbox_max_attempts, lease_seconds=s.outbox_lease

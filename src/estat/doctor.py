@@ -181,6 +181,9 @@ def checks(before: Samples, after: Samples, seconds: float, ready: dict[str, Any
     behind = total(after, "source_outbox_oldest_due_age_seconds")
     add("relay behind", grade(behind, 300, 600), f"oldest due row {behind:.0f} s old",
         "WARN > 5 min, CRIT > 10 min", "estatrelaybehind")  # fmt: skip
+    bus_lost = total(after, "mq_bus_lost_total")
+    add("bus data lost", "CRIT" if bus_lost else "OK", f"{bus_lost:.0f} since start",
+        "CRIT > 0 (its unread events: estat store backfill)", "estatbuslostdata")  # fmt: skip
     parked = total(after, "mq_parked_messages")
     add("bus parked", "CRIT" if parked else "OK", f"{parked:.0f}", "CRIT > 0", "estatbusparked")
     for target in sorted(by_label(after, "dispatch_outbox_rows", "target")):

@@ -276,9 +276,12 @@ async def test_a_running_consumer_reads_on_after_the_bus_lost_its_stream(bus: Bu
     (every event to the source outbox), until the processes restarted."""
     if isinstance(bus, MemoryBus):
         pytest.skip("the in-process bus is lost only with its process")
+    lost: list[int] = []
+    bus.on_lost = lambda: lost.append(1)
     c = bus.consumer("c")
     await bus.publish(msgs(3))
     await c.ack(await drain(c, 3))
+    assert lost == []
     await _lose_the_stream(bus)
     later = msgs(5)
     await bus.publish(later)
@@ -286,6 +289,7 @@ async def test_a_running_consumer_reads_on_after_the_bus_lost_its_stream(bus: Bu
     assert sorted(d.message.message_id for d in got) == sorted(m.message_id for m in later)
     await c.ack(got)
     assert (await bus.stats()).pending == 0
+    assert lost == [1]  # counted once (mq_bus_lost_total)
     await c.close()
 
 

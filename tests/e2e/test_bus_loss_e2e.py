@@ -92,6 +92,7 @@ def test_a_redis_that_lost_its_data_is_repaired_by_the_backfill(
         wait_for(lambda: len(stored()) == 150)
         assert set(stored()) == set(before + after)
         assert "the consumer group was gone" in p.log.read_text()
+        assert p.metrics()['mq_bus_lost_total{provider="redis-stream"}'] == 1
         lake = tmp_path / "data" / "lake"
         accepted = before + lost + after
         wait_for(lambda: _lake_ids(lake) >= set(accepted))

@@ -64,3 +64,13 @@ def test_no_upload_yet_is_a_warning_only_once_the_process_is_up_ten_minutes() ->
     assert last_upload(30) == ("OK", "none since start")
     assert last_upload(900) == ("WARN", "none since start")
     assert last_upload(3600) == ("CRIT", "none since start")
+
+
+def test_a_bus_that_lost_its_data_is_critical_with_the_backfill_to_run() -> None:
+    m = Metrics(CollectorRegistry())
+    m.bus_lost.labels("redis-stream")  # declared at start: 0
+    assert graded(m, {"ready": True})["bus data lost"][:2] == ("OK", "0 since start")
+    m.bus_lost.labels("redis-stream").inc()
+    assert graded(m, {"ready": True})["bus data lost"] == (
+        "CRIT", "1 since start", "docs/runbook.md#estatbuslostdata",
+    )  # fmt: skip

@@ -19,7 +19,7 @@ included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,6 +134,9 @@ class Consumer(Protocol):
 class Bus(Protocol):
     provider: str
     topic: str
+    #: called when the bus is found to have lost its stream or group (and
+    #: declared them again): what it held unread is gone from the bus
+    on_lost: Callable[[], None] | None
 
     async def start(self) -> None:
         """Connect and declare what the bus needs (stream, group)."""

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from estat.bus.base import (
     TOPIC,
@@ -48,6 +48,7 @@ class MemoryBus:
         self._parked_ids: list[str] = []  # beside ``parked``
         self._parked_seq = 0
         self._wake = asyncio.Event()
+        self.on_lost: Callable[[], None] | None = None  # lost only with the process
         self.closed = False
 
     async def start(self) -> None:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats
@@ -87,6 +87,7 @@ class NatsBus:
         self._nc: Any = None
         self._js: Any = None
         self._erring = False  # a connection error was logged; quiet until reconnected
+        self.on_lost: Callable[[], None] | None = None
 
     async def _connect(self) -> Any:
         if self._js is None:
@@ -183,6 +184,8 @@ class NatsBus:
             "unread are not on the bus (they are in the lake); "
             "see docs/runbook.md, 'The bus lost its data'",
         )
+        if self.on_lost is not None:
+            self.on_lost()
         await self.start()
 
     async def parked(self, limit: int) -> list[ParkedMessage]:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -102,6 +102,7 @@ class RedisStreamBus:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
         )
         self._publish = self.redis.register_script(PUBLISH_LUA)
+        self.on_lost: Callable[[], None] | None = None
 
     async def start(self) -> None:
         try:
@@ -159,6 +160,8 @@ class RedisStreamBus:
                 "entries it held unread are not on the bus (they are in the lake); "
                 "see docs/runbook.md, 'The bus lost its data'",
             )
+            if self.on_lost is not None:
+                self.on_lost()
         return True
 
     async def publish_events(self, records: Sequence[EventRecord], lines: Sequence[bytes]) -> None:

@@ -146,6 +146,13 @@ class PipelineMetrics:
             ("topic", "provider"),
             mode="livemostrecent",
         )
+        self.bus_lost = counter(
+            "mq_bus_lost_total",
+            "Times a store consumer or publisher found the bus's stream or consumer group "
+            "gone and declared it again: the bus lost its data (a Redis restarted without "
+            "an append-only file, a deleted stream); what it held unread is not on the bus.",
+            ("provider",),
+        )
         self.bus_parked = gauge(
             "mq_parked_messages",
             "Messages parked after MQ_MAX_DELIVERIES (<stream>:dlq).",
