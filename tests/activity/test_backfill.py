@@ -8,42 +8,24 @@ import gzip
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import msgspec
 import pytest
 from sqlalchemy import func, select
 
 from estat.activity.backfill import Backfill, Tally, from_lake, from_outbox, hour_prefixes
 from estat.lake.keys import object_key
 from estat.lake.sink import local_sink
-from estat.model import EventRecord
 from estat.store.db import Database
 from estat.store.events import EventStore
 from estat.store.outbox import SourceOutbox
 from estat.store.rows import encode, event_row
 from estat.store.schema import user_activity_dispatch_outbox, user_activity_event
 from tests.conftest import free_port
-
-
-def rec(props: bytes = b'{"source":"CLIENT"}', member: str | None = None) -> EventRecord:
-    return EventRecord(
-        uuid.uuid4().hex,
-        "ui.page.viewed",
-        "v1",
-        "2026-12-01T10:15:00.000Z",
-        "2026-12-01T10:15:00.000Z",
-        member,
-        "anon-1",
-        msgspec.Raw(props),
-        "CLIENT",
-        "127.0.0.1",
-        "ua",
-    )
+from tests.store.test_store import rec
 
 
 def put(root: Path, key: str, lines: Iterable[bytes]) -> None:

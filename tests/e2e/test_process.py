@@ -275,22 +275,16 @@ def test_a_role_whose_admin_address_is_taken_names_that_address(estat_factory: A
     assert first.stop() == 0
 
 
-def test_a_store_role_names_the_destinations_it_enqueues_for(estat_factory: Any) -> None:
+@pytest.mark.parametrize("role", ["store", "dispatch"])
+def test_a_role_names_the_destinations_in_its_start_line(estat_factory: Any, role: str) -> None:
     """The store consumer enqueues a dispatch row per configured destination
-    although it sends nothing itself; its start line says which."""
+    although it sends nothing itself (it said none); a dispatcher sends to
+    them (it said nothing)."""
     p: EstatProcess = estat_factory(
-        {"POSTHOG_HOST": "http://127.0.0.1:9", "POSTHOG_API_KEY": "phc_x"}, args=["store"]
+        {"POSTHOG_HOST": "http://127.0.0.1:9", "POSTHOG_API_KEY": "phc_x"}, args=[role]
     )
     p.start()
     ready = next(x for x in p.log.read_text().splitlines() if "pipeline ready" in x)
     assert '"destinations":"POSTHOG"' in ready
-    assert '"roles":"store"' in ready
+    assert f'"roles":"{role}"' in ready
     assert p.stop() == 0
-    d: EstatProcess = estat_factory(
-        {"POSTHOG_HOST": "http://127.0.0.1:9", "POSTHOG_API_KEY": "phc_x"}, args=["dispatch"]
-    )
-    d.start()
-    ready = next(x for x in d.log.read_text().splitlines() if "pipeline ready" in x)
-    assert '"destinations":"POSTHOG"' in ready
-    assert '"roles":"dispatch"' in ready
-    assert d.stop() == 0
