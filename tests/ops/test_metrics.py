@@ -186,3 +186,15 @@ def test_a_failing_error_counter_never_breaks_logging() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "local DLQ save failed" in out.stdout
     assert out.stdout.rstrip().endswith("still here")
+
+
+def test_a_single_process_exposes_no_created_series() -> None:
+    """`estat serve`'s multiprocess collector has no `*_created` samples; a
+    role process (`estat store`) exposed one per counter and histogram (90
+    extra series), so the same dashboards saw different series by role."""
+    m = Metrics(CollectorRegistry())
+    m.bus_lost.labels("redis-stream").inc()
+    m.store_events.labels("inserted").inc(3)
+    text = m.exposition().decode()
+    assert 'mq_bus_lost_total{provider="redis-stream"} 1.0' in text
+    assert "_created" not in text

@@ -29,6 +29,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -37,6 +38,11 @@ from prometheus_client.openmetrics.exposition import generate_latest as om_gener
 from estat.ops.hist import FastHistogram
 from estat.ops.metrics_pipeline import DISPATCH_LATENCY_BUCKETS as DISPATCH_LATENCY_BUCKETS
 from estat.ops.metrics_pipeline import PipelineMetrics
+
+# Every process exposes the same series: ``estat serve``'s multiprocess
+# collector has no ``*_created`` samples, so a single process (``estat
+# store``, ``estat relay``…) must not add one per counter either.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (
     0.0001,
