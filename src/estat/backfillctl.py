@@ -168,7 +168,7 @@ def _report(tallies: list[Any], args: argparse.Namespace, start: datetime, end: 
         return
     verb = "would store" if args.dry_run else "stored"
     for t in tallies:
-        unit = "objects" if t.source == "lake" else "pages"
+        unit = ("object" if t.source == "lake" else "page") + ("" if t.objects == 1 else "s")
         print(
             f"{t.source}: {t.objects} {unit}, {t.read} events read, {verb} {t.inserted}, "
             f"already stored {t.duplicates}, unreadable {t.unreadable}"
