@@ -552,7 +552,9 @@ async def test_parked_messages_are_listed_and_requeued(admin: Admin) -> None:
     assert stored() == [r.event_id]
 
 
-async def test_the_pause_state_holds_while_the_database_is_unreachable(tmp_path: Path) -> None:
+async def test_the_pause_state_holds_while_the_database_is_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from prometheus_client import CollectorRegistry
 
     from estat.admin.workers import PauseWatcher
@@ -568,8 +570,18 @@ async def test_the_pause_state_holds_while_the_database_is_unreachable(tmp_path:
     (tmp_path / "e.db").unlink()  # the database goes away (every read fails)
     db.engine.dispose()
     (tmp_path / "e.db").mkdir()  # and the path is no longer a database file
-    await watcher.refresh()  # logged, not raised
+    capsys.readouterr()
+    for _ in range(5):  # every process polls every few seconds
+        await watcher.refresh()  # logged, not raised
     assert pauses.paused("store")  # the last known state holds
+    said = capsys.readouterr().out
+    assert said.count("worker pause state not read") == 1  # once per outage, not per poll
+    (tmp_path / "e.db").rmdir()  # the database is back
+    db.engine.dispose()
+    db.upgrade()
+    await watcher.refresh()
+    assert not pauses.paused("store")  # the (new) database's state
+    assert "worker pause state read again" in capsys.readouterr().out
 
 
 async def test_an_admin_call_is_logged_when_its_audit_row_cannot_be_written(

@@ -35,6 +35,7 @@ class PauseWatcher:
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.updated: dict[str, tuple[datetime | None, str | None]] = {}
+        self._failing = False
 
     async def start(self, spawn: Spawn) -> None:
         for w in WORKERS:
@@ -60,8 +61,13 @@ class PauseWatcher:
         try:
             states = await self.db.run(lambda: read_states(self.db), on="workers")
         except TRANSIENT_DB as e:
-            log.warning("worker pause state not read: keeping the last one", error=str(e)[:300])
+            if not self._failing:  # once per outage (the stages say theirs)
+                log.warning("worker pause state not read: keeping the last one", error=str(e)[:300])
+            self._failing = True
             return
+        if self._failing:
+            self._failing = False
+            log.info("worker pause state read again")
         for w in WORKERS:
             row = states.get(w)
             self.apply(w, bool(row and row["paused"]), row["updated_by"] if row else None)
