@@ -284,7 +284,7 @@ async def test_a_running_consumer_reads_on_after_the_bus_lost_its_stream(bus: Bu
     assert lost == []
     await _lose_the_stream(bus)
     later = msgs(5)
-    await bus.publish(later)
+    await asyncio.gather(*(bus.publish([m]) for m in later))  # all notice at once
     got = await drain(c, 5)
     assert sorted(d.message.message_id for d in got) == sorted(m.message_id for m in later)
     await c.ack(got)

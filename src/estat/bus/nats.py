@@ -88,6 +88,7 @@ class NatsBus:
         self._js: Any = None
         self._erring = False  # a connection error was logged; quiet until reconnected
         self.on_lost: Callable[[], None] | None = None
+        self._declaring = asyncio.Lock()
 
     async def _connect(self) -> Any:
         if self._js is None:
@@ -174,7 +175,19 @@ class NatsBus:
             raise BusError(short(e)) from e
 
     async def declare_again(self, why: str) -> None:
-        """The stream or the durable consumer is gone: declare both again."""
+        """The stream or the durable consumer is gone: declare both again
+        (once: the publishes in flight and the consumer may all notice)."""
+        async with self._declaring:
+            js = await self._connect()
+            try:
+                await js.stream_info(self.stream)
+                await js.consumer_info(self.stream, self.group)
+                return  # declared meanwhile
+            except NotFoundError:
+                pass
+            await self._declare_again(why)
+
+    async def _declare_again(self, why: str) -> None:
         log.error(
             "bus: the stream or its consumer was gone; declared again",
             stream=self.stream,
