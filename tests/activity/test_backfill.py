@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -39,18 +40,30 @@ def ids_in(db: Database) -> list[str]:
         return [r[0] for r in conn.execute(select(user_activity_event.c.event_id))]
 
 
-@pytest.mark.parametrize("zone", ["UTC", "Asia/Seoul", "Asia/Kolkata", "Asia/Kathmandu"])
+@pytest.mark.parametrize(
+    "zone", ["UTC", "Asia/Seoul", "Asia/Kolkata", "Asia/Kathmandu", "America/New_York"]
+)
 def test_a_window_reads_exactly_the_partition_hours_its_events_were_keyed_in(zone: str) -> None:
+    """Any window (odd seconds, minutes or hours long, across midnight and
+    a DST change): the hours read are those a batch cut within it was keyed
+    in, no more. (A window of 20:55:30-21:06:30 read hour 20 only.)"""
     tz = ZoneInfo(zone)
-    start = datetime(2026, 11, 30, 22, 10, tzinfo=UTC)
-    end = start + timedelta(hours=3, minutes=5)
-    got = hour_prefixes("events", start, end, tz)
-    want: dict[str, None] = {}
-    t = start.timestamp()
-    while t < end.timestamp():  # every minute of the window: the key a batch cut then gets
-        want[object_key("events", t, tz, "i", 0).rsplit("/", 1)[0] + "/"] = None
-        t += 60
-    assert got == list(want)
+    rng = random.Random(zone)
+    for _ in range(60):
+        start = datetime(2026, 10, 31, 20, tzinfo=UTC) + timedelta(
+            seconds=rng.randrange(3 * 86400) + rng.random()
+        )
+        end = start + timedelta(seconds=rng.choice([1, 59, 600, 3599, 3600, 7201, 86400 + 77]))
+        got = hour_prefixes("events", start, end, tz)
+        want: dict[str, None] = {}
+        t, last = start.timestamp(), end.timestamp()
+        step = 1 if last - t < 7200 else 30
+        # every second (half minute) the window holds, and its last moment:
+        # the key a batch cut then gets
+        for at in [*(t + i * step for i in range(int((last - t) / step) + 1)), last - 0.001]:
+            if at < last:
+                want[object_key("events", at, tz, "i", 0).rsplit("/", 1)[0] + "/"] = None
+        assert got == list(want), (start, end)
 
 
 def test_a_repeated_local_hour_is_read_once() -> None:

@@ -81,14 +81,15 @@ def hour_prefixes(prefix: str, start: datetime, end: datetime, tz: ZoneInfo) -> 
     of ``PARTITION_TZ`` overlapping [start, end), oldest first; a local hour
     that repeats (a DST change) once."""
     out: dict[str, None] = {}
-    first, last = int(start.timestamp()), end.timestamp()
-    t = first - 3600
+    last = end.timestamp()
+    # from the start of the hour holding ``start``, every quarter of an hour
+    # before ``end``: a local hour starts on one of them in every zone (offsets
+    # and DST shifts are whole quarters), so none overlapping is missed
+    t = hour_bounds(start.timestamp(), tz)[0]
     while t < last:
-        hs, he = hour_bounds(t, tz)
-        if hs < last and he > first:
-            local = datetime.fromtimestamp(hs, tz)
-            out[f"{prefix.strip('/')}/dt={local:%Y-%m-%d}/hr={local:%H}/"] = None
-        t += 900  # a quarter of an hour: zones offset by :30 and :45 too
+        local = datetime.fromtimestamp(hour_bounds(t, tz)[0], tz)
+        out[f"{prefix.strip('/')}/dt={local:%Y-%m-%d}/hr={local:%H}/"] = None
+        t += 900
     return list(out)
 
 
