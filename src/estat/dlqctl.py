@@ -27,6 +27,7 @@ from estat.clock import SystemClock
 from estat.dlq.queue import WrongDestination
 from estat.dlq.store import DiskStore
 from estat.errors import ConfigError
+from estat.ops.ledger import Ledger
 from estat.ops.logging import setup_logging
 from estat.ops.metrics import Metrics
 from estat.settings import Settings, parse_duration
@@ -106,26 +107,58 @@ async def _replay(settings: Settings, store: DiskStore, args: argparse.Namespace
         print(f"{n} files would be replayed to {here}")
         return 0
     dlq = build_dlq(settings, store, SystemClock(), Metrics(CollectorRegistry()), None, here)
+    dlq.ledger = Ledger(settings.partition_tz)  # what reaches the lake, for completeness
     await dlq.resync()
     done = {"ok": 0, "quarantined": 0, "failed": 0}
-    while limit is None or done["ok"] + done["quarantined"] < limit:
-        try:
-            result = await dlq.replay_one(sink, same_destination=not args.to_current_lake)
-        except WrongDestination as e:
-            print(
-                f"replayed {done['ok']} files, quarantined {done['quarantined']}; stopped",
-                file=sys.stderr,
-            )
-            return _fail(str(e))
-        if result == "empty":
-            break
-        if result == "failed":
-            done["failed"] += 1
-            break  # the lake is failing: stop, the files stay
-        if result in done:
-            done[result] += 1
+    try:
+        while limit is None or done["ok"] + done["quarantined"] < limit:
+            try:
+                result = await dlq.replay_one(sink, same_destination=not args.to_current_lake)
+            except WrongDestination as e:
+                print(
+                    f"replayed {done['ok']} files, quarantined {done['quarantined']}; stopped",
+                    file=sys.stderr,
+                )
+                return _fail(str(e))
+            if result == "empty":
+                break
+            if result == "failed":
+                done["failed"] += 1
+                break  # the lake is failing: stop, the files stay
+            if result in done:
+                done[result] += 1
+    finally:
+        _count_in_the_ledger(settings, dlq.ledger)
     print(
         f"replayed {done['ok']} files, quarantined {done['quarantined']}, "
         f"failed {done['failed']} (to {here})"
     )
     return 1 if done["failed"] else 0
+
+
+def _count_in_the_ledger(settings: Settings, ledger: Ledger) -> None:
+    """The replayed objects and their events into the completeness ledger,
+    as a server's replay counts them: without it their hours kept a gap
+    (``EstatCompletenessGap``) and never got a ``_MANIFEST.json``."""
+    counts, objects = ledger.take(), ledger.take_objects()
+    if not counts and not objects:
+        return
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from estat.store import ledger as store_ledger
+    from estat.store.db import Database
+
+    now = datetime.now(UTC)
+    db = Database(settings.database)
+    try:
+        store_ledger.add_objects(db, objects, ledger.tz, now)
+        store_ledger.add(db, counts, now)
+    except SQLAlchemyError as e:
+        events = sum(o.events for o in objects)
+        print(
+            f"estat: the completeness ledger was not updated ({str(e).splitlines()[0][:200]}): "
+            f"the {events} events replayed are in the lake, but their hours still show a gap",
+            file=sys.stderr,
+        )
+    finally:
+        db.close()

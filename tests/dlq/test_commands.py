@@ -6,7 +6,9 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +119,51 @@ def test_purge_with_a_bad_duration_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("estat: --older-than")
+
+
+def test_a_replay_from_the_command_line_counts_in_the_completeness_ledger(
+    tmp_path: Path, estat_factory: Any, moto: Any, bucket: str
+) -> None:
+    """A lake down while estat served: the batches wait in the DLQ and the
+    ledger says accepted 5, lake 0. An operator's `estat dlq replay` puts
+    them in the lake; without counting them there, their hour kept its gap
+    (EstatCompletenessGap, doctor CRIT) and never got its manifest."""
+    import sqlite3
+    import urllib.request
+
+    from tests.conftest import losing_lake_env
+
+    env = {**losing_lake_env(), "RAW_BUCKET": bucket, "DLQ_MAX_SIZE_BYTES": "10000000"}
+    p = estat_factory(env)
+    p.start()
+    for i in range(5):
+        req = urllib.request.Request(p.url + "/collect", data=b'{"event":"e%d"}' % i)
+        assert urllib.request.urlopen(req, timeout=5).status == 200
+    dlq = tmp_path / "data" / "dlq"
+    deadline = time.monotonic() + 30
+    while sum(int(f.name.split("-")[1]) for f in dlq.glob("*/*.dlq")) < 5:
+        assert time.monotonic() < deadline, "the batches never reached the DLQ"
+        time.sleep(0.1)
+    assert p.stop() == 0
+    db = tmp_path / "data" / "estat.db"
+
+    def ledger() -> dict[str, int]:
+        with sqlite3.connect(db) as conn:
+            return dict(
+                conn.execute(
+                    "SELECT stage, sum(events) FROM estat_ledger WHERE dataset = 'raw' GROUP BY 1"
+                ).fetchall()
+            )
+
+    assert ledger() == {"accepted": 5}
+    fixed = {**p.env, "S3_ENDPOINT_URL": moto.endpoint}  # the lake is back
+    out = subprocess.run(
+        [sys.executable, "-m", "estat", "dlq", "replay", "--to-current-lake"],
+        env=fixed, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "completeness ledger was not updated" not in out.stderr
+    assert ledger() == {"accepted": 5, "lake": 5}  # the hour is complete once it closes
+    with sqlite3.connect(db) as conn:
+        listed = conn.execute("SELECT sum(events) FROM estat_lake_objects").fetchone()
+    assert listed == (5,)  # for the hour's manifest
