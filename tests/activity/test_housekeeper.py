@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from estat.activity.housekeeper import Housekeeper
@@ -202,10 +204,13 @@ async def test_retention_deletes_finished_rows_only_in_bounded_batches(db: Datab
     assert audit == 3  # AUDIT_RETENTION 0: kept forever
 
 
-async def test_a_database_that_stops_leaves_the_gauges_as_they_were_and_says_so() -> None:
+async def test_a_database_that_stops_leaves_the_gauges_as_they_were_and_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """PostgreSQL stopped for real between two refreshes: the backlog and the
     finished-row gauges keep their last values, nothing raises, /ready's
-    verdict says unavailable; back, the next refresh counts again."""
+    verdict says unavailable, once in the log (not every 10 s); back, the
+    next refresh counts again and says so."""
     from estat.store.events import EventStore
     from estat.store.rows import encode, event_row
     from tests.conftest import free_port
@@ -228,9 +233,12 @@ async def test_a_database_that_stops_leaves_the_gauges_as_they_were_and_says_so(
         assert hk.database_status == "ok"
         assert value(m, "dispatch_outbox_rows", status="PENDING", target="POSTHOG") == 4
         pg.stop()
-        await hk.refresh_backlog()
+        capsys.readouterr()
+        for _ in range(3):
+            await hk.refresh_backlog()
         await hk.refresh_finished()
         assert hk.database_status.startswith("unavailable: ")
+        assert capsys.readouterr().out.count("backlog gauges: database unavailable") == 1
         assert value(m, "dispatch_outbox_rows", status="PENDING", target="POSTHOG") == 4
         assert value(m, "dispatch_outbox_rows", status="DISPATCHED", target="POSTHOG") == 0
         pg.start()
@@ -243,6 +251,7 @@ async def test_a_database_that_stops_leaves_the_gauges_as_they_were_and_says_so(
         await hk.refresh_backlog()
         await hk.refresh_finished()
         assert hk.database_status == "ok"
+        assert "backlog gauges: database available again" in capsys.readouterr().out
         assert value(m, "dispatch_outbox_rows", status="PENDING", target="POSTHOG") == 3
         assert value(m, "dispatch_outbox_rows", status="DISPATCHED", target="POSTHOG") == 1
         db.close()
@@ -308,3 +317,32 @@ async def test_a_purge_waiting_on_a_lock_does_not_hold_up_server_events(db: Data
         holder.rollback()
     assert await purging == {"dispatch_outbox": 0}
     assert written.inserted == 1
+
+
+@pytest.mark.servers  # starts its own server
+async def test_a_bus_that_is_down_is_said_once_and_its_return_too(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from estat.bus.redis_stream import RedisStreamBus
+    from tests.conftest import RedisServer, free_port
+
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    db.upgrade()
+    server = RedisServer(free_port(), tmp_path)
+    bus = RedisStreamBus(server.url, timeout=0.5)
+    hk = Housekeeper(db, bus, None, retention=60, metrics=Metrics(), clock=FakeClock())
+    capsys.readouterr()
+    for _ in range(3):  # every 10 s in a server
+        await hk.refresh_backlog()
+    assert hk.bus_status == "unavailable"
+    assert capsys.readouterr().out.count("backlog gauges: bus unavailable") == 1
+    server.start()
+    try:
+        await bus.start()
+        await hk.refresh_backlog()
+        assert hk.bus_status == "ok"
+        assert "backlog gauges: bus available again" in capsys.readouterr().out
+    finally:
+        await bus.close()
+        server.stop()
+        db.close()

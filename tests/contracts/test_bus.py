@@ -322,6 +322,7 @@ async def test_nats_an_idle_consumer_declares_its_deleted_durable_again(
     await b.close()
 
 
+@pytest.mark.servers  # starts its own server
 @pytest.mark.parametrize("persist", [False, True])
 async def test_redis_without_an_append_only_file_is_named_at_start(
     tmp_path: Path, persist: bool, capsys: pytest.CaptureFixture[str]
@@ -359,6 +360,7 @@ async def test_redis_that_may_evict_the_stream_is_named_at_start(
     assert "maxmemory-policy allkeys-lru" in said, said
 
 
+@pytest.mark.servers  # starts its own server
 async def test_nats_an_outage_is_one_structured_line_not_a_traceback_a_second(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
