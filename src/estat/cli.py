@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from alembic.util import CommandError  # every migrate action loads alembic anyway
     from sqlalchemy.exc import SQLAlchemyError
 
     from estat.store.db import Database, MigrationBlocked, SchemaTooNew
@@ -254,9 +255,7 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     except SQLAlchemyError as e:
         print(f"estat: database error: {str(e).splitlines()[0][:300]}", file=sys.stderr)
         return 1
-    except Exception as e:  # alembic's CommandError (alembic is imported only to migrate)
-        if type(e).__name__ != "CommandError":
-            raise
+    except CommandError as e:  # a revision alembic does not know
         print(f"estat: {e} (`estat migrate current` names the database's)", file=sys.stderr)
         return 2
     finally:

@@ -18,6 +18,7 @@ import sys
 import uvloop
 
 from estat.activity_app import ROLES, StartFailed
+from estat.admin.listener import AdminListenFailed
 from estat.app import App, LakeCheckFailed
 from estat.lake.sink import LakeUnusable
 from estat.ops.fds import raise_nofile_limit
@@ -47,11 +48,11 @@ async def _serve(settings: Settings, reuse_port: bool, roles: tuple[str, ...]) -
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         await app.start()
+    except AdminListenFailed as e:
+        log.error("cannot listen", error=str(e))
+        return 2
     except OSError as e:
-        if "ADMIN_ADDR" in str(e):
-            log.error("cannot listen", error=str(e))
-        else:
-            log.error("cannot listen", addr=settings.http_addr, error=str(e))
+        log.error("cannot listen", addr=settings.http_addr, error=str(e))
         return 2
     except StartFailed as e:
         log.error("cannot start", error=str(e))

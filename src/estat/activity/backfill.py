@@ -173,16 +173,15 @@ class Backfill:
             tally.dispatch[target] = tally.dispatch.get(target, 0) + n
         if self.on_stored is not None and stored.inserted:
             self.on_stored(stored.inserted)
-        if self.dispatch and stored.duplicates:
+        if self.dispatch and stored.duplicates:  # the batch is stored, all of it
             self._enqueue(tally, [(r["event_id"], p) for r, p in batch])
 
     def _enqueue(self, tally: Tally, events: list[tuple[str, str]]) -> None:
         """A dispatch row per ``self.dispatch`` target for each of ``events``
-        that is stored and has none for it (any status) yet."""
-        d, t = user_activity_dispatch_outbox, user_activity_event
+        (stored ones: the caller knows) that has none for it (any status) yet."""
+        d = user_activity_dispatch_outbox
         ids = list({eid for eid, _ in events})
         with self.store.db.engine.begin() as conn:
-            stored = {r[0] for r in conn.execute(select(t.c.event_id).where(t.c.event_id.in_(ids)))}
             have = set(
                 conn.execute(
                     select(d.c.event_id, d.c.dispatch_target).where(
@@ -198,7 +197,6 @@ class Backfill:
                     "status": "PENDING",
                 }
                 for eid, payload in dict(events).items()
-                if eid in stored
                 for target in self.dispatch
                 if (eid, target) not in have
             ]

@@ -25,6 +25,11 @@ log = get_logger("estat.admin")
 SHUTDOWN_GRACE = 2.0  # seconds for admin calls in progress at a stop
 
 
+class AdminListenFailed(OSError):
+    """The admin listener's address cannot be bound (named: a role process
+    binds no ingest address)."""
+
+
 class AdminListener:
     name = "admin-listener"
 
@@ -56,8 +61,9 @@ class AdminListener:
             sock.bind((self.host, self.port))
         except OSError as e:
             sock.close()
-            # named: the ingest listener's address is not the one in use
-            raise OSError(e.errno, f"ADMIN_ADDR {self.host}:{self.port}: {e.strerror}") from e
+            raise AdminListenFailed(
+                e.errno, f"ADMIN_ADDR {self.host}:{self.port}: {e.strerror}"
+            ) from e
         sock.listen(128)
         sock.setblocking(False)
         self._sock = sock

@@ -185,21 +185,18 @@ class NatsBus:
                 return  # declared meanwhile
             except NotFoundError:
                 pass
-            await self._declare_again(why)
-
-    async def _declare_again(self, why: str) -> None:
-        log.error(
-            "bus: the stream or its consumer was gone; declared again",
-            stream=self.stream,
-            group=self.group,
-            why=why,
-            hint="deleted, or a NATS server without its JetStream storage: messages it held "
-            "unread are not on the bus (they are in the lake); "
-            "see docs/runbook.md, 'The bus lost its data'",
-        )
-        if self.on_lost is not None:
-            self.on_lost()
-        await self.start()
+            log.error(
+                "bus: the stream or its consumer was gone; declared again",
+                stream=self.stream,
+                group=self.group,
+                why=why,
+                hint="deleted, or a NATS server without its JetStream storage: messages it "
+                "held unread are not on the bus (they are in the lake); "
+                "see docs/runbook.md, 'The bus lost its data'",
+            )
+            if self.on_lost is not None:
+                self.on_lost()
+            await self.start()
 
     async def parked(self, limit: int) -> list[ParkedMessage]:
         js = await self._connect()
