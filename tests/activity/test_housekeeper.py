@@ -346,3 +346,40 @@ async def test_a_bus_that_is_down_is_said_once_and_its_return_too(
         await bus.close()
         server.stop()
         db.close()
+
+
+async def test_a_database_outage_is_said_once_and_the_trace_rows_kept(
+    db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The trace log's and the finished rows' tables go missing (a real error
+    from the database) for several passes: each failure said once, the
+    trace rows kept and written when the table is back, and that said."""
+    from sqlalchemy import text
+
+    m = Metrics()
+    trace = TraceLog(db, "all", "memory", "user-activity", "g")
+    hk = Housekeeper(db, None, trace, retention=60, metrics=m, clock=FakeClock())
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE message_queue_trace_log RENAME TO trace_away"))
+        conn.execute(text("ALTER TABLE user_activity_source_outbox RENAME TO source_away"))
+    capsys.readouterr()
+    now = datetime.now(UTC)
+    for i in range(4):  # the housekeeper's passes through the outage
+        trace.add("CONSUME_SUCCESS", f"e-{i}", "k", now, 1)
+        await hk.flush_traces()
+        await hk.refresh_finished()
+    said = capsys.readouterr().out
+    assert said.count("trace log: write failed") == 1
+    assert said.count("finished rows: database unavailable") == 1
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE trace_away RENAME TO message_queue_trace_log"))
+        conn.execute(text("ALTER TABLE source_away RENAME TO user_activity_source_outbox"))
+    await hk.flush_traces()
+    await hk.refresh_finished()
+    said = capsys.readouterr().out
+    assert "trace log: written again" in said
+    assert "finished rows: database available again" in said
+    with db.engine.connect() as conn:
+        kept = conn.execute(select(func.count()).select_from(message_queue_trace_log)).scalar_one()
+    assert kept == 4  # every row traced through the outage
+    assert value(m, "mq_trace_rows_total", action="written") == 4

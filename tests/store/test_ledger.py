@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from estat.clock import FakeClock
@@ -131,11 +132,12 @@ async def test_a_complete_hour_gets_a_manifest_once(db: Database, tmp_path: Path
 
 
 async def test_counts_survive_a_database_that_fails_and_a_lake_that_refuses(
-    db: Database, tmp_path: Path
+    db: Database, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The ledger's table goes missing (a real error from the database): the
-    counts stay in memory and are added at the next flush; a manifest the
-    lake refuses is written at the next pass, once."""
+    counts stay in memory and are added at the next flush that works, the
+    failure said once however many flushes fail, and its end said; a
+    manifest the lake refuses is written at the next pass, once."""
     from sqlalchemy import text
 
     from estat.lake.sink import local_sink
@@ -156,13 +158,21 @@ async def test_counts_survive_a_database_that_fails_and_a_lake_that_refuses(
     f = LedgerFlusher(ledger, db, Metrics(CollectorRegistry()), clock, grace=900, put=flaky_put)
     with db.engine.begin() as conn:
         conn.execute(text("ALTER TABLE estat_ledger RENAME TO estat_ledger_away"))
-    await f.flush()  # fails: kept
+    capsys.readouterr()
+    for _ in range(4):  # every flush fails: kept
+        ledger.add("raw", H - 7200, "accepted", 1)  # an hour counted through the outage
+        await f.flush()
+    said = capsys.readouterr().out
+    assert said.count("ledger: write failed") == 1  # once per outage, not every 5 s
     with db.engine.begin() as conn:
         conn.execute(text("ALTER TABLE estat_ledger_away RENAME TO estat_ledger"))
     ledger.add("raw", H, "accepted", 0)
     await f.flush()
+    assert "ledger: written again" in capsys.readouterr().out
     window = (datetime.fromtimestamp(H, UTC), datetime.fromtimestamp(H + 3600, UTC))
     assert [h.stages for h in read(db, *window)] == [{"accepted": 5, "lake": 5}]
+    earlier = (window[0] - timedelta(hours=2), window[0] - timedelta(hours=1))
+    assert [h.stages for h in read(db, *earlier)] == [{"accepted": 4}]  # none lost
     assert await f.write_manifests() == 0  # refused: the claim is given back
     assert await f.write_manifests() == 1  # the next pass writes it
     assert await f.write_manifests() == 0  # and only once

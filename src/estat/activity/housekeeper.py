@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from estat.activity.common import TRANSIENT_DB
 from estat.bus.base import Bus, BusError
 from estat.clock import Clock
-from estat.ops.logging import get_logger
+from estat.ops.logging import Outage, get_logger
 from estat.ops.metrics import Metrics
 from estat.pause import Pauses
 from estat.stage import Deadline, Spawn, finish_by
@@ -145,6 +145,8 @@ class Housekeeper:
         self._wake = asyncio.Event()
         #: the last refresh's verdicts, for ``/ready``: "ok" or "unavailable: …"
         self.database_status = "unchecked"
+        self._traces_outage = Outage(log)
+        self._finished_outage = Outage(log)
         self.bus_status = "unchecked" if bus is not None else "off"
 
     def _db(self, fn: Callable[[], T]) -> Awaitable[T]:
@@ -174,11 +176,13 @@ class Housekeeper:
             n = await self._db(t.flush)
             self._m.trace_rows.labels("written").inc(n)
         except TRANSIENT_DB as e:
-            log.warning(
-                "trace log: write failed, kept for the next try",
+            self._traces_outage.failed(
+                "trace log: write failed, kept for the next try (said once until written)",
                 rows=t.buffered,
                 error=str(e)[:200],
             )
+        else:
+            self._traces_outage.recovered("trace log: written again", rows=n)
 
     async def refresh_finished(self) -> None:
         """The PUBLISHED / DISPATCHED gauges (a read of the whole tables:
@@ -186,8 +190,9 @@ class Housekeeper:
         try:
             published, dispatched = await self.db.run_aside(lambda: finished(self.db))
         except TRANSIENT_DB as e:
-            log.warning("finished rows: database unavailable", error=str(e)[:200])
+            self._finished_outage.failed("finished rows: database unavailable", error=str(e)[:200])
             return
+        self._finished_outage.recovered("finished rows: database available again")
         self._m.source_outbox_rows.labels("PUBLISHED").set(published)
         self._gauged.update(dispatched)
         for target in self._gauged:

@@ -10,7 +10,7 @@ import contextlib
 from datetime import datetime
 
 from estat.activity.common import TRANSIENT_DB
-from estat.ops.logging import get_logger
+from estat.ops.logging import Outage, get_logger
 from estat.ops.metrics import Metrics
 from estat.pause import WORKERS, Pauses
 from estat.stage import Deadline, Spawn, finish_by
@@ -35,7 +35,7 @@ class PauseWatcher:
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.updated: dict[str, tuple[datetime | None, str | None]] = {}
-        self._failing = False
+        self._outage = Outage(log)  # the stages say theirs
 
     async def start(self, spawn: Spawn) -> None:
         for w in WORKERS:
@@ -61,13 +61,11 @@ class PauseWatcher:
         try:
             states = await self.db.run(lambda: read_states(self.db), on="workers")
         except TRANSIENT_DB as e:
-            if not self._failing:  # once per outage (the stages say theirs)
-                log.warning("worker pause state not read: keeping the last one", error=str(e)[:300])
-            self._failing = True
+            self._outage.failed(
+                "worker pause state not read: keeping the last one", error=str(e)[:300]
+            )
             return
-        if self._failing:
-            self._failing = False
-            log.info("worker pause state read again")
+        self._outage.recovered("worker pause state read again")
         for w in WORKERS:
             row = states.get(w)
             self.apply(w, bool(row and row["paused"]), row["updated_by"] if row else None)

@@ -142,3 +142,25 @@ class Sampler:
             self._i = 0
             return True
         return False
+
+
+class Outage:
+    """A dependency's failure said once, until it works again, and its
+    return said then: a task retrying every few seconds through an outage
+    writes two lines, not one per try (its metrics count every try)."""
+
+    __slots__ = ("down", "log")
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.down = False
+
+    def failed(self, msg: str, **kw: Any) -> None:
+        if not self.down:
+            self.down = True
+            self.log.warning(msg, **kw)
+
+    def recovered(self, msg: str, **kw: Any) -> None:
+        if self.down:
+            self.down = False
+            self.log.info(msg, **kw)

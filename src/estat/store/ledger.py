@@ -24,7 +24,7 @@ from sqlalchemy import delete, select, update
 
 from estat.clock import Clock
 from estat.ops.ledger import Counts, LakeObject, Ledger, key_hour
-from estat.ops.logging import get_logger
+from estat.ops.logging import Outage, get_logger
 from estat.ops.metrics import Metrics
 from estat.stage import Deadline, Spawn, Wakeup, finish_by
 from estat.store.db import TRANSIENT_DB, Database
@@ -174,6 +174,7 @@ class LedgerFlusher:
         self._clock = clock
         self.grace = timedelta(seconds=grace)
         self._wake = Wakeup()
+        self._outage = Outage(log)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, spawn: Spawn) -> None:
@@ -210,7 +211,12 @@ class LedgerFlusher:
         except TRANSIENT_DB as e:
             self.ledger.put_back(counts)  # the next flush adds them
             self.ledger.put_back_objects(objects)
-            log.warning("ledger: write failed, kept for the next try", error=str(e)[:200])
+            self._outage.failed(
+                "ledger: write failed, kept for the next try (said once until written)",
+                error=str(e)[:200],
+            )
+        else:
+            self._outage.recovered("ledger: written again")
 
     async def write_manifests(self) -> int:
         """``<prefix>/dt=…/hr=…/_MANIFEST.json`` for every complete lake hour
