@@ -71,8 +71,10 @@ class PostgresServer:
     """``initdb`` into a temporary directory, ``pg_ctl start`` on a free port.
     As root, the server runs as the ``postgres`` user (it refuses root)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: NetnsHost | None = None) -> None:
         self.port = port
+        self.host = host
+        self.addr = host.addr if host is not None else "127.0.0.1"
         self.dir = Path(tempfile.mkdtemp(prefix="estat-pg-"))
         self.data = self.dir / "data"
         self.user: str | None = None
@@ -80,14 +82,18 @@ class PostgresServer:
             self.user = "postgres"
             pw = pwd.getpwnam(self.user)
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        self.url = f"postgresql://postgres@{self.addr}:{port}/postgres"
 
     def _run(self, *args: str) -> None:
+        cmd, user = list(args), self.user
+        if self.host is not None:  # inside the host's namespace (as root), then as postgres
+            cmd = ["ip", "netns", "exec", self.host.name, "runuser", "-u", "postgres", "--", *cmd]
+            user = None
         # no pipes: the server started by pg_ctl would inherit and hold them
         subprocess.run(
-            list(args),
+            cmd,
             check=True,
-            user=self.user,
+            user=user,
             cwd=self.dir,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -108,6 +114,9 @@ class PostgresServer:
                 "UTF8",
                 "--no-sync",
             )
+            if self.host is not None:  # the client is on the other end of the link
+                with (self.data / "pg_hba.conf").open("a") as f:
+                    f.write(f"host all all {self.host.gateway}/32 trust\n")
         self._run(
             pg_bin("pg_ctl"),
             "-D",
@@ -116,7 +125,7 @@ class PostgresServer:
             str(self.dir / "log"),
             "-w",
             "-o",
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off -c max_connections=200",
+            f"-p {self.port} -c listen_addresses={self.addr} -k {self.dir} -c fsync=off -c max_connections=200",
             "start",
         )
 
@@ -151,6 +160,50 @@ class PostgresServer:
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url.rsplit("/", 1)[0] + "/" + name
+
+
+class NetnsHost:
+    """A host of its own on this machine: a network namespace joined to this
+    one by a veth pair, ``addr`` its address. ``partition()`` takes its end
+    of the link down: its packets stop, both ways, with no reset and no
+    error (a host that froze, a cable pulled, a failover that left the old
+    primary unreachable); ``heal()`` brings it back. Needs root and
+    iproute2 (``available()``)."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.name = f"estat-{tag}"
+        self.outer, self.inner = f"ve{tag}o", f"ve{tag}i"
+        net = 1 + int(tag[:4], 16) % 250
+        self.gateway, self.addr = f"10.231.{net}.1", f"10.231.{net}.2"
+
+    @staticmethod
+    def available() -> bool:
+        return os.geteuid() == 0 and shutil.which("ip") is not None
+
+    def _ip(self, *args: str, inside: bool = False) -> None:
+        cmd = ["ip", "netns", "exec", self.name, "ip", *args] if inside else ["ip", *args]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+    def create(self) -> None:
+        subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=30)
+        self._ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+        self._ip("link", "set", self.inner, "netns", self.name)
+        self._ip("addr", "add", f"{self.gateway}/30", "dev", self.outer)
+        self._ip("link", "set", self.outer, "up")
+        self._ip("addr", "add", f"{self.addr}/30", "dev", self.inner, inside=True)
+        self._ip("link", "set", self.inner, "up", inside=True)
+        self._ip("link", "set", "lo", "up", inside=True)
+
+    def partition(self) -> None:
+        self._ip("link", "set", self.inner, "down", inside=True)
+
+    def heal(self) -> None:
+        self._ip("link", "set", self.inner, "up", inside=True)
+
+    def destroy(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True, timeout=30)
 
 
 class NatsServer:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from estat.activity.housekeeper import Housekeeper
 from estat.bus.base import Message
@@ -192,7 +192,15 @@ async def test_retention_deletes_finished_rows_only_in_bounded_batches(db: Datab
     pauses.set("retention", True)
     assert await hk.purge_done() == {}  # paused: nothing deleted
     pauses.set("retention", False)
-    assert await hk.purge_done() == {"source_outbox": 4, "dispatch_outbox": 5, "ledger": 2}
+    # a table the database refuses (a real error): the pass ends there, what it
+    # deleted counted; the next tables wait for the next pass instead of each
+    # waiting as long for a database that does not answer
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE user_activity_dispatch_outbox RENAME TO dispatch_away"))
+    assert await hk.purge_done() == {"source_outbox": 4, "dispatch_outbox": 0}
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE dispatch_away RENAME TO user_activity_dispatch_outbox"))
+    assert await hk.purge_done() == {"source_outbox": 0, "dispatch_outbox": 5, "ledger": 2}
     assert value(m, "retention_rows_deleted_total", table="source_outbox") == 4
     assert value(m, "retention_rows_deleted_total", table="dispatch_outbox") == 5
     with db.engine.connect() as conn:

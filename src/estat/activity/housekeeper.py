@@ -248,12 +248,15 @@ class Housekeeper:
                 continue  # kept forever
             rule = RULES[name]
             before = now - timedelta(seconds=age)
-            total = 0
+            total, failed = 0, False
             while not self._closing:
                 try:
                     n = await self._db(functools.partial(purge, self.db, rule, before))
                 except TRANSIENT_DB as e:
-                    log.warning("retention: delete failed", table=name, error=str(e)[:200])
+                    log.warning(
+                        "retention: delete failed, the pass ends", table=name, error=str(e)[:200]
+                    )
+                    failed = True
                     break
                 total += n
                 if n < BATCH:
@@ -263,6 +266,10 @@ class Housekeeper:
                 self._m.retention_deleted.labels(name).inc(total)
                 log.info("retention: rows deleted", table=name, rows=total, olderThanS=age)
             out[name] = total
+            if failed:
+                # the next tables would wait as long for the same database:
+                # they wait for the next pass
+                break
         return out
 
     async def purge_traces(self) -> int:

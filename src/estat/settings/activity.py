@@ -28,6 +28,13 @@ class ActivityFields(BaseSettings):
         description="Event store database. Default: sqlite:///$DATA_DIR/estat.db (WAL). PostgreSQL: postgresql://user:pass@host:port/db (psycopg 3).",
         json_schema_extra=accepts("sqlite:///path or postgresql://user:pass@host:port/db"),
     )
+    database_dead_peer_timeout: Duration = Field(
+        30.0,
+        ge=2,
+        le=600,
+        description="PostgreSQL: a database host that stops answering (frozen, unplugged, the old primary after a failover) fails a statement in flight or a pooled connection within about this long (TCP keepalives, tcp_user_timeout), and the stage retries on a new connection; libpq's keepalives_* / tcp_user_timeout in DATABASE_URL win.",
+        json_schema_extra=accepts("a duration, 2s to 10m"),
+    )
     auto_migrate: bool = Field(
         True,
         description="Migrate the database to this version's schema at start (every role); false: refuse to start on an older schema (run `estat migrate`).",

@@ -92,9 +92,37 @@ def describe(url: str) -> str:
     return make_url(normalise_url(url)).render_as_string(hide_password=True)
 
 
+#: DATABASE_DEAD_PEER_TIMEOUT's default, seconds
+DEAD_PEER_AFTER = 30.0
+
+
+def pg_connect_args(url: str, dead_peer_after: float) -> dict[str, Any]:
+    """libpq's connection parameters: a host that stops answering (frozen,
+    unplugged, the old primary after a failover sends no reset) fails a
+    statement in flight or a pooled connection's ping within about
+    ``dead_peer_after`` seconds (keepalive probes from a third of it of
+    silence, every sixth, 3 unanswered; data unacknowledged that long given
+    up), instead of the operating system's two hours and more; the stage
+    then retries on a new connection. Parameters the URL sets win."""
+    t = max(2.0, dead_peer_after)
+    args: dict[str, Any] = {
+        "connect_timeout": 5,
+        "keepalives": 1,
+        "keepalives_idle": max(1, int(t / 3)),
+        "keepalives_interval": max(1, int(t / 6)),
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(t * 1000),
+    }
+    given = make_url(url).query
+    return {k: v for k, v in args.items() if k not in given}
+
+
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 4, dead_peer_after: float = DEAD_PEER_AFTER
+    ) -> None:
         self.url = normalise_url(url)
+        self.dead_peer_after = dead_peer_after
         u = make_url(self.url)
         self.dialect = u.get_backend_name()
         if self.dialect == "sqlite":
@@ -130,7 +158,7 @@ class Database:
             pool_pre_ping=True,
             pool_recycle=1800,
             json_serializer=_json,
-            connect_args={"connect_timeout": 5},
+            connect_args=pg_connect_args(self.url, self.dead_peer_after),
         )
 
     def reserve(self, workers: int) -> Engine:
