@@ -18,13 +18,19 @@ from pathlib import Path
 from typing import Any
 
 
-def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def _wait_port(
+    port: int,
+    what: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float = 30,
+    addr: str = "127.0.0.1",
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with status {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((addr, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
@@ -209,22 +215,23 @@ class NetnsHost:
 class NatsServer:
     """nats-server with JetStream, its store in a temporary directory."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: NetnsHost | None = None) -> None:
         self.port = port
+        self.host = host
+        self.addr = host.addr if host is not None else "127.0.0.1"
         self.dir = Path(tempfile.mkdtemp(prefix="estat-nats-"))
-        self.url = f"nats://127.0.0.1:{port}"
+        self.url = f"nats://{self.addr}:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
         if not os.path.exists(exe):
             raise RuntimeError("nats-server is not installed (make test installs it)")
-        self.proc = subprocess.Popen(
-            [exe, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.dir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_port(self.port, "nats-server", self.proc)
+        cmd = [exe, "-js", "-a", self.addr, "-p", str(self.port), "-sd", str(self.dir)]
+        if self.host is not None:
+            cmd = ["ip", "netns", "exec", self.host.name, *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, "nats-server", self.proc, addr=self.addr)
 
     def stop(self) -> None:
         if self.proc is not None:
