@@ -135,6 +135,37 @@ async def test_a_poison_message_is_isolated_retried_and_parked_while_the_rest_is
     assert len(traces(db, good[0].event_id, 10)) == 1  # CONSUME_SUCCESS
 
 
+async def test_a_statement_the_database_refuses_for_every_event_parks_none(
+    db: Database,
+) -> None:
+    """The event table missing (restored under another name, dropped by
+    mistake; a revoked privilege is the same class of error on PostgreSQL):
+    no event can be stored, and none is at fault. The batch is held and
+    retried like a database that is down, not split and every event parked
+    as if it were bad; once the table is back every event is stored."""
+    from sqlalchemy import text
+
+    m = Metrics()
+    bus = MemoryBus(retry_delay=0.01)
+    store = consumer(bus, db, m, max_deliveries=3)
+    store._clock = FakeClock()  # the retries' backoff passes at once
+    events = [rec() for _ in range(30)]
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE user_activity_event RENAME TO event_away"))
+    await bus.publish([Message(r.event_id, "k", r.occurred_at, encode(r)) for r in events])
+    sup = Supervisor(m, lambda name: None)
+    await store.start(sup.spawn)
+    await run_until(lambda: value(m, "store_events_total", result="failed") >= 90)
+    assert bus.parked_list == []
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE event_away RENAME TO user_activity_event"))
+    await run_until(lambda: len(stored_ids(db)) == 30)
+    store.close()
+    await store.join(Deadline.after(5, SystemClock()))
+    assert sorted(stored_ids(db)) == sorted(r.event_id for r in events)
+    assert bus.parked_list == []
+
+
 async def test_bus_down_goes_to_the_outbox_and_the_relay_publishes_once_it_is_back(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

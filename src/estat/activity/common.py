@@ -13,7 +13,6 @@ import msgspec
 from sqlalchemy.exc import (
     DataError,
     IntegrityError,
-    ProgrammingError,
     StatementError,
 )
 
@@ -26,8 +25,11 @@ from estat.store.rows import encode
 
 def is_data_error(e: BaseException) -> bool:
     """The statement can never succeed with this input (a ``\\u0000`` that
-    jsonb rejects, a value out of range): split the batch, park the culprit."""
-    if isinstance(e, DataError | IntegrityError | ProgrammingError):
+    jsonb rejects, a value out of range): split the batch, park the culprit.
+    Not a ``ProgrammingError`` (a table missing, a privilege revoked): the
+    statement fails for every input, none is at fault; retried like a
+    database that is down until someone fixes it."""
+    if isinstance(e, DataError | IntegrityError):
         return True
     return (
         isinstance(e, StatementError)
