@@ -271,3 +271,23 @@ def test_estat_commands_find_the_admin_listener_where_the_server_reads_it(
     if dotenv is not None:
         (tmp_path / ".env").write_text(dotenv)
     assert admin_url(environ, str(tmp_path / ".env")) == url
+
+
+def test_the_database_is_opened_with_its_dead_peer_timeout() -> None:
+    from estat.store.db import Database, pg_connect_args
+
+    s = load_settings({"DATABASE_URL": "postgresql://u@db.example:5432/e",
+                       "DATABASE_DEAD_PEER_TIMEOUT": "12s"})  # fmt: skip
+    assert s.database_args == {
+        "url": "postgresql://u@db.example:5432/e",
+        "dead_peer_after": 12.0,
+    }
+    db = Database(**s.database_args)  # no connection is made here
+    try:
+        assert db.dead_peer_after == 12.0
+        assert pg_connect_args(db.url, db.dead_peer_after)["keepalives_idle"] == 4
+    finally:
+        db.close()
+    assert load_settings({}).database_dead_peer_timeout == 30.0
+    with pytest.raises(ConfigError):
+        load_settings({"DATABASE_DEAD_PEER_TIMEOUT": "1s"})

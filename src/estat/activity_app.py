@@ -173,7 +173,7 @@ class Activity:
         if self.bus is not None:
             lost = metrics.bus_lost.labels(self.bus.provider)
             self.bus.on_lost = lost.inc
-        self.db = Database(s.database, dead_peer_after=s.database_dead_peer_timeout)
+        self.db = Database(**s.database_args)
         self.outbox = SourceOutbox(
             self.db, max_attempts=s.outbox_max_attempts, lease_seconds=s.outbox_lease
         )

@@ -229,9 +229,7 @@ class App:
         self.admin_db: Database | None = None
         db = self.activity.db if self.activity is not None else None
         if db is None:  # the pause state and the audit log
-            self.admin_db = db = Database(
-                settings.database, dead_peer_after=settings.database_dead_peer_timeout
-            )
+            self.admin_db = db = Database(**settings.database_args)
         self.pause_watcher = PauseWatcher(db, self.pauses, m)
         if self.activity is not None:
             self.activity.count_in(self.ledger)

@@ -91,7 +91,7 @@ def run_backfill(settings: Settings, args: argparse.Namespace) -> int:
     from estat.store.events import EventStore
     from estat.wiring import build_sink
 
-    db = Database(settings.database, dead_peer_after=settings.database_dead_peer_timeout)
+    db = Database(**settings.database_args)
     tz = ZoneInfo(settings.partition_tz)
     stored: dict[tuple[str, int, str], int] = {}
 

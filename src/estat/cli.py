@@ -229,7 +229,7 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
     from estat.store.db import Database, MigrationBlocked, SchemaTooNew
 
-    db = Database(settings.database, dead_peer_after=settings.database_dead_peer_timeout)
+    db = Database(**settings.database_args)
     try:
         if args.sql:
             sys.stdout.write(db.upgrade_sql(args.revision or "head"))

@@ -149,7 +149,7 @@ def _count_in_the_ledger(settings: Settings, ledger: Ledger) -> None:
     from estat.store.db import Database
 
     now = datetime.now(UTC)
-    db = Database(settings.database, dead_peer_after=settings.database_dead_peer_timeout)
+    db = Database(**settings.database_args)
     try:
         store_ledger.add_objects(db, objects, ledger.tz, now)
         store_ledger.add(db, counts, now)

@@ -16,7 +16,7 @@ from estat.store.outbox import SourceOutbox, requeue_failed
 
 
 def run_outbox_command(settings: Settings, args: argparse.Namespace) -> int:
-    db = Database(settings.database, dead_peer_after=settings.database_dead_peer_timeout)
+    db = Database(**settings.database_args)
     try:
         if args.outbox_command == "summary":
             print(json.dumps(SourceOutbox(db).summary()))

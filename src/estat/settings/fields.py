@@ -402,6 +402,12 @@ class Settings(ActivityFields, DispatchFields, AdminFields):
         return f"sqlite:///{self.data_dir / 'estat.db'}"
 
     @property
+    def database_args(self) -> dict[str, Any]:
+        """``Database(**settings.database_args)``: the URL and how the
+        connections are kept."""
+        return {"url": self.database, "dead_peer_after": self.database_dead_peer_timeout}
+
+    @property
     def spool_path(self) -> Path:
         return self.data_dir / "spool"
 
