@@ -77,9 +77,14 @@ class PostgresServer:
     """``initdb`` into a temporary directory, ``pg_ctl start`` on a free port.
     As root, the server runs as the ``postgres`` user (it refuses root)."""
 
-    def __init__(self, port: int, host: NetnsHost | None = None) -> None:
+    def __init__(
+        self, port: int, host: NetnsHost | None = None, clients: NetnsHost | None = None
+    ) -> None:
+        """``host``: the server runs there (at its address); ``clients``: it
+        runs here and also takes connections from that host (at its gateway)."""
         self.port = port
         self.host = host
+        self.clients = clients
         self.addr = host.addr if host is not None else "127.0.0.1"
         self.dir = Path(tempfile.mkdtemp(prefix="estat-pg-"))
         self.data = self.dir / "data"
@@ -120,9 +125,16 @@ class PostgresServer:
                 "UTF8",
                 "--no-sync",
             )
-            if self.host is not None:  # the client is on the other end of the link
+            peer = (
+                self.host.gateway
+                if self.host is not None
+                else self.clients.addr
+                if self.clients is not None
+                else None
+            )
+            if peer is not None:  # the client is on the other end of the link
                 with (self.data / "pg_hba.conf").open("a") as f:
-                    f.write(f"host all all {self.host.gateway}/32 trust\n")
+                    f.write(f"host all all {peer}/32 trust\n")
         self._run(
             pg_bin("pg_ctl"),
             "-D",
@@ -131,9 +143,14 @@ class PostgresServer:
             str(self.dir / "log"),
             "-w",
             "-o",
-            f"-p {self.port} -c listen_addresses={self.addr} -k {self.dir} -c fsync=off -c max_connections=200",
+            f"-p {self.port} -c listen_addresses={self._listen} -k {self.dir} -c fsync=off -c max_connections=200",
             "start",
         )
+
+    @property
+    def _listen(self) -> str:
+        extra = f",{self.clients.gateway}" if self.clients is not None else ""
+        return f"'{self.addr}{extra}'"
 
     def restart_immediate(self) -> None:
         """``pg_ctl restart -m immediate``: a crash and a recovery."""
@@ -215,9 +232,14 @@ class NetnsHost:
 class NatsServer:
     """nats-server with JetStream, its store in a temporary directory."""
 
-    def __init__(self, port: int, host: NetnsHost | None = None) -> None:
+    def __init__(
+        self, port: int, host: NetnsHost | None = None, clients: NetnsHost | None = None
+    ) -> None:
+        """``host``: the server runs there (at its address); ``clients``: it
+        runs here and also takes connections from that host (at its gateway)."""
         self.port = port
         self.host = host
+        self.clients = clients
         self.addr = host.addr if host is not None else "127.0.0.1"
         self.dir = Path(tempfile.mkdtemp(prefix="estat-nats-"))
         self.url = f"nats://{self.addr}:{port}"

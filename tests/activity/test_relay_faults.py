@@ -123,3 +123,43 @@ async def test_a_stop_during_a_publish_gives_the_rows_back(db: Database) -> None
     await relay.join(Deadline.after(0.5, SystemClock()))  # the deadline cancels it
     assert rows(db) == [("PENDING", 0)] * 8
     await publish_all(db, ids)
+
+
+class SlowOnce(Bus):
+    """Its first publish takes longer than the relay's lease."""
+
+    def __init__(self, slow: float) -> None:
+        super().__init__()
+        self.slow = slow
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if self.slow:
+            slow, self.slow = self.slow, 0.0
+            await asyncio.sleep(slow)
+        await super().publish(messages)
+
+
+async def test_a_postgresql_lease_that_outlives_outbox_lease_is_ended_and_published_again(
+    db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The database ends a lease's transaction idle longer than
+    OUTBOX_LEASE (so that a relay whose host died lets go of its rows): a
+    publish that slow has its rows published again, none lost, and says why."""
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite's lease is a time in the row")
+    ids = enqueue(db, 10)
+    bus = SlowOnce(slow=2.0)
+    failed: list[str] = []
+    relay = Relay(
+        SourceOutbox(db, lease_seconds=1.0), bus, batch_size=10, poll_interval=0.05,
+        metrics=Metrics(), clock=SystemClock(),
+    )  # fmt: skip
+    await relay.start(Supervisor(Metrics(), failed.append).spawn)
+    await until(lambda: {s for s, _ in rows(db)} == {"PUBLISHED"}, timeout=15)
+    assert failed == []  # a database failure, retried: no stage failed
+    relay.close()
+    await relay.join(Deadline.after(10, SystemClock()))
+    assert sorted(set(bus.published)) == sorted(ids)
+    assert len(bus.published) == 2 * len(ids)  # published again (the store deduplicates)
+    assert rows(db) == [("PUBLISHED", 0)] * len(ids)
+    assert "outlived OUTBOX_LEASE" in capsys.readouterr().out

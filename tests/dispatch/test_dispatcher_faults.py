@@ -318,3 +318,43 @@ async def test_lanes_on_the_network_leave_the_process_its_database_connections(
     d.close()
     await d.join(Deadline.after(10, SystemClock()))
     assert sorted(dest.got) == sorted(ids + more)
+
+
+class SlowOnce(Recorder):
+    """Its first request takes longer than the dispatcher's lease."""
+
+    def __init__(self, slow: float) -> None:
+        super().__init__()
+        self.slow = slow
+
+    async def send(self, events: Sequence[EventRecord]) -> list[Outcome]:
+        if self.slow:
+            slow, self.slow = self.slow, 0.0
+            await asyncio.sleep(slow)
+        return await super().send(events)
+
+
+async def test_a_postgresql_lease_that_outlives_dispatch_lease_is_ended_and_sent_again(
+    db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The database ends a lease's transaction idle longer than
+    DISPATCH_LEASE (so that a dispatcher whose host died lets go of its
+    rows): a send that slow has its rows sent again, none lost, and says
+    why."""
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite's lease is a time in the row")
+    ids = store(db, 10)
+    dest = SlowOnce(slow=2.0)
+    failed: list[str] = []
+    d = Dispatcher(
+        DispatchOutbox(db, policy=FAST, lease_seconds=1.0), [dest], batch_size=10,
+        poll_interval=0.05, clock=SystemClock(), concurrency=1, in_flight=1,
+    )  # fmt: skip
+    await d.start(Supervisor(Metrics(), failed.append).spawn)
+    await until(lambda: {s for s, _, _ in statuses(db).values()} == {"DISPATCHED"})
+    assert failed == []  # a database failure, retried: no stage failed
+    d.close()
+    await d.join(Deadline.after(10, SystemClock()))
+    assert sorted(set(dest.got)) == sorted(ids)
+    assert len(dest.got) == 2 * len(ids)  # the slow send's rows were sent again
+    assert "outlived DISPATCH_LEASE" in capsys.readouterr().out

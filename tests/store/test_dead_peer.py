@@ -130,3 +130,94 @@ def test_the_dead_peer_settings_and_a_url_that_sets_its_own() -> None:
     assert "keepalives_idle" not in mine
     assert "tcp_user_timeout" not in mine
     assert mine["keepalives_interval"] == 5
+
+
+# a worker on a host of its own: leases the dispatch rows and holds them
+FAR_WORKER = """
+import sys, time
+from datetime import UTC, datetime
+from estat.store.db import Database
+from estat.store.dispatch import DispatchOutbox
+box = DispatchOutbox(Database(sys.argv[1]), lease_seconds=float(sys.argv[2]))
+leased = box.lease("POSTHOG", 100, datetime.now(UTC))
+print("leased", len(leased.rows), flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.fixture
+def near() -> Iterator[tuple[NetnsHost, PostgresServer]]:
+    """PostgreSQL here; a host of its own for a worker, which reaches the
+    server at its gateway address."""
+    host = NetnsHost()
+    host.create()
+    pg = PostgresServer(free_port(), clients=host)
+    try:
+        pg.start()
+        yield host, pg
+    finally:
+        pg.destroy()
+        host.destroy()
+
+
+def test_rows_leased_by_a_worker_whose_host_died_are_free_after_the_lease(
+    near: tuple[NetnsHost, PostgresServer],
+) -> None:
+    """A dispatcher holds its lease's rows locked in an open transaction
+    while it sends them. Its host dies (power, a kernel panic, cut off): no
+    reset, no close ever reaches the server. The server ends that
+    transaction once it has been idle DISPATCH_LEASE, and another
+    dispatcher gets the rows; it would otherwise skip them (SKIP LOCKED)
+    until the server's TCP keepalive gave up, two hours and more."""
+    import os
+    import subprocess
+    import sys
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from estat.store.dispatch import DispatchOutbox
+    from estat.store.events import EventStore
+    from estat.store.rows import encode, event_row
+    from tests.activity.test_flow import rec
+
+    host, pg = near
+    url = pg.create_database()
+    db = Database(url)
+    try:
+        db.upgrade()
+        records = [rec() for _ in range(5)]
+        EventStore(db, ["POSTHOG"]).store(
+            [event_row(r) for r in records], [encode(r).decode() for r in records]
+        )
+        far_url = url.replace("127.0.0.1", host.gateway)
+        root = Path(__file__).resolve().parents[2]
+        worker = subprocess.Popen(
+            ["ip", "netns", "exec", host.name, sys.executable, "-c", FAR_WORKER, far_url, "3"],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(root / "src")},
+        )
+        try:
+            assert worker.stdout is not None
+            assert worker.stdout.readline().split() == [b"leased", b"5"]
+            host.partition()  # the host dies: nothing it sends arrives any more
+            worker.kill()
+            worker.wait(10)
+        finally:
+            worker.kill()
+            worker.wait(10)
+            if worker.stdout is not None:
+                worker.stdout.close()
+        host.destroy()
+        box = DispatchOutbox(db)
+        t0 = time.monotonic()
+        while True:
+            leased = box.lease("POSTHOG", 100, datetime.now(UTC))
+            got = len(leased.rows)
+            box.release(leased, datetime.now(UTC))
+            if got:
+                break
+            assert time.monotonic() - t0 < 20, "the dead host's rows are still locked"
+            time.sleep(0.2)
+        assert got == 5
+    finally:
+        db.close()

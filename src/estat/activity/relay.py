@@ -25,6 +25,7 @@ from estat.ops.metrics import Metrics
 from estat.pause import Pauses
 from estat.retry import RetryPolicy
 from estat.stage import Deadline, Spawn, Wakeup, finish_by
+from estat.store.lease import lease_ended
 from estat.store.outbox import Lease, OutboxRow, ReplayFilter, SourceOutbox, utcnow
 from estat.store.rows import BadPayload, decode
 from estat.store.trace import TraceLog
@@ -103,6 +104,13 @@ class Relay:
                 n = await self.relay_once()
                 failures = 0
             except TRANSIENT_DB as e:
+                if lease_ended(e):  # its rows were given back: published again
+                    log.warning(
+                        "relay: a lease outlived OUTBOX_LEASE and the database ended it: "
+                        "its rows are published again",
+                        error=str(e)[:300],
+                    )
+                    continue
                 failures += 1
                 log.error("relay: database unavailable", error=str(e)[:300], attempt=failures)
                 await self._wait(DB_RETRY.delay(failures))

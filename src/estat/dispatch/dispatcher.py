@@ -38,6 +38,7 @@ from estat.stage import Deadline, Spawn, Wakeup, finish_by
 from estat.store.circuit import SharedCircuit
 from estat.store.db import TRANSIENT_DB
 from estat.store.dispatch import DispatchOutbox, DispatchRow, Leased, Marked
+from estat.store.lease import lease_ended
 from estat.store.rows import BadPayload, decode
 
 log = get_logger("estat.dispatch")
@@ -183,6 +184,15 @@ class Dispatcher:
                 sent = await self.dispatch_once(dest, breaker)
                 failures = 0
             except TRANSIENT_DB as e:
+                if lease_ended(e):
+                    # the database ended the lease (DISPATCH_LEASE): its
+                    # rows were given back; sent again, deduplicated there
+                    log.warning(
+                        "dispatch: a lease outlived DISPATCH_LEASE and the database ended it: "
+                        "its rows are sent again (raise DISPATCH_LEASE above the longest send)",
+                        target=dest.name, error=str(e)[:300],
+                    )  # fmt: skip
+                    continue
                 failures += 1
                 log.error(
                     "dispatch: database unavailable", target=dest.name, error=str(e)[:300],

@@ -162,7 +162,7 @@ class ActivityFields(BaseSettings):
     outbox_lease: Duration = Field(
         60.0,
         gt=0,
-        description="SQLite, and an operator's replay: how long leased source outbox rows stay invisible to other relays (a relay that dies leaves them due after this). On PostgreSQL a relay's lease is its transaction's row locks, gone the moment a relay dies.",
+        description="SQLite, and an operator's replay: how long leased source outbox rows stay invisible to other relays (a relay that dies leaves them due after this). On PostgreSQL a relay's lease is its transaction's row locks, gone the moment a relay dies, and ended by the database once idle this long (a relay whose host died or was cut off; a publish slower than this is done again).",
         json_schema_extra=accepts("a duration"),
     )
     outbox_max_attempts: int = Field(

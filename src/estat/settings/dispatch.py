@@ -67,7 +67,7 @@ class DispatchFields(BaseSettings):
     dispatch_lease: Duration = Field(
         60.0,
         gt=0,
-        description="How long leased dispatch rows stay invisible to other dispatchers (one that dies leaves them due after this; also a dead probe's lease).",
+        description="How long leased dispatch rows stay invisible to other dispatchers (one that dies leaves them due after this; also a dead probe's lease). On PostgreSQL a lease is its transaction's row locks, gone the moment a dispatcher dies, and ended by the database once idle this long (a dispatcher whose host died or was cut off): keep it above the longest send of a lease, or its rows are sent again.",
         json_schema_extra=accepts("a duration"),
     )
     dispatch_max_attempts: int = Field(

@@ -209,7 +209,9 @@ class DispatchOutbox:
             return Leased(
                 [DispatchRow(*r) for r in lease(self.db, T, where, limit, now, self.lease_for)]
             )
-        rows, conn = hold(self.lanes, lambda conn: _lease_pg(conn, target, limit, now))
+        rows, conn = hold(
+            self.lanes, lambda conn: _lease_pg(conn, target, limit, now), self.lease_for
+        )
         return Leased(rows, conn)
 
     def release(self, leased: Leased, now: datetime) -> None:

@@ -110,14 +110,23 @@ def lease(
 
 
 def hold(
-    engine: Engine, read: Callable[[Connection], list[R]]
+    engine: Engine, read: Callable[[Connection], list[R]], lease_for: timedelta
 ) -> tuple[list[R], Connection | None]:
     """PostgreSQL's held lease: ``read`` (a ``SELECT ... FOR NO KEY UPDATE
     SKIP LOCKED``) in a transaction left open with the rows' locks, and its
-    connection; none when no row was found (the transaction ended)."""
+    connection; none when no row was found (the transaction ended).
+
+    The server ends the transaction once it has been idle ``lease_for``
+    (``idle_in_transaction_session_timeout``): a worker that dies lets go
+    of its rows at once because its connection closes, but one whose host
+    died or was cut off sends nothing, and the server would otherwise keep
+    the rows locked, skipped by every other worker, until its TCP keepalive
+    gives up (two hours and more by default)."""
     conn = engine.connect()
     try:
         conn.begin()
+        ms = max(1000, int(lease_for.total_seconds() * 1000))
+        conn.exec_driver_sql(f"SET LOCAL idle_in_transaction_session_timeout = {ms}")
         rows = read(conn)
     except BaseException:
         conn.close()  # rolls back
@@ -126,6 +135,12 @@ def hold(
         conn.close()
         return rows, None
     return rows, conn
+
+
+def lease_ended(e: BaseException) -> bool:
+    """``e`` is PostgreSQL ending a held lease idle longer than its lease
+    (``idle_in_transaction_session_timeout``, SQLSTATE 25P03)."""
+    return getattr(getattr(e, "orig", None), "sqlstate", None) == "25P03"
 
 
 def commit_held(conn: Connection, write: Callable[[Connection], object]) -> None:

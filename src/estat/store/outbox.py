@@ -194,7 +194,7 @@ class SourceOutbox:
                     break
             return rows
 
-        rows, conn = hold(self.db.engine, read)
+        rows, conn = hold(self.db.engine, read, self.lease_for)
         return Lease(rows, conn, held=True)
 
     def _write(self, lease: Lease | None, write: Callable[[Connection], object]) -> None:
