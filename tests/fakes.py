@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
@@ -45,6 +45,21 @@ class MemorySink:
 
     async def close(self) -> None:
         return None
+
+
+def slow_once(real: Callable[..., Awaitable[Any]], seconds: float) -> Callable[..., Any]:
+    """``real`` (a coroutine function), its first call ``seconds`` late: a
+    send or publish slower than a lease."""
+    calls = 0
+
+    async def slow(*a: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(seconds)
+        return await real(*a, **kw)
+
+    return slow
 
 
 def lost_once(real: Callable[..., Any]) -> Callable[..., Any]:

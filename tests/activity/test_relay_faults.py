@@ -25,7 +25,7 @@ from estat.store.outbox import SourceOutbox
 from estat.store.schema import user_activity_source_outbox as S
 from tests.activity.test_flow import rec
 from tests.dispatch.test_dispatcher import until
-from tests.fakes import lost_once
+from tests.fakes import lost_once, slow_once
 
 
 class NativeCrash(BaseException):
@@ -125,20 +125,6 @@ async def test_a_stop_during_a_publish_gives_the_rows_back(db: Database) -> None
     await publish_all(db, ids)
 
 
-class SlowOnce(Bus):
-    """Its first publish takes longer than the relay's lease."""
-
-    def __init__(self, slow: float) -> None:
-        super().__init__()
-        self.slow = slow
-
-    async def publish(self, messages: Sequence[Message]) -> None:
-        if self.slow:
-            slow, self.slow = self.slow, 0.0
-            await asyncio.sleep(slow)
-        await super().publish(messages)
-
-
 async def test_a_postgresql_lease_that_outlives_outbox_lease_is_ended_and_published_again(
     db: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -148,7 +134,8 @@ async def test_a_postgresql_lease_that_outlives_outbox_lease_is_ended_and_publis
     if db.dialect != "postgresql":
         pytest.skip("SQLite's lease is a time in the row")
     ids = enqueue(db, 10)
-    bus = SlowOnce(slow=2.0)
+    bus = Bus()
+    bus.publish = slow_once(bus.publish, 2.0)  # type: ignore[method-assign]
     failed: list[str] = []
     relay = Relay(
         SourceOutbox(db, lease_seconds=1.0), bus, batch_size=10, poll_interval=0.05,

@@ -23,7 +23,7 @@ from estat.store.db import Database
 from estat.store.dispatch import DispatchOutbox
 from tests.activity.test_flow import value
 from tests.dispatch.test_dispatcher import FAST, statuses, store, until
-from tests.fakes import lost_once
+from tests.fakes import lost_once, slow_once
 from tests.servers import libpq, table_locked
 
 
@@ -320,20 +320,6 @@ async def test_lanes_on_the_network_leave_the_process_its_database_connections(
     assert sorted(dest.got) == sorted(ids + more)
 
 
-class SlowOnce(Recorder):
-    """Its first request takes longer than the dispatcher's lease."""
-
-    def __init__(self, slow: float) -> None:
-        super().__init__()
-        self.slow = slow
-
-    async def send(self, events: Sequence[EventRecord]) -> list[Outcome]:
-        if self.slow:
-            slow, self.slow = self.slow, 0.0
-            await asyncio.sleep(slow)
-        return await super().send(events)
-
-
 async def test_a_postgresql_lease_that_outlives_dispatch_lease_is_ended_and_sent_again(
     db: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -344,7 +330,8 @@ async def test_a_postgresql_lease_that_outlives_dispatch_lease_is_ended_and_sent
     if db.dialect != "postgresql":
         pytest.skip("SQLite's lease is a time in the row")
     ids = store(db, 10)
-    dest = SlowOnce(slow=2.0)
+    dest = Recorder()
+    dest.send = slow_once(dest.send, 2.0)  # type: ignore[method-assign]
     failed: list[str] = []
     d = Dispatcher(
         DispatchOutbox(db, policy=FAST, lease_seconds=1.0), [dest], batch_size=10,

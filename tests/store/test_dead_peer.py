@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.skipif(not NetnsHost.available(), reason="needs root and iproute2"),
 ]
 
-TIMEOUT = 4.0  # the tests' DATABASE_DEAD_PEER_TIMEOUT (the default, 30 s, is checked apart)
+TIMEOUT = 2.0  # the tests' DATABASE_DEAD_PEER_TIMEOUT (the default, 30 s, is checked apart)
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def test_rows_leased_by_a_worker_whose_host_died_are_free_after_the_lease(
         far_url = url.replace("127.0.0.1", host.gateway)
         root = Path(__file__).resolve().parents[2]
         worker = subprocess.Popen(
-            ["ip", "netns", "exec", host.name, sys.executable, "-c", FAR_WORKER, far_url, "3"],
+            ["ip", "netns", "exec", host.name, sys.executable, "-c", FAR_WORKER, far_url, "2"],
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(root / "src")},
         )
