@@ -30,6 +30,8 @@ from typing import Any
 import httpx
 import psycopg
 
+from estat.dispatch.posthog import event_uuid
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 conftest = importlib.import_module("tests.conftest")
@@ -176,7 +178,7 @@ def main() -> int:
             "POSTHOG_HOST": cap_url,
             "POSTHOG_API_KEY": "phc_soak",
             "SERVER_EVENT_TOKENS": f"soak:{hashlib.sha256(TOKEN.encode()).hexdigest()}",
-            "LOG_LEVEL": "warning",
+            "LOG_LEVEL": "info",
         }
         estat = conftest.EstatProcess(work, env, workers=2)
         estat.start()
@@ -241,22 +243,27 @@ def main() -> int:
     unique = set(stored)
     lost = accepted - unique
     received = set(got)
+    want = {event_uuid(e) for e in unique}  # PostHog's uuid of each stored event
     print(
         f"stored: {len(stored):,} rows, {len(accepted & unique):,} of {len(accepted):,} accepted, "
         f"{len(stored) - len(unique)} twice, {len(lost)} missing"
     )
     print(
-        f"capture server: {len(got):,} received, {len(received & accepted):,} of the accepted, "
+        f"capture server: {len(got):,} received, {len(received & want):,} of the stored, "
         f"{len(got) - len(received)} twice"
     )
     print(f"ledger: {ledger}; estat exit status {status}")
     ok = (
         not lost
         and len(stored) == len(unique)
-        and received == unique
+        and received == want
         and len(got) == len(received)
         and ledger.get(("user-activity", "stored")) == len(accepted)
         and ledger.get(("raw", "accepted")) == ledger.get(("raw", "lake")) == sent["collect"]
+        and ledger.get(("events", "accepted"))
+        == ledger.get(("events", "lake"))
+        == len(sent["client"])
+        and ledger.get(("user-activity", "dispatched:POSTHOG")) == len(accepted)
         and status == 0
     )
     print("oracle:", "every accepted event once, everywhere" if ok else "FAILED")

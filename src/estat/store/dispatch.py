@@ -5,8 +5,9 @@ oldest first. On PostgreSQL a lease is a transaction holding the rows'
 locks (``SELECT ... FOR NO KEY UPDATE SKIP LOCKED``) until they are marked:
 several dispatchers never send one row at once, a row is never written
 twice per attempt, and the rows of a dispatcher that dies are free the
-moment its connection drops (the transaction lasts one send: at most the
-destination's timeouts). SQLite has one writer, so there a lease moves
+moment its connection drops, or once the transaction has been idle a
+lease when its host died or was cut off (``hold``). The transaction lasts
+one send: at most the destination's timeouts. SQLite has one writer, so there a lease moves
 ``next_retry_at`` a lease ahead instead (``store/lease.py``) and no
 transaction stays open while a batch is on the network. Each row is then
 marked by its own outcome: DISPATCHED with ``dispatched_at``;

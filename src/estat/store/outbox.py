@@ -11,8 +11,9 @@ Relays *lease* due rows. On PostgreSQL a relay's lease (``take``) is a
 transaction holding the rows' locks (``SELECT ... FOR NO KEY UPDATE SKIP
 LOCKED``) until they are marked, as the dispatcher's is: two relays never
 take one row, a row is written once per attempt (its mark), and the rows of
-a relay that dies are free the moment its connection drops. The
-transaction lasts one publish to the bus. On SQLite (one writer), and for
+a relay that dies are free the moment its connection drops (and, when
+its host died or was cut off, once the transaction has been idle
+``lease_seconds``: ``hold``). The transaction lasts one publish to the bus. On SQLite (one writer), and for
 an operator's replay, a lease is one statement that moves the rows'
 ``next_retry_at`` a lease ahead and returns them: no transaction stays open
 while the bus is called; a relay that dies leaves its rows to come due
