@@ -197,8 +197,10 @@ class NetnsHost:
         tag = uuid.uuid4().hex[:6]
         self.name = f"estat-{tag}"
         self.outer, self.inner = f"ve{tag}o", f"ve{tag}i"
-        net = 1 + int(tag[:4], 16) % 250
-        self.gateway, self.addr = f"10.231.{net}.1", f"10.231.{net}.2"
+        # a /30 of 10.231.0.0/16 of its own: 16,384 to draw from
+        block = int(tag[:4], 16) % 16384 * 4
+        a, b = divmod(block, 256)
+        self.gateway, self.addr = f"10.231.{a}.{b + 1}", f"10.231.{a}.{b + 2}"
 
     @staticmethod
     def available() -> bool:
@@ -232,14 +234,10 @@ class NetnsHost:
 class NatsServer:
     """nats-server with JetStream, its store in a temporary directory."""
 
-    def __init__(
-        self, port: int, host: NetnsHost | None = None, clients: NetnsHost | None = None
-    ) -> None:
-        """``host``: the server runs there (at its address); ``clients``: it
-        runs here and also takes connections from that host (at its gateway)."""
+    def __init__(self, port: int, host: NetnsHost | None = None) -> None:
+        """``host``: the server runs there (at its address)."""
         self.port = port
         self.host = host
-        self.clients = clients
         self.addr = host.addr if host is not None else "127.0.0.1"
         self.dir = Path(tempfile.mkdtemp(prefix="estat-nats-"))
         self.url = f"nats://{self.addr}:{port}"
