@@ -205,6 +205,9 @@ def test_dispatch_targets_follow_the_destinations_configured() -> None:
         ({"POSTHOG_HOST": "eu.i.posthog.com"}, "http:// or https://"),
         ({"DISPATCH_BATCH_SIZE": "1001"}, "1000"),
         ({"DISPATCH_RETRY_MAX_DELAY": "5s"}, "at least DISPATCH_RETRY_BASE_DELAY"),
+        # the database would end every lease of a destination that slow
+        ({"DISPATCH_READ_TIMEOUT": "30s"}, "raise DISPATCH_LEASE to at least 96s"),
+        ({"DISPATCH_LANE_IN_FLIGHT": "1", "DISPATCH_LEASE": "45s"}, "at least 50s"),
     ],
 )
 def test_dispatch_settings_are_checked_at_start(env: dict[str, str], says: str) -> None:

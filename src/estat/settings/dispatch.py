@@ -67,7 +67,7 @@ class DispatchFields(BaseSettings):
     dispatch_lease: Duration = Field(
         60.0,
         gt=0,
-        description="How long leased dispatch rows stay invisible to other dispatchers (one that dies leaves them due after this; also a dead probe's lease). On PostgreSQL a lease is its transaction's row locks, gone the moment a dispatcher dies, and ended by the database once idle this long (a dispatcher whose host died or was cut off): keep it above the longest send of a lease, or its rows are sent again.",
+        description="How long leased dispatch rows stay invisible to other dispatchers (one that dies leaves them due after this; also a dead probe's lease). On PostgreSQL a lease is its transaction's row locks, gone the moment a dispatcher dies, and ended by the database once idle this long (a dispatcher whose host died or was cut off): it must exceed the longest send of a lease (checked at start: ceil(10 / DISPATCH_LANE_IN_FLIGHT) x (DISPATCH_CONNECT_TIMEOUT + DISPATCH_READ_TIMEOUT)), or its rows would be sent again.",
         json_schema_extra=accepts("a duration"),
     )
     dispatch_max_attempts: int = Field(
@@ -158,4 +158,17 @@ class DispatchFields(BaseSettings):
                 )
         if self.dispatch_retry_max_delay < self.dispatch_retry_base_delay:
             raise ValueError("DISPATCH_RETRY_MAX_DELAY must be at least DISPATCH_RETRY_BASE_DELAY")
+        # a lease is sent in at most ceil(10 / DISPATCH_LANE_IN_FLIGHT) rounds,
+        # each as long as a request may take; on PostgreSQL the database ends a
+        # lease idle longer than DISPATCH_LEASE (its rows then sent again), so a
+        # destination that slow would have every lease cut and never marked
+        rounds = -(-10 // self.dispatch_lane_in_flight)
+        longest = rounds * (self.dispatch_connect_timeout + self.dispatch_read_timeout)
+        if self.dispatch_lease < longest:
+            raise ValueError(
+                f"DISPATCH_LEASE={self.dispatch_lease:g}s is shorter than a lease's sends may take "
+                f"({longest:g}s: {rounds} rounds of DISPATCH_CONNECT_TIMEOUT + "
+                "DISPATCH_READ_TIMEOUT at DISPATCH_LANE_IN_FLIGHT="
+                f"{self.dispatch_lane_in_flight}): raise DISPATCH_LEASE to at least {longest:g}s"
+            )
         return self
