@@ -19,7 +19,7 @@ import boto3
 import pytest
 
 from estat.store.db import Database
-from tests.servers import NatsServer, PostgresServer
+from tests.servers import NatsServer, NetnsHost, PostgresServer
 
 
 def free_port() -> int:
@@ -320,12 +320,38 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     d.close()
 
 
+@pytest.fixture
+def far() -> Iterator[tuple[NetnsHost, PostgresServer]]:
+    """PostgreSQL on a host of its own (a network namespace), reached at
+    ``host.addr``: ``host.partition()`` silences it, ``destroy()`` then
+    ``create()`` replaces it (a failover). Needs root and iproute2."""
+    host = NetnsHost()
+    host.create()
+    pg = PostgresServer(free_port(), host)
+    try:
+        pg.start()
+        yield host, pg
+    finally:
+        host.heal()
+        pg.destroy()
+        host.destroy()
+
+
 # Tests that start a real server (PostgreSQL, Redis, NATS, moto's S3): marked
 # ``servers`` so that ``make test-fast`` can leave them to ``make test``. A
 # test is one when it asks for a server fixture, or when a contract suite's
 # parameter names a real implementation.
 _SERVER_FIXTURES = frozenset(
-    {"postgres_server", "pg_url", "redis_server", "nats_server", "moto", "moto_server", "bucket"}
+    {
+        "postgres_server",
+        "pg_url",
+        "redis_server",
+        "nats_server",
+        "moto",
+        "moto_server",
+        "bucket",
+        "far",
+    }
 )
 _SERVER_PARAMS = frozenset(
     {"postgresql", "redis-stream", "redis-stream-event", "nats", "redis", "s3"}

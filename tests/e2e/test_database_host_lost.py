@@ -17,7 +17,6 @@ import pytest
 from tests.conftest import EstatProcess
 from tests.e2e.test_pipeline_e2e import client_batch, post, wait_for
 from tests.servers import NetnsHost, PostgresServer
-from tests.store.test_dead_peer import far  # noqa: F401 - the fixture
 
 pytestmark = [
     pytest.mark.e2e,
@@ -28,7 +27,7 @@ pytestmark = [
 
 def test_the_store_catches_up_by_itself_after_a_failover_with_a_statement_in_flight(
     estat_factory: Any,
-    far: tuple[NetnsHost, PostgresServer],  # noqa: F811
+    far: tuple[NetnsHost, PostgresServer],
 ) -> None:
     host, pg = far
     url = pg.create_database()

@@ -29,20 +29,6 @@ pytestmark = [
 TIMEOUT = 2.0  # the tests' DATABASE_DEAD_PEER_TIMEOUT (the default, 30 s, is checked apart)
 
 
-@pytest.fixture
-def far() -> Iterator[tuple[NetnsHost, PostgresServer]]:
-    host = NetnsHost()
-    host.create()
-    pg = PostgresServer(free_port(), host)
-    try:
-        pg.start()
-        yield host, pg
-    finally:
-        host.heal()
-        pg.destroy()
-        host.destroy()
-
-
 def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
     out: dict[str, Any] = {}
 

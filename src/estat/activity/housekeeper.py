@@ -147,6 +147,8 @@ class Housekeeper:
         self.database_status = "unchecked"
         self._traces_outage = Outage(log)
         self._finished_outage = Outage(log)
+        self._db_outage = Outage(log)
+        self._bus_outage = Outage(log)
         self.bus_status = "unchecked" if bus is not None else "off"
 
     def _db(self, fn: Callable[[], T]) -> Awaitable[T]:
@@ -203,12 +205,10 @@ class Housekeeper:
             now = utcnow(self._clock.time())
             src, dis, oldest, first = await self._db(lambda: backlog(self.db, now))
         except TRANSIENT_DB as e:
-            if not self.database_status.startswith("unavailable"):  # once per outage
-                log.warning("backlog gauges: database unavailable", error=str(e)[:200])
+            self._db_outage.failed("backlog gauges: database unavailable", error=str(e)[:200])
             self.database_status = f"unavailable: {type(e).__name__}"
         else:
-            if self.database_status.startswith("unavailable"):
-                log.info("backlog gauges: database available again")
+            self._db_outage.recovered("backlog gauges: database available again")
             self.database_status = "ok"
             for status, n in src.items():
                 self._m.source_outbox_rows.labels(status).set(n)
@@ -226,12 +226,10 @@ class Housekeeper:
             try:
                 stats = await self.bus.stats()
             except BusError as e:
-                if self.bus_status != "unavailable":  # once per outage
-                    log.warning("backlog gauges: bus unavailable", error=str(e)[:200])
+                self._bus_outage.failed("backlog gauges: bus unavailable", error=str(e)[:200])
                 self.bus_status = "unavailable"
             else:
-                if self.bus_status == "unavailable":
-                    log.info("backlog gauges: bus available again")
+                self._bus_outage.recovered("backlog gauges: bus available again")
                 self.bus_status = "ok"
                 self._m.bus_pending.labels(self.bus.topic, self.bus.provider).set(stats.pending)
                 self._m.bus_parked.labels(self.bus.topic, self.bus.provider).set(stats.parked)
